@@ -1,0 +1,5 @@
+import sys
+
+from dmlkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""Datasets for zero-shot retrieval: ``build(name, root, **kwargs)`` → :class:`DatasetSplits`.
+
+Registered names: ``synthetic`` (built in, the default), ``folder``, ``csv``, ``omniglot``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmlkit.data import transforms
+from dmlkit.data.base import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    ArrayImageDataset,
+    DatasetSplits,
+    FileImageDataset,
+    ImageDataset,
+    item_seed,
+    verify_images,
+)
+from dmlkit.data.datasets import render_glyphs
+from dmlkit.data.splits import class_disjoint_split, split_class_names
+
+REGISTRY = DATASETS
+DEFAULT_DATASET = "synthetic"
+
+
+def build(name: str, root: str | None = None, **kwargs: Any) -> DatasetSplits:
+    """Build dataset ``name`` from ``root`` (a path; ignored by ``synthetic``) with its keyword arguments.
+
+    Unknown names and misspelt keywords raise ``UnknownNameError`` with the closest valid one; missing or
+    malformed data raise ``DataError`` naming the path.
+    """
+    return REGISTRY.build(name, root=root, **kwargs)
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`build`."""
+    return REGISTRY.available()
+
+
+__all__ = [
+    "DEFAULT_DATASET",
+    "IMAGE_EXTENSIONS",
+    "REGISTRY",
+    "ArrayImageDataset",
+    "DatasetSplits",
+    "FileImageDataset",
+    "ImageDataset",
+    "available",
+    "build",
+    "class_disjoint_split",
+    "item_seed",
+    "render_glyphs",
+    "split_class_names",
+    "transforms",
+    "verify_images",
+]

@@ -1,0 +1,293 @@
+"""Image datasets with class labels, stable item ids and deterministic per-item augmentation.
+
+:class:`ImageDataset` is the common interface; :class:`ArrayImageDataset` keeps small datasets in memory as
+``uint8`` tensors and :class:`FileImageDataset` decodes image files lazily with PIL. Builders return a
+:class:`DatasetSplits` whose ``train`` and ``test`` datasets have disjoint classes (zero-shot retrieval).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dmlkit.errors import DataError
+from dmlkit.registry import Registry
+
+Transform = Callable[[Any], Any]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+
+def item_seed(augment_seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a pure function of ``(augment_seed, epoch, index)`` (BLAKE2b of the triple).
+
+    A cryptographic hash rather than e.g. ``seed + index`` so neighbouring items and epochs get unrelated
+    random streams.
+    """
+    digest = hashlib.blake2b(f"{augment_seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def to_float_image(image: Any) -> torch.Tensor:
+    """``uint8`` tensor / PIL image / float tensor → float32 ``C × H × W`` tensor (``uint8`` scaled to [0, 1])."""
+    if isinstance(image, Image.Image):
+        array = np.asarray(image)
+        tensor = torch.from_numpy(array.copy())
+        tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        tensor = image.as_subclass(torch.Tensor)
+    else:
+        raise TypeError(f"expected a tensor or PIL image from the transform, got {type(image).__name__}")
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255.0)
+    return tensor.float()
+
+
+class ImageDataset(Dataset):
+    """A labelled image dataset: ``dataset[i] == (image, label, i)``.
+
+    - ``labels``: ``int64`` array of contiguous class codes ``0 .. C-1``; ``class_names[code]`` names them;
+    - ``ids``: stable item ids (relative file paths, ``class/sample`` names), preserved by :meth:`subset`;
+    - ``transform``: applied to the stored image (``uint8`` ``C × H × W`` tensor or PIL image); without one
+      the image is returned as a float tensor in [0, 1];
+    - ``augment_seed`` / ``epoch``: when ``augment_seed`` is set, the transform of item ``i`` runs under a
+      forked torch RNG seeded with :func:`item_seed` ``(augment_seed, epoch, i)``, so augmentation is a pure
+      function of (seed, epoch, index) whatever the DataLoader worker or order — resumed runs replay it.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        ids: Sequence[str],
+        transform: Transform | None = None,
+        channels: int = 3,
+    ) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.class_names = [str(name) for name in class_names]
+        self.ids = [str(item) for item in ids]
+        if len(self.ids) != len(self.labels):
+            raise DataError(f"{len(self.ids)} ids for {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise DataError(
+                f"labels must be codes in [0, {len(self.class_names)}), got range "
+                f"[{self.labels.min()}, {self.labels.max()}]"
+            )
+        self.transform = transform
+        self.channels = channels
+        self.augment_seed: int | None = None
+        self.epoch = 0
+
+    # -- to be provided by subclasses ---------------------------------------------------------------------
+    def load(self, index: int) -> Any:
+        """The stored image of item ``index`` before any transform."""
+        raise NotImplementedError
+
+    def _select(self, indices: np.ndarray, labels: np.ndarray, class_names: list[str]) -> ImageDataset:
+        """A new dataset of the same kind holding items ``indices`` with the given remapped labels."""
+        raise NotImplementedError
+
+    # -- common behaviour ---------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that (with ``augment_seed``) determines the augmentation of every item."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        image = self.load(index)
+        if self.transform is not None:
+            if self.augment_seed is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(item_seed(self.augment_seed, self.epoch, index))
+                    image = self.transform(image)
+            else:
+                image = self.transform(image)
+        return to_float_image(image), int(self.labels[index]), index
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageDataset:
+        """Items ``indices`` (in that order) as a new dataset; labels are remapped to contiguous codes
+        (ordered as in this dataset), ids, transform, ``augment_seed`` and ``epoch`` are kept."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"subset indices out of range for a dataset of {len(self)} items")
+        idx = np.where(idx < 0, idx + len(self), idx)
+        used, codes = np.unique(self.labels[idx], return_inverse=True)
+        part = self._select(idx, codes.astype(np.int64), [self.class_names[u] for u in used])
+        part.transform = self.transform
+        part.augment_seed = self.augment_seed
+        part.epoch = self.epoch
+        return part
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(items={len(self)}, classes={self.num_classes}, channels={self.channels})"
+
+
+class ArrayImageDataset(ImageDataset):
+    """Images held in memory as one ``uint8`` tensor ``N × C × H × W`` (small datasets)."""
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        ids: Sequence[str],
+        transform: Transform | None = None,
+    ) -> None:
+        tensor = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if tensor.dtype != torch.uint8:
+            raise DataError(f"in-memory images must be uint8, got {tensor.dtype}")
+        if tensor.dim() == 3:  # N × H × W grayscale
+            tensor = tensor.unsqueeze(1)
+        elif tensor.dim() == 4 and tensor.shape[-1] in (1, 3) and tensor.shape[1] not in (1, 3):
+            tensor = tensor.permute(0, 3, 1, 2)  # N × H × W × C
+        if tensor.dim() != 4:
+            raise DataError(f"images must be N×H×W, N×H×W×C or N×C×H×W, got shape {tuple(tensor.shape)}")
+        super().__init__(labels, class_names, ids, transform, channels=int(tensor.shape[1]))
+        if len(tensor) != len(self.labels):
+            raise DataError(f"{len(tensor)} images for {len(self.labels)} labels")
+        self.images = tensor.contiguous()
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def _select(self, indices: np.ndarray, labels: np.ndarray, class_names: list[str]) -> ImageDataset:
+        return ArrayImageDataset(
+            self.images[torch.from_numpy(indices)], labels, class_names, [self.ids[i] for i in indices]
+        )
+
+
+class FileImageDataset(ImageDataset):
+    """Images decoded lazily from files with PIL (converted to RGB, or to ``L`` when ``channels == 1``)."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        ids: Sequence[str],
+        transform: Transform | None = None,
+        channels: int = 3,
+    ) -> None:
+        if channels not in (1, 3):
+            raise DataError(f"file datasets decode to 1 or 3 channels, got channels={channels}")
+        super().__init__(labels, class_names, ids, transform, channels=channels)
+        # a numpy array of strings, not a list: DataLoader workers would touch (and copy) every list item
+        self.paths = np.asarray([str(p) for p in paths], dtype=np.str_)
+        if len(self.paths) != len(self.labels):
+            raise DataError(f"{len(self.paths)} paths for {len(self.labels)} labels")
+
+    def load(self, index: int) -> Image.Image:
+        path = str(self.paths[index])
+        try:
+            with Image.open(path) as image:
+                return image.convert("L" if self.channels == 1 else "RGB")
+        except Exception as exc:
+            raise DataError(f"cannot read image '{path}': {exc}") from exc
+
+    def _select(self, indices: np.ndarray, labels: np.ndarray, class_names: list[str]) -> ImageDataset:
+        return FileImageDataset(
+            self.paths[indices].tolist(),
+            labels,
+            class_names,
+            [self.ids[i] for i in indices],
+            channels=self.channels,
+        )
+
+
+@dataclass
+class DatasetSplits:
+    """What a dataset builder returns: class-disjoint ``train`` and ``test`` (zero-shot) datasets.
+
+    ``train_transform`` / ``eval_transform`` are the dataset's recommended pipelines (already set on
+    ``train`` and ``test``); assign ``eval_transform`` to any part of ``train`` used for validation.
+    """
+
+    train: ImageDataset
+    test: ImageDataset
+    image_size: int
+    channels: int
+    name: str
+    train_transform: Transform | None = None
+    eval_transform: Transform | None = None
+
+
+DATASETS: Registry[DatasetSplits] = Registry("dataset")
+
+
+def check_split(dataset: ImageDataset, split: str, source: str) -> None:
+    """Raise ``DataError`` naming ``source`` if the ``split`` has fewer than 2 classes (retrieval needs 2)."""
+    if dataset.num_classes < 2:
+        raise DataError(
+            f"the {split} split of '{source}' has {dataset.num_classes} class(es) "
+            f"({', '.join(dataset.class_names) or 'none'}); retrieval needs at least 2"
+        )
+
+
+def _is_readable(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:
+        return False
+
+
+def verify_images(paths: Sequence[str], skip_unreadable: bool, source: str) -> np.ndarray:
+    """Check that every file opens as an image (PIL header parse + ``verify``); boolean mask of good ones.
+
+    Unreadable or missing files raise ``DataError`` naming the first few, unless ``skip_unreadable`` is set,
+    in which case they are dropped with a warning that reports how many.
+    """
+    # decoding headers is I/O bound: threads overlap the file reads
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ok = np.fromiter(pool.map(_is_readable, paths, chunksize=64), dtype=bool, count=len(paths))
+    bad = [paths[i] for i in np.flatnonzero(~ok)]
+    if bad:
+        shown = ", ".join(f"'{p}'" for p in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        if not skip_unreadable:
+            raise DataError(
+                f"{len(bad)} missing or unreadable image(s) in '{source}': {shown} "
+                "(pass skip_unreadable=True to drop them)"
+            )
+        warnings.warn(
+            f"skipped {len(bad)} missing or unreadable image(s) of {len(paths)} in '{source}': {shown}",
+            stacklevel=3,
+        )
+    return ok
+
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "ArrayImageDataset",
+    "DatasetSplits",
+    "FileImageDataset",
+    "ImageDataset",
+    "check_split",
+    "item_seed",
+    "to_float_image",
+    "verify_images",
+]

@@ -1,0 +1,97 @@
+"""``csv``: a table listing one image per row with its class label (e.g. the clothing dataset)."""
+
+from __future__ import annotations
+
+import csv as csvlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from dmlkit.data.base import DATASETS, IMAGE_EXTENSIONS, DatasetSplits, verify_images
+from dmlkit.data.datasets.folder import file_splits
+from dmlkit.errors import ConfigError, DataError
+
+DEFAULT_CSV_NAME = "images.csv"
+
+
+def _resolve(value: str, base: Path, extension: str) -> Path:
+    path = Path(value)
+    if extension and path.suffix.lower() not in IMAGE_EXTENSIONS:
+        path = path.with_name(path.name + extension)
+    return path if path.is_absolute() else base / path
+
+
+@DATASETS.register("csv")
+def csv_dataset(
+    root: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    images_dir: str | None = None,
+    exclude_labels: Sequence[str] = (),
+    extension: str = ".jpg",
+    test_classes: float | list[str] = 0.5,
+    image_size: int = 224,
+    channels: int = 3,
+    skip_unreadable: bool = False,
+    split_seed: int | None = None,
+) -> DatasetSplits:
+    """Images listed in a CSV file: ``root`` is the file, or a folder holding ``images.csv``.
+
+    ``image_column`` holds image paths or ids (``extension`` is appended when the value has no image
+    extension), relative to ``images_dir`` (itself relative to the CSV's folder); by default the CSV's folder,
+    or its ``images/`` sub-folder when the first image is found there. Rows whose label is in
+    ``exclude_labels`` (e.g. ``["Not sure", "Skip"]``) are dropped. The zero-shot split by classes follows
+    ``test_classes``/``split_seed`` as for ``folder``. Missing or unreadable images raise ``DataError``
+    unless ``skip_unreadable``.
+    """
+    if root is None:
+        raise ConfigError("dataset 'csv' needs root: a CSV file or a folder holding images.csv")
+    table = Path(root).expanduser()
+    if table.is_dir():
+        table = table / DEFAULT_CSV_NAME
+    if not table.is_file():
+        raise DataError(f"dataset CSV file not found: '{table}'")
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csvlib.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            for column in (image_column, label_column):
+                if column not in columns:
+                    raise DataError(f"'{table}' has no column '{column}' (columns: {', '.join(columns)})")
+            rows = [(row[image_column], row[label_column], n) for n, row in enumerate(reader, start=2)]
+    except (OSError, UnicodeDecodeError, csvlib.Error) as exc:
+        raise DataError(f"cannot read dataset CSV '{table}': {exc}") from exc
+    excluded = {str(label) for label in exclude_labels}
+    rows = [row for row in rows if (row[1] or "").strip() not in excluded]
+    for value, label, line in rows:
+        if not (value or "").strip() or not (label or "").strip():
+            raise DataError(f"'{table}' line {line}: empty '{image_column}' or '{label_column}'")
+    if not rows:
+        raise DataError(f"'{table}' lists no images (after excluding {sorted(excluded)})")
+
+    if images_dir is not None:
+        base = Path(images_dir).expanduser()
+        base = base if base.is_absolute() else table.parent / base
+        if not base.is_dir():
+            raise DataError(f"images_dir not found: '{base}'")
+    else:
+        candidates = [table.parent, table.parent / "images"]
+        base = next(
+            (c for c in candidates if _resolve(rows[0][0].strip(), c, extension).is_file()), table.parent
+        )
+    paths = [str(_resolve(value.strip(), base, extension)) for value, _, _ in rows]
+    ok = verify_images(paths, skip_unreadable, str(table))
+    kept = [(path, row) for path, row, good in zip(paths, rows, ok, strict=True) if good]
+    return file_splits(
+        [path for path, _ in kept],
+        [row[1].strip() for _, row in kept],
+        [row[0].strip() for _, row in kept],
+        name="csv",
+        source=str(table),
+        test_classes=test_classes,
+        split_seed=split_seed,
+        image_size=image_size,
+        channels=channels,
+    )
+
+
+__all__ = ["csv_dataset"]

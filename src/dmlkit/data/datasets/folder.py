@@ -1,0 +1,125 @@
+"""``folder``: an ImageFolder tree ``root/<class_name>/<images>`` (sub-folders inside a class are searched too)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dmlkit.data import transforms
+from dmlkit.data.base import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    DatasetSplits,
+    FileImageDataset,
+    check_split,
+    verify_images,
+)
+from dmlkit.data.splits import split_class_names
+from dmlkit.errors import ConfigError, DataError
+
+
+def file_splits(
+    paths: Sequence[str],
+    item_classes: Sequence[str],
+    ids: Sequence[str],
+    *,
+    name: str,
+    source: str,
+    test_classes: float | Sequence[str],
+    split_seed: int | None,
+    image_size: int,
+    channels: int,
+) -> DatasetSplits:
+    """Zero-shot :class:`DatasetSplits` of image files with class names (shared by ``folder`` and ``csv``)."""
+    if image_size <= 0:
+        raise ConfigError(f"image_size must be positive, got {image_size}")
+    item_classes = np.asarray(item_classes, dtype=np.str_)
+    train_names, test_names = split_class_names(np.unique(item_classes).tolist(), test_classes, split_seed, source)
+    train_tf = transforms.build("train", image_size, channels, recipe="photo")
+    eval_tf = transforms.build("eval", image_size, channels, recipe="photo")
+    parts = []
+    for split, names, transform in (("train", train_names, train_tf), ("test", test_names, eval_tf)):
+        code = {n: i for i, n in enumerate(names)}
+        rows = [i for i, c in enumerate(item_classes) if c in code]
+        dataset = FileImageDataset(
+            [paths[i] for i in rows],
+            [code[item_classes[i]] for i in rows],
+            names,
+            [ids[i] for i in rows],
+            transform=transform,
+            channels=channels,
+        )
+        check_split(dataset, split, source)
+        parts.append(dataset)
+    return DatasetSplits(parts[0], parts[1], image_size, channels, name, train_tf, eval_tf)
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p
+        for p in found
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
+
+
+@DATASETS.register("folder")
+def folder(
+    root: str | None = None,
+    test_classes: float | list[str] = 0.5,
+    image_size: int = 224,
+    channels: int = 3,
+    recursive: bool = True,
+    skip_unreadable: bool = False,
+    split_seed: int | None = None,
+) -> DatasetSplits:
+    """Images in ``root/<class_name>/...`` (extensions jpg, jpeg, png, bmp, webp; hidden entries ignored).
+
+    Classes are the sorted sub-folder names; ``test_classes`` picks the zero-shot test classes (a fraction:
+    the last ones in sorted order, or random ones with ``split_seed``; or a list of names). Every file is
+    checked with PIL at build time: unreadable ones raise ``DataError`` unless ``skip_unreadable``; a class
+    folder without images raises ``DataError`` naming it.
+    """
+    if root is None:
+        raise ConfigError("dataset 'folder' needs root: the folder holding one sub-folder per class")
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(f"dataset folder not found: '{base}'")
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"'{base}' has no class sub-folders (expected root/<class_name>/<images>)")
+    paths: list[str] = []
+    classes: list[str] = []
+    for class_dir in class_dirs:
+        images = _images_in(class_dir, recursive)
+        if not images:
+            raise DataError(
+                f"class folder '{class_dir}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        paths += [str(p) for p in images]
+        classes += [class_dir.name] * len(images)
+    ok = verify_images(paths, skip_unreadable, str(base))
+    emptied = sorted(set(classes) - {c for c, good in zip(classes, ok, strict=True) if good})
+    if emptied:
+        raise DataError(f"class folder '{base / emptied[0]}' holds no readable images")
+    paths = [p for p, good in zip(paths, ok, strict=True) if good]
+    classes = [c for c, good in zip(classes, ok, strict=True) if good]
+    ids = [Path(p).relative_to(base).as_posix() for p in paths]
+    return file_splits(
+        paths,
+        classes,
+        ids,
+        name="folder",
+        source=str(base),
+        test_classes=test_classes,
+        split_seed=split_seed,
+        image_size=image_size,
+        channels=channels,
+    )
+
+
+__all__ = ["file_splits", "folder"]

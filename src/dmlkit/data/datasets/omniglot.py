@@ -1,0 +1,82 @@
+"""``omniglot``: Omniglot (Lake et al., Science 2015) at 28×28, from a local ``omniglot28.npz``.
+
+The file holds ``images`` (N×28×28 uint8, 255 = paper), ``label`` (one id per character), ``alphabet``,
+``character``, ``filename`` and ``split`` (``background`` / ``evaluation``). The zero-shot protocol trains on
+the 964 ``background`` characters (30 alphabets) and tests on the 659 ``evaluation`` characters (20 other
+alphabets).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dmlkit.data import transforms
+from dmlkit.data.base import DATASETS, ArrayImageDataset, DatasetSplits, check_split
+from dmlkit.errors import ConfigError, DataError
+
+DEFAULT_FILE_NAME = "omniglot28.npz"
+REQUIRED_ARRAYS = ("images", "label", "alphabet", "character", "filename", "split")
+
+
+def _split(arrays: dict[str, np.ndarray], which: str, invert: bool, source: str) -> ArrayImageDataset:
+    rows = np.flatnonzero(arrays["split"] == which)
+    if len(rows) == 0:
+        raise DataError(f"'{source}' has no '{which}' images")
+    _, first, codes = np.unique(arrays["label"][rows], return_index=True, return_inverse=True)
+    first = rows[first]  # the first image of each class names it (alphabet/character)
+    names = [f"{a}/{c}" for a, c in zip(arrays["alphabet"][first], arrays["character"][first], strict=True)]
+    ids = [
+        f"{a}/{c}/{f}"
+        for a, c, f in zip(
+            arrays["alphabet"][rows], arrays["character"][rows], arrays["filename"][rows], strict=True
+        )
+    ]
+    images = arrays["images"][rows]
+    if invert:
+        images = 255 - images
+    return ArrayImageDataset(images, codes.astype(np.int64), names, ids)
+
+
+@DATASETS.register("omniglot")
+def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28) -> DatasetSplits:
+    """Omniglot from ``root`` (the ``.npz`` file or a folder holding ``omniglot28.npz``).
+
+    ``train`` = background alphabets (964 classes), ``test`` = evaluation alphabets (659 classes).
+    ``invert`` (default) makes strokes bright on a dark background, like ``synthetic``; images are resized to
+    ``image_size`` by the transforms when it is not 28.
+    """
+    if root is None:
+        raise ConfigError(f"dataset 'omniglot' needs root: the {DEFAULT_FILE_NAME} file or its folder")
+    path = Path(root).expanduser()
+    if path.is_dir():
+        path = path / DEFAULT_FILE_NAME
+    if not path.is_file():
+        raise DataError(f"omniglot file not found: '{path}'")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in REQUIRED_ARRAYS if key not in npz.files]
+            if missing:
+                raise DataError(f"'{path}' lacks arrays {missing} (has {npz.files})")
+            arrays = {key: npz[key] for key in REQUIRED_ARRAYS}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read omniglot file '{path}': {exc}") from exc
+    images = arrays["images"]
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise DataError(f"'{path}': images must be N×H×W uint8, got {images.shape} {images.dtype}")
+    arrays["split"] = arrays["split"].astype(str)
+    train = _split(arrays, "background", invert, str(path))
+    test = _split(arrays, "evaluation", invert, str(path))
+    native = int(images.shape[1])
+    pixels = train.images.float() / 255.0
+    mean, std = float(pixels.mean()), float(pixels.std())
+    train_tf = transforms.build("train", image_size, 1, recipe="glyph", mean=[mean], std=[std], native_size=native)
+    eval_tf = transforms.build("eval", image_size, 1, recipe="glyph", mean=[mean], std=[std], native_size=native)
+    train.transform, test.transform = train_tf, eval_tf
+    check_split(train, "train", str(path))
+    check_split(test, "test", str(path))
+    return DatasetSplits(train, test, image_size, 1, "omniglot", train_tf, eval_tf)
+
+
+__all__ = ["omniglot"]

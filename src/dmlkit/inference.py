@@ -1,0 +1,94 @@
+"""Embedding whole datasets with a model, and evaluating a model on a dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dmlkit import metrics as metrics_lib
+from dmlkit.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → first CUDA device if available, else CPU; otherwise the named device (validated)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid device '{name}': {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device, amp: str) -> Any:
+    """Autocast context for ``amp`` in ('none', 'bf16', 'fp16')."""
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp 'fp16' needs a CUDA device; use 'bf16' on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    amp: str = "none",
+    num_workers: int = 0,
+    progress: bool = False,
+    description: str = "embed",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (float32, on CPU) and int64 labels of every item of ``dataset``, in order.
+
+    The dataset yields ``(image, label, index)``; the model is put in eval mode and restored after.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    chunks: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    bar = tqdm(loader, desc=description, disable=not progress, leave=False, unit="batch")
+    for images, batch_labels, _ in bar:
+        with autocast(device, amp):
+            out = model(images.to(device, non_blocking=True))
+        chunks.append(out.float().cpu())
+        labels.append(torch.as_tensor(batch_labels, dtype=torch.int64))
+    model.train(was_training)
+    if not chunks:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(chunks), torch.cat(labels)
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    metric_names: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    amp: str = "none",
+    num_workers: int = 0,
+    progress: bool = False,
+    seed: int = 0,
+    description: str = "eval",
+) -> metrics_lib.RetrievalResults:
+    """Leave-one-out retrieval metrics of ``model`` on ``dataset`` (every item is a query)."""
+    embeddings, labels = compute_embeddings(
+        model, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
+        progress=progress, description=description,
+    )
+    return metrics_lib.evaluate(embeddings, labels, metrics=tuple(metric_names), seed=seed)

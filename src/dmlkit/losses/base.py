@@ -1,0 +1,459 @@
+"""Foundations of every loss: the registry, the calling convention, reductions and pair/triplet bases.
+
+A loss is the composition of four orthogonal choices, as in pytorch-metric-learning (PML):
+
+- a **distance** (``euclidean``, ``squared_euclidean``, ``cosine``, ``dot``; see :mod:`dmlkit.distances`),
+  applied after L2-normalising the embeddings when ``normalize_embeddings=True`` (PML's default);
+- the **tuples** it is computed on: a miner's ``indices_tuple`` or, without one, all valid pairs/triplets;
+- a **reduction** of the per-element losses to a scalar (``mean``, ``avg_non_zero``, ``sum``);
+- the **loss formula** itself, the only thing a concrete loss writes.
+
+Every loss is called as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``
+and returns a scalar. Class attributes tell the trainer how to use it: :attr:`BaseLoss.tuple_kinds`,
+:attr:`BaseLoss.accepts_ref`, :attr:`BaseLoss.needs`; trainable parameters (proxies, class centres)
+are ordinary ``nn.Parameter`` attributes, so ``loss.parameters()`` yields them.
+
+This module also holds the first two concrete losses, ``contrastive`` and ``triplet``, which prove the
+pair and triplet bases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmlkit.distances import check_distance, is_similarity
+from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
+from dmlkit.miners.tuples import (
+    PAIRS,
+    TRIPLETS,
+    TUPLE_KINDS,
+    IndicesTuple,
+    Pairs,
+    Triplets,
+    check_batch,
+    check_indices_tuple,
+    distance_matrix,
+    label_masks,
+    pair_masks,
+    paired_distance,
+    to_pairs,
+    to_triplets,
+    upcast,
+)
+from dmlkit.registry import Registry
+
+REGISTRY: Registry[nn.Module] = Registry("loss")
+
+PAIRS_AND_TRIPLETS: frozenset[str] = TUPLE_KINDS
+
+
+def register(name: str) -> Callable[[type[BaseLoss]], type[BaseLoss]]:
+    """Class decorator: register a loss under ``name`` and record the name on the class."""
+
+    def decorator(cls: type[BaseLoss]) -> type[BaseLoss]:
+        cls.registry_name = name
+        REGISTRY.register(name)(cls)
+        return cls
+
+    return decorator
+
+
+# ---------------------------------------------------------------------------------------------- reductions
+
+
+def _mean(losses: torch.Tensor) -> torch.Tensor:
+    # An empty selection is a zero loss (PML returns its "zero loss" before reducing), not NaN.
+    return losses.mean() if losses.numel() > 0 else losses.sum()
+
+
+def _avg_non_zero(losses: torch.Tensor) -> torch.Tensor:
+    # PML's AvgNonZeroReducer is mean(losses[losses > 0]); the masked sum avoids a data-dependent shape
+    # (a device sync) and gives exactly the same gradient: 1/count on kept elements, 0 elsewhere.
+    keep = losses > 0
+    return torch.where(keep, losses, torch.zeros_like(losses)).sum() / keep.sum().clamp_min(1)
+
+
+def _sum(losses: torch.Tensor) -> torch.Tensor:
+    return losses.sum()
+
+
+REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": _mean,
+    "avg_non_zero": _avg_non_zero,
+    "sum": _sum,
+}
+
+
+def reduce(losses: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce per-element losses to a scalar; an empty tensor reduces to 0.
+
+    - ``mean``: ``Σ lᵢ / N`` (PML ``MeanReducer``)
+    - ``avg_non_zero``: ``Σ lᵢ / #{lᵢ > 0}``, 0 if none is positive (PML ``AvgNonZeroReducer``)
+    - ``sum``: ``Σ lᵢ`` (PML ``SumReducer``)
+    """
+    try:
+        fn = REDUCTIONS[how]
+    except KeyError:
+        raise UnknownNameError(unknown_name_message("reduction", how, REDUCTIONS)) from None
+    return fn(losses)
+
+
+def farther_by(x: torch.Tensor | float, y: torch.Tensor | float, similarity: bool) -> Any:
+    """How much farther ``x`` is than ``y``: ``x − y`` for a distance, ``y − x`` for a similarity.
+
+    PML's ``BaseDistance.margin``; it lets one formula serve distances and similarities.
+    """
+    return y - x if similarity else x - y
+
+
+def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, add_one: bool = True) -> torch.Tensor:
+    """Row-wise ``log(1·[add_one] + Σ_{j: mask[i,j]} exp(x[i,j]))``; rows with an empty mask give 0.
+
+    PML ``lmu.logsumexp``: masked entries are set to the dtype's lowest finite value rather than −inf, so
+    a fully masked row never produces ``exp(−inf + inf)`` = NaN in the backward pass.
+    """
+    x = x.masked_fill(~mask, torch.finfo(x.dtype).min)
+    if add_one:
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+    out = torch.logsumexp(x, dim=1)
+    return out.masked_fill(~mask.any(dim=1), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- base class
+
+
+class BaseLoss(nn.Module):
+    """Common calling convention, validation, distance handling, reduction and statistics.
+
+    Subclasses set the class attributes below and implement :meth:`compute_loss`. Their ``__init__``
+    lists every keyword explicitly (no ``**kwargs``) so a misspelt option is caught by the registry.
+    """
+
+    #: Kinds of miner output the loss consumes, conversions included (``{"pairs", "triplets"}`` for PML
+    #: pair and triplet losses, which convert one into the other). Empty: the loss takes no miner.
+    tuple_kinds: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``ref_emb``/``ref_labels`` (e.g. a cross-batch memory) may be passed. False for proxy and
+    #: classification losses.
+    accepts_ref: ClassVar[bool] = True
+    #: Constructor arguments the trainer must supply: a subset of ``{"num_classes", "embedding_size"}``.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: Registry name, set by :func:`register`.
+    registry_name: ClassVar[str] = ""
+
+    def __init__(
+        self, distance: str | None = None, normalize_embeddings: bool = True, reduction: str = "mean"
+    ) -> None:
+        super().__init__()
+        if distance is not None:
+            check_distance(distance)
+        if reduction not in REDUCTIONS:
+            raise UnknownNameError(unknown_name_message("reduction", reduction, REDUCTIONS))
+        self.distance = distance
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.reduction = reduction
+        self._stats: dict[str, torch.Tensor | float] = {}
+
+    # -- calling convention ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss of ``embeddings`` (B × d) with int64 ``labels`` (B,).
+
+        ``indices_tuple``: a miner's output, triplets ``(a, p, n)`` or pairs ``(a1, p, a2, n)``; anchors
+        index ``embeddings``, positives/negatives index ``ref_emb`` (the batch when not given).
+        Half-precision embeddings are computed on in float32 with autocast disabled.
+        """
+        name = self.registry_name or type(self).__name__
+        embeddings, labels, ref_emb, ref_labels = check_batch(embeddings, labels, ref_emb, ref_labels, name)
+        if ref_emb is not None and not self.accepts_ref:
+            raise ConfigError(f"loss '{name}' does not accept ref_emb/ref_labels")
+        if indices_tuple is not None:
+            kind = check_indices_tuple(indices_tuple)
+            if kind not in self.tuple_kinds:
+                takes = " or ".join(sorted(self.tuple_kinds)) or "no miner output"
+                raise ConfigError(f"loss '{name}' cannot use an indices_tuple of {kind}; it takes {takes}")
+        self._stats = {}
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self.compute_loss(
+                upcast(embeddings),
+                labels,
+                indices_tuple,
+                None if ref_emb is None else upcast(ref_emb),
+                ref_labels,
+            )
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The loss proper. ``ref_emb``/``ref_labels`` are None when the reference set is the batch."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses --------------------------------------------------------------------------
+
+    @property
+    def is_similarity(self) -> bool:
+        """True when the loss's distance grows with similarity (``cosine``, ``dot``)."""
+        return self.distance is not None and is_similarity(self.distance)
+
+    def distance_matrix(self, embeddings: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
+        """``embeddings × ref`` matrix of the loss's distance (normalised first if configured)."""
+        if self.distance is None:
+            raise NotImplementedError(f"{type(self).__name__} has no distance")
+        return distance_matrix(embeddings, ref_emb, self.distance, self.normalize_embeddings)
+
+    def reduce(self, losses: torch.Tensor) -> torch.Tensor:
+        """Reduce with the configured ``reduction``."""
+        return reduce(losses, self.reduction)
+
+    @staticmethod
+    def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
+        """A 0 that stays connected to the graph, so ``backward()`` works and yields zero gradients."""
+        return (embeddings * 0).sum()
+
+    def record(self, **stats: torch.Tensor | float) -> None:
+        """Store statistics for :attr:`last_stats`; tensors are detached and read only on access."""
+        for key, val in stats.items():
+            self._stats[key] = val.detach() if isinstance(val, torch.Tensor) else float(val)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Statistics of the last call (converted lazily, so a GPU sync happens only when read)."""
+        return {key: float(val) for key, val in self._stats.items()}
+
+    def extra_repr(self) -> str:
+        return f"distance={self.distance!r}, normalize_embeddings={self.normalize_embeddings}, " + (
+            f"reduction={self.reduction!r}"
+        )
+
+
+class PairLoss(BaseLoss):
+    """A loss on individual pairs (PML ``GenericPairLoss(mat_based_loss=False)``).
+
+    Each positive pair value ``m[a1, p]`` and negative pair value ``m[a2, n]`` gets its own loss from
+    :meth:`pair_losses`; the two sets are reduced separately and summed (PML's per-sub-loss reducers).
+    Pairs repeated in the indices tuple count repeatedly. Triplets are used as ``(a, p, a, n)``.
+
+    Statistics: ``num_pos_pairs``, ``num_neg_pairs`` (pairs considered) and ``num_active_pos_pairs``,
+    ``num_active_neg_pairs`` (pairs with a non-zero loss).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def pair_losses(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair losses of positive and negative pair values (distances or similarities)."""
+        raise NotImplementedError
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        pos_loss, neg_loss = self.pair_losses(mat[a1, p], mat[a2, n])
+        self.record(
+            num_pos_pairs=a1.numel(),
+            num_neg_pairs=a2.numel(),
+            num_active_pos_pairs=(pos_loss > 0).sum(),
+            num_active_neg_pairs=(neg_loss > 0).sum(),
+        )
+        return self.reduce(pos_loss) + self.reduce(neg_loss)
+
+
+class MatrixPairLoss(BaseLoss):
+    """A loss computed per anchor from the whole distance matrix and boolean pair masks.
+
+    PML ``GenericPairLoss(mat_based_loss=True)``: mined pairs only select entries of the masks, so a
+    pair repeated in the indices tuple counts once. :meth:`matrix_loss` returns one loss per anchor
+    (row); anchors without pairs are 0 and still count in a ``mean`` reduction, as in PML.
+
+    Statistics: ``num_pos_pairs``, ``num_neg_pairs`` (distinct pairs in the masks).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def matrix_loss(self, mat: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
+        """Per-anchor losses (shape ``(B,)``) from the matrix and the positive/negative masks."""
+        raise NotImplementedError
+
+    def masks(
+        self,
+        indices_tuple: IndicesTuple | None,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+        mat: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks from labels (no miner) or from the mined pairs."""
+        if indices_tuple is None:
+            return label_masks(labels, ref_labels)
+        return pair_masks(to_pairs(indices_tuple, labels, ref_labels), tuple(mat.shape), mat.device)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        mat = self.distance_matrix(embeddings, ref_emb)
+        pos_mask, neg_mask = self.masks(indices_tuple, labels, ref_labels, mat)
+        self.record(num_pos_pairs=pos_mask.sum(), num_neg_pairs=neg_mask.sum())
+        return self.reduce(self.matrix_loss(mat, pos_mask, neg_mask))
+
+
+class TripletLoss(BaseLoss):
+    """A loss on ``(anchor, positive, negative)`` triplets.
+
+    Without a miner: all triplets, or ``triplets_per_anchor`` random ones per anchor; mined pairs are
+    joined on their anchor into triplets (PML ``convert_to_triplets``).
+
+    Statistics: ``num_triplets``, ``num_active_triplets`` (non-zero loss).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        distance: str | None = None,
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+        triplets_per_anchor: int | Literal["all"] = "all",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        if triplets_per_anchor != "all" and not (
+            isinstance(triplets_per_anchor, int)
+            and not isinstance(triplets_per_anchor, bool)
+            and triplets_per_anchor > 0
+        ):
+            raise ConfigError(
+                f"triplets_per_anchor must be 'all' or a positive int, got {triplets_per_anchor!r}"
+            )
+        self.triplets_per_anchor = triplets_per_anchor
+
+    def triplets(
+        self, indices_tuple: IndicesTuple | None, labels: torch.Tensor, ref_labels: torch.Tensor | None
+    ) -> Triplets:
+        return to_triplets(indices_tuple, labels, ref_labels, self.triplets_per_anchor)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+@register("contrastive")
+class ContrastiveLoss(PairLoss):
+    """Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006; PML ``ContrastiveLoss``).
+
+    For a distance ``d``: ``L⁺ = [d − m⁺]₊`` on positive pairs and ``L⁻ = [m⁻ − d]₊`` on negative pairs;
+    for a similarity ``s``: ``[m⁺ − s]₊`` and ``[s − m⁻]₊``. Each set is reduced (``avg_non_zero`` by
+    default) and the two are summed.
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "avg_non_zero",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        self.pos_margin = float(pos_margin)
+        self.neg_margin = float(neg_margin)
+
+    def pair_losses(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sim = self.is_similarity
+        return (
+            F.relu(farther_by(pos, self.pos_margin, sim)),
+            F.relu(farther_by(self.neg_margin, neg, sim)),
+        )
+
+
+@register("triplet")
+class TripletMarginLoss(TripletLoss):
+    """Triplet margin loss (Weinberger & Saul, JMLR 2009; Schroff et al., FaceNet, CVPR 2015; PML
+    ``TripletMarginLoss``).
+
+    ``L = [d(a,p) − d(a,n) + margin]₊`` (``softplus`` instead of ``[·]₊`` when ``smooth_loss``; similarities
+    enter as ``s(a,n) − s(a,p)``). With ``swap`` (Balntas et al., BMVC 2016) ``d(a,n)`` is replaced by the
+    smaller of ``d(a,n)`` and ``d(p,n)``. Reduced with ``avg_non_zero`` by default.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.05,
+        swap: bool = False,
+        smooth_loss: bool = False,
+        triplets_per_anchor: int | Literal["all"] = "all",
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "avg_non_zero",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction, triplets_per_anchor)
+        self.margin = float(margin)
+        self.swap = bool(swap)
+        self.smooth_loss = bool(smooth_loss)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a, p, n = self.triplets(indices_tuple, labels, ref_labels)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        ap, an = mat[a, p], mat[a, n]
+        sim = self.is_similarity
+        if self.swap:
+            # p and n index the reference set, so d(p, n) is a reference-to-reference distance; PML
+            # reads mat[p, n], which is only right when the reference set is the batch.
+            if ref_emb is None:
+                pn = mat[p, n]
+            else:
+                pn = paired_distance(ref_emb[p], ref_emb[n], self.distance, self.normalize_embeddings)  # type: ignore[arg-type]
+            an = torch.maximum(an, pn) if sim else torch.minimum(an, pn)
+        violation = farther_by(ap, an, sim) + self.margin
+        losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
+        self.record(num_triplets=a.numel(), num_active_triplets=(losses > 0).sum())
+        return self.reduce(losses)
+
+
+__all__ = [
+    "PAIRS",
+    "PAIRS_AND_TRIPLETS",
+    "REDUCTIONS",
+    "REGISTRY",
+    "TRIPLETS",
+    "BaseLoss",
+    "ContrastiveLoss",
+    "MatrixPairLoss",
+    "PairLoss",
+    "Pairs",
+    "TripletLoss",
+    "TripletMarginLoss",
+    "farther_by",
+    "masked_logsumexp",
+    "reduce",
+    "register",
+]

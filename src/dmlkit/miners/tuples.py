@@ -1,0 +1,289 @@
+"""Batch-structure helpers shared by every loss and miner: index tuples, label masks, distance matrix.
+
+An *indices tuple* is what a miner returns and a loss consumes (the pytorch-metric-learning format):
+
+- triplets ``(a, p, n)``: anchor ``a[i]`` with positive ``p[i]`` and negative ``n[i]``;
+- pairs ``(a1, p, a2, n)``: positive pairs ``(a1[i], p[i])`` and negative pairs ``(a2[j], n[j])``.
+
+Anchors index the query embeddings; positives and negatives index the reference set, which is the batch
+itself unless ``ref_emb``/``ref_labels`` are given. Throughout this module ``ref_labels=None`` means
+"the reference set is the batch", and only then are self pairs ``(i, i)`` excluded: with an explicit
+reference set every anchor × reference pair counts, as in PML's ``get_all_pairs_indices``.
+
+Conversions follow PML (``loss_and_miner_utils.convert_to_pairs`` / ``convert_to_triplets``):
+
+- triplets → pairs: ``(a, p, n) ↦ (a, p, a, n)`` (a pair repeated by several triplets stays repeated);
+- pairs → triplets: every positive pair joined with every negative pair that shares its anchor,
+  ``{(a1[i], p[i], n[j]) : a1[i] = a2[j]}``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeAlias
+
+import torch
+import torch.nn.functional as F
+
+from dmlkit.distances import check_distance, pairwise
+from dmlkit.errors import ConfigError, DataError
+
+Triplets: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Pairs: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+IndicesTuple: TypeAlias = Triplets | Pairs
+TupleKind: TypeAlias = Literal["pairs", "triplets"]
+
+PAIRS: TupleKind = "pairs"
+TRIPLETS: TupleKind = "triplets"
+TUPLE_KINDS: frozenset[str] = frozenset({PAIRS, TRIPLETS})
+
+# Half-precision types are upcast before any distance/loss arithmetic (exp(50·s) and sums over many
+# pairs lose too much in an 8-bit mantissa); float64 is kept as is.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def tuple_kind(indices_tuple: IndicesTuple) -> TupleKind:
+    """``"triplets"`` for a 3-tuple, ``"pairs"`` for a 4-tuple; anything else raises ``ConfigError``."""
+    if not isinstance(indices_tuple, tuple | list) or len(indices_tuple) not in (3, 4):
+        size = len(indices_tuple) if hasattr(indices_tuple, "__len__") else "?"
+        raise ConfigError(
+            "indices_tuple must be triplets (a, p, n) or pairs (a1, p, a2, n), got "
+            f"{type(indices_tuple).__name__} of length {size}"
+        )
+    return TRIPLETS if len(indices_tuple) == 3 else PAIRS
+
+
+def check_indices_tuple(indices_tuple: IndicesTuple) -> TupleKind:
+    """Check shapes and dtypes of an indices tuple (no device sync: index ranges are not checked)."""
+    kind = tuple_kind(indices_tuple)
+    for i, t in enumerate(indices_tuple):
+        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype not in (torch.int64, torch.int32):
+            raise DataError(
+                f"indices_tuple[{i}] must be a 1-D int64 tensor, got "
+                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+                f"{' of shape ' + str(tuple(t.shape)) if isinstance(t, torch.Tensor) else ''}"
+            )
+    groups = [indices_tuple] if kind == TRIPLETS else [indices_tuple[:2], indices_tuple[2:]]
+    for group in groups:
+        if len({t.numel() for t in group}) != 1:
+            raise DataError(
+                f"indices_tuple ({kind}) has mismatched lengths {[t.numel() for t in indices_tuple]}"
+            )
+    return kind
+
+
+def check_batch(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_emb: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    who: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Validate a call's inputs; return them with the reference set set to ``None`` when it is the batch.
+
+    The reference set is the batch itself when ``ref_emb`` is None, or when the caller passes the very
+    same tensor objects (PML decides by identity too). Labels are moved to the embeddings' device, never
+    cast: they must already be an integer tensor.
+    """
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise DataError(f"{who}: embeddings must be a 2-D (batch, dim) tensor, got {shape}")
+    _check_labels(labels, embeddings, "labels", who)
+    if ref_emb is None and ref_labels is None:
+        return embeddings, labels.to(embeddings.device), None, None
+    if ref_emb is None or ref_labels is None:
+        raise ConfigError(f"{who}: ref_emb and ref_labels must be given together")
+    if ref_emb is embeddings and ref_labels is labels:
+        return embeddings, labels.to(embeddings.device), None, None
+    if ref_emb.ndim != 2 or ref_emb.shape[1] != embeddings.shape[1]:
+        raise DataError(
+            f"{who}: ref_emb must be 2-D with the embeddings' width {embeddings.shape[1]}, "
+            f"got {tuple(ref_emb.shape)}"
+        )
+    _check_labels(ref_labels, ref_emb, "ref_labels", who)
+    return embeddings, labels.to(embeddings.device), ref_emb, ref_labels.to(embeddings.device)
+
+
+def _check_labels(labels: torch.Tensor, emb: torch.Tensor, name: str, who: str) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise DataError(f"{who}: {name} must be a tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DataError(f"{who}: {name} must be an integer (int64) tensor, got {labels.dtype}")
+    if labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
+        raise DataError(
+            f"{who}: {name} must have shape ({emb.shape[0]},) to match the embeddings, "
+            f"got {tuple(labels.shape)}"
+        )
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 → float32; other dtypes unchanged."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def distance_matrix(
+    embeddings: torch.Tensor,
+    ref_emb: torch.Tensor | None,
+    distance: str,
+    normalize_embeddings: bool = True,
+) -> torch.Tensor:
+    """``pairwise(embeddings, ref_emb, distance)`` after optional L2-normalisation of both sides.
+
+    ``normalize_embeddings=True`` is PML's default for every distance (``BaseDistance``), so e.g. PML's
+    ``LpDistance()`` is ``euclidean`` between unit vectors and ``DotProductSimilarity()`` equals cosine.
+    ``cosine`` always normalises. The matrix is computed with autocast disabled, in float32 at least.
+    """
+    check_distance(distance)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        x = upcast(embeddings)
+        y = None if ref_emb is None else upcast(ref_emb)
+        if y is not None and y.dtype != x.dtype:
+            common = torch.promote_types(x.dtype, y.dtype)
+            x, y = x.to(common), y.to(common)
+        if normalize_embeddings:
+            x = F.normalize(x, p=2, dim=1)
+            y = None if y is None else F.normalize(y, p=2, dim=1)
+            if distance == "cosine":  # already unit vectors: normalising again would only add rounding
+                distance = "dot"
+        return pairwise(x, y, distance)
+
+
+def label_masks(
+    labels: torch.Tensor, ref_labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``(pos, neg)`` masks of shape ``(len(labels), len(ref))``.
+
+    ``pos[i, j]``: same label (the diagonal excluded when ``ref_labels`` is None); ``neg[i, j]``: different
+    labels.
+    """
+    ref = labels if ref_labels is None else ref_labels
+    same = labels.unsqueeze(1) == ref.unsqueeze(0)
+    neg = ~same
+    if ref_labels is None:
+        same.fill_diagonal_(False)
+    return same, neg
+
+
+def all_pairs(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> Pairs:
+    """Every positive and negative pair, in row-major order (PML ``get_all_pairs_indices``)."""
+    pos, neg = label_masks(labels, ref_labels)
+    a1, p = torch.nonzero(pos, as_tuple=True)
+    a2, n = torch.nonzero(neg, as_tuple=True)
+    return a1, p, a2, n
+
+
+def all_triplets(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> Triplets:
+    """Every ``(a, p, n)`` with ``p`` a positive and ``n`` a negative of ``a``, lexicographic order.
+
+    Materialises a ``B × R × R`` boolean tensor, as PML's vectorised method does.
+    """
+    pos, neg = label_masks(labels, ref_labels)
+    a, p, n = torch.nonzero(pos.unsqueeze(2) & neg.unsqueeze(1), as_tuple=True)
+    return a, p, n
+
+
+def random_triplets(
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None,
+    per_anchor: int,
+    generator: torch.Generator | None = None,
+) -> Triplets:
+    """``per_anchor`` triplets for every anchor that has a positive and a negative.
+
+    Positives and negatives are drawn uniformly with replacement among the anchor's valid ones, the
+    distribution of PML's ``get_random_triplet_indices`` (the draws themselves differ).
+    """
+    pos, neg = label_masks(labels, ref_labels)
+    anchors = torch.nonzero(pos.any(1) & neg.any(1), as_tuple=True)[0]
+    if anchors.numel() == 0:
+        return _empty(labels.device, 3)  # type: ignore[return-value]
+    p = torch.multinomial(pos[anchors].float(), per_anchor, replacement=True, generator=generator)
+    n = torch.multinomial(neg[anchors].float(), per_anchor, replacement=True, generator=generator)
+    return anchors.repeat_interleave(per_anchor), p.reshape(-1), n.reshape(-1)
+
+
+def triplets_to_pairs(triplets: Triplets) -> Pairs:
+    """``(a, p, n) ↦ (a, p, a, n)`` (PML ``convert_to_pairs``)."""
+    a, p, n = triplets
+    return a, p, a, n
+
+
+def pairs_to_triplets(pairs: Pairs) -> Triplets:
+    """Join positive and negative pairs on their anchor (PML ``convert_to_triplets``), row-major order.
+
+    Costs ``len(a1) × len(a2)`` memory for the join, as in PML.
+    """
+    a1, p, a2, n = pairs
+    i, j = torch.nonzero(a1.unsqueeze(1) == a2.unsqueeze(0), as_tuple=True)
+    return a1[i], p[i], n[j]
+
+
+def to_pairs(
+    indices_tuple: IndicesTuple | None, labels: torch.Tensor, ref_labels: torch.Tensor | None = None
+) -> Pairs:
+    """Pairs from a miner's output of either kind, or all pairs when ``indices_tuple`` is None."""
+    if indices_tuple is None:
+        return all_pairs(labels, ref_labels)
+    if tuple_kind(indices_tuple) == PAIRS:
+        return tuple(indices_tuple)  # type: ignore[return-value]
+    return triplets_to_pairs(indices_tuple)  # type: ignore[arg-type]
+
+
+def to_triplets(
+    indices_tuple: IndicesTuple | None,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None = None,
+    per_anchor: int | Literal["all"] = "all",
+) -> Triplets:
+    """Triplets from a miner's output of either kind, or (when None) all / ``per_anchor`` random ones."""
+    if indices_tuple is None:
+        if per_anchor == "all":
+            return all_triplets(labels, ref_labels)
+        return random_triplets(labels, ref_labels, int(per_anchor))
+    if tuple_kind(indices_tuple) == TRIPLETS:
+        return tuple(indices_tuple)  # type: ignore[return-value]
+    return pairs_to_triplets(indices_tuple)  # type: ignore[arg-type]
+
+
+def pair_masks(
+    pairs: Pairs, shape: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``(pos, neg)`` masks with ``pos[a1, p]`` and ``neg[a2, n]`` set (duplicates collapse)."""
+    a1, p, a2, n = pairs
+    pos = torch.zeros(shape, dtype=torch.bool, device=device)
+    neg = torch.zeros(shape, dtype=torch.bool, device=device)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    return pos, neg
+
+
+def _empty(device: torch.device, k: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(k))
+
+
+def empty_pairs(device: torch.device) -> Pairs:
+    """Four empty int64 tensors."""
+    return _empty(device, 4)  # type: ignore[return-value]
+
+
+def empty_triplets(device: torch.device) -> Triplets:
+    """Three empty int64 tensors."""
+    return _empty(device, 3)  # type: ignore[return-value]
+
+
+def paired_distance(
+    x: torch.Tensor, y: torch.Tensor, distance: str, normalize_embeddings: bool = True
+) -> torch.Tensor:
+    """Row-wise ``distance(x[i], y[i])`` (same conventions as :func:`distance_matrix`), shape ``(n,)``."""
+    check_distance(distance)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = upcast(x), upcast(y)
+        if normalize_embeddings or distance == "cosine":
+            x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
+        if distance in ("cosine", "dot"):
+            return (x * y).sum(1)
+        squared = (x - y).pow(2).sum(1)
+        if distance == "squared_euclidean":
+            return squared
+        # sqrt's gradient is infinite at 0: identical rows get distance 0 and gradient 0 instead of NaN.
+        zero = squared == 0
+        return torch.sqrt(squared + zero.to(squared.dtype)) * (~zero).to(squared.dtype)

@@ -1,0 +1,29 @@
+"""Batch samplers: ``build(name, labels, batch_size, **kwargs)`` gives a resumable, rank-aware sampler.
+
+Use the result as ``torch.utils.data.DataLoader(dataset, batch_sampler=sampler)``. See ``docs/samplers.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmlkit.samplers.base import REGISTRY, BatchSampler, RandomBatchSampler
+from dmlkit.samplers.class_balanced import MPerClassSampler
+
+__all__ = ["REGISTRY", "BatchSampler", "MPerClassSampler", "RandomBatchSampler", "available", "build"]
+
+
+def build(
+    name: str, labels: Sequence[int] | np.ndarray | torch.Tensor, batch_size: int, **kwargs: Any
+) -> BatchSampler:
+    """Build the sampler registered as ``name``; misspelt names or keywords raise with a suggestion."""
+    return REGISTRY.build(name, labels=labels, batch_size=batch_size, **kwargs)
+
+
+def available() -> list[str]:
+    """Names of every registered sampler."""
+    return REGISTRY.available()

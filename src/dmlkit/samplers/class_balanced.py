@@ -1,0 +1,175 @@
+"""P×K class-balanced batches: ``P`` distinct classes with ``K`` images each.
+
+This is the sampling of Schroff et al., "FaceNet" (CVPR 2015) and Hermans et al., "In Defense of the
+Triplet Loss" (2017), known as ``class_random`` in Roth et al., "Revisiting Training Strategies and
+Generalization Performance in Deep Metric Learning" (ICML 2020) and as ``MPerClassSampler`` in
+pytorch-metric-learning. Two things differ from ``MPerClassSampler``, whose batches draw classes and
+images independently at random:
+
+* Classes are taken from shuffled *rounds*: each round is a permutation of all classes cut into groups
+  of ``P``, so every class appears once per ``ceil(C / P)`` batches and an epoch of ``B`` batches visits
+  every class whenever ``P * B >= C``.
+* Images of a class are taken from a per-class shuffled cycle: consecutive visits of a class in an epoch
+  walk through a permutation of its images (without replacement) before any image repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dmlkit.errors import ConfigError
+from dmlkit.samplers.base import REGISTRY, BatchSampler, caller_stacklevel, check_int, epoch_rng
+
+logger = logging.getLogger(__name__)
+
+
+@REGISTRY.register("m_per_class")
+class MPerClassSampler(BatchSampler):
+    """Batches of ``P = batch_size // samples_per_class`` distinct classes × ``K = samples_per_class`` images.
+
+    Epoch: ``batches_per_epoch`` global batches, by default ``max(1, len(labels) // batch_size)`` so
+    that an epoch draws about as many images as there are in the dataset (shared by all ranks). Within an
+    epoch the classes come from consecutive shuffled rounds over all ``C`` classes (each round is
+    ``ceil(C / P)`` batches; the last batch of a round is completed with random other classes of the
+    round), so every class is visited at least once when ``P * batches_per_epoch >= C``. Each visit of a
+    class takes the next ``K`` images of a per-class shuffled cycle over its images; a class with fewer than
+    ``K`` images repeats its images as evenly as possible inside the batch (sampling with replacement).
+
+    Args:
+        labels: class label of every dataset item (1-D integers; list, numpy array or tensor).
+        batch_size: images per batch on each rank; must be a multiple of ``samples_per_class``.
+        samples_per_class: ``K``, images per class in a batch.
+        batches_per_epoch: global batches per epoch (all ranks together); ``None`` for
+            ``max(1, len(labels) // batch_size)``.
+        seed: base seed; an epoch's batches depend only on ``(seed, epoch)``.
+        rank: index of this process in ``[0, world_size)``.
+        world_size: number of processes sharing each epoch.
+        drop_last: when ``world_size`` does not divide the number of batches, drop the last
+            ``batches_per_epoch mod world_size`` batches instead of padding the ranks' shares with
+            the first batches of the epoch. Batches themselves are always full.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        batch_size: int,
+        samples_per_class: int = 4,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(labels, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        k = check_int("samples_per_class", samples_per_class, 1)
+        if self.batch_size % k:
+            raise ConfigError(
+                f"batch_size={self.batch_size} must be divisible by samples_per_class={k} "
+                "(a batch holds batch_size // samples_per_class classes × samples_per_class images)"
+            )
+        self.samples_per_class = k
+        self.classes_per_batch = self.batch_size // k
+
+        # Group item indices by class once; epochs then only shuffle within these groups.
+        self.classes, class_of_item, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
+        self.class_counts = counts.astype(np.int64)
+        self._items_by_class = np.argsort(class_of_item, kind="stable").astype(np.int64)
+        self._class_start = np.cumsum(self.class_counts) - self.class_counts
+        num_classes = len(self.classes)
+        if num_classes < self.classes_per_batch:
+            raise ConfigError(
+                f"batch_size={self.batch_size} with samples_per_class={k} needs "
+                f"{self.classes_per_batch} distinct classes per batch, but the labels have only "
+                f"{num_classes} class(es); lower batch_size or raise samples_per_class"
+            )
+
+        if batches_per_epoch is None:
+            self._num_batches = max(1, len(self.labels) // self.batch_size)
+        else:
+            self._num_batches = check_int("batches_per_epoch", batches_per_epoch, 1)
+        self.batches_per_epoch = self._num_batches
+        self._check_shareable()
+
+        small = int(np.count_nonzero(self.class_counts < k))
+        if small:
+            warnings.warn(
+                f"{small} of {num_classes} classes have fewer than samples_per_class={k} images; "
+                "their images are repeated within a batch (sampled with replacement)",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
+        if self.classes_per_batch * self._num_batches < num_classes:
+            logger.info(
+                "m_per_class: %d batches × %d classes per epoch cannot visit all %d classes; set "
+                "batches_per_epoch >= %d to visit every class each epoch",
+                self._num_batches,
+                self.classes_per_batch,
+                num_classes,
+                math.ceil(num_classes / self.classes_per_batch),
+            )
+
+    @property
+    def num_global_batches(self) -> int:
+        return self._num_batches
+
+    def _class_schedule(self, rng: np.random.Generator) -> np.ndarray:
+        """``(B, P)`` class numbers: consecutive shuffled rounds over all classes, ``P`` distinct per row."""
+        num_classes, p = len(self.classes), self.classes_per_batch
+        per_round = math.ceil(num_classes / p)
+        rounds = math.ceil(self._num_batches / per_round)
+        order = rng.permuted(np.tile(np.arange(num_classes, dtype=np.int64), (rounds, 1)), axis=1)
+        tail = num_classes % p
+        if tail:
+            # The last group of a round has only `tail` classes; complete it with the round's first
+            # p - tail classes, which are a uniformly random subset of the classes not in that group.
+            order = np.concatenate([order, order[:, : p - tail]], axis=1)
+        return order.reshape(rounds * per_round, p)[: self._num_batches]
+
+    def _build_epoch(self, epoch: int) -> np.ndarray:
+        rng = epoch_rng(self.seed, epoch)
+        k = self.samples_per_class
+        schedule = self._class_schedule(rng).ravel()  # class of every (batch, slot)
+        num_classes = len(self.classes)
+        counts = self.class_counts
+
+        # Visit number of every slot among the visits of its class (in batch order).
+        by_class = np.argsort(schedule, kind="stable")
+        visits = np.bincount(schedule, minlength=num_classes)
+        first_visit = np.cumsum(visits) - visits
+        visit_no = np.empty_like(schedule)
+        visit_no[by_class] = np.arange(len(schedule)) - first_visit[schedule[by_class]]
+
+        # A "pass" over class c is one shuffle of its n_c images, read cyclically as ceil(n_c / K) chunks
+        # of K (the last chunk wraps to the pass's first images, which are distinct from the chunk's
+        # others when n_c >= K). Visits consume chunks in order, starting a new shuffle after each pass.
+        chunks_per_pass = -(-counts // k)
+        passes = -(-visits // chunks_per_pass)
+        block_class = np.repeat(np.arange(num_classes), passes)  # one block = one pass of one class
+        block_size = counts[block_class]
+        block_start = np.cumsum(block_size) - block_size
+        first_block = np.cumsum(passes) - passes
+        total = int(block_size.sum())
+        block_of_elem = np.repeat(np.arange(len(block_class), dtype=np.int64), block_size)
+        pos_in_block = np.arange(total, dtype=np.int64) - block_start[block_of_elem]
+        items = self._items_by_class[self._class_start[block_class][block_of_elem] + pos_in_block]
+        # Shuffle within blocks: sort by (block, random key); the block number in the high bits keeps
+        # blocks contiguous, the random low bits shuffle inside them.
+        keys = (block_of_elem << 32) | rng.integers(0, 2**32, size=total, dtype=np.int64)
+        shuffled = items[np.argsort(keys)]
+
+        chunk_in_pass = visit_no % chunks_per_pass[schedule]
+        block = first_block[schedule] + visit_no // chunks_per_pass[schedule]
+        offsets = (chunk_in_pass[:, None] * k + np.arange(k)) % counts[schedule][:, None]
+        return shuffled[block_start[block][:, None] + offsets].ravel()
+
+    def __repr__(self) -> str:
+        return (
+            f"{super().__repr__()[:-1]}, samples_per_class={self.samples_per_class}, "
+            f"num_classes={len(self.classes)}, batches_per_epoch={self._num_batches})"
+        )
