@@ -67,11 +67,11 @@ class TrainConfig(BaseModel):
     # batches
     sampler: str = _field("m_per_class", "batch sampler name", "batches")
     sampler_args: dict[str, Any] = _field({}, "extra keyword arguments of the sampler", "batches")
-    batch_size: int = _field(64, "images per batch", "batches", gt=0)
+    batch_size: int = _field(128, "images per batch", "batches", gt=0)
     samples_per_class: int = _field(4, "images per class in a batch (K of P×K)", "batches", gt=0)
 
     # optimisation
-    epochs: int = _field(15, "training epochs", "optimisation", ge=0)
+    epochs: int = _field(30, "training epochs", "optimisation", ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = _field("adam", "optimizer", "optimisation")
     lr: float = _field(1e-3, "learning rate of the model", "optimisation", gt=0)
     loss_lr: float | None = _field(None, "learning rate of the loss's own parameters (default: lr)", "optimisation")
@@ -191,7 +191,9 @@ def validate_names(config: TrainConfig) -> None:
     from dmlkit import data, losses, metrics, miners, models, samplers
 
     try:
-        data.REGISTRY.check_kwargs(config.dataset, config.dataset_args)
+        data.REGISTRY.check_kwargs(config.dataset, config.dataset_args, provided_by_caller=("root",))
+        if config.skip_unreadable and "skip_unreadable" not in data.REGISTRY.parameters(config.dataset):
+            raise ConfigError(f"skip_unreadable: dataset '{config.dataset}' reads no image files")
         if not models.backbone_exists(config.backbone):
             raise UnknownNameError(
                 unknown_name_message("backbone", config.backbone, models.available_backbones())
@@ -278,6 +280,18 @@ def _none_or(text: str) -> str | None:
 
 class SuggestingParser(argparse.ArgumentParser):
     """argparse that answers an unknown flag with the closest valid one."""
+
+    def parse_args(self, args: typing.Sequence[str] | None = None, namespace: typing.Any = None) -> typing.Any:
+        # Unknown flags of a subcommand surface at the top-level parser; report them from the
+        # subcommand's parser, which knows the valid flags to suggest from.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser: argparse.ArgumentParser = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parser = action.choices.get(getattr(parsed, action.dest, None), self)
+            parser.error("unrecognized arguments: " + " ".join(extras))
+        return parsed
 
     def error(self, message: str) -> typing.NoReturn:
         if message.startswith("unrecognized arguments"):

@@ -40,7 +40,9 @@ class _ClassBalancedBatches(torch.utils.data.Sampler[list[int]]):
         rng = np.random.default_rng(self.seed)
         for _ in range(self.steps):
             chosen = rng.choice(len(self.by_class), self.classes, replace=False)
-            yield np.concatenate([rng.choice(self.by_class[c], self.per_class, replace=False) for c in chosen]).tolist()
+            yield np.concatenate(
+                [rng.choice(self.by_class[c], self.per_class, replace=False) for c in chosen]
+            ).tolist()
 
 
 @pytest.mark.slow

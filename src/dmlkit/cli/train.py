@@ -39,7 +39,4 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted; resume with: dmlkit train --resume {result.run_dir}")
         return 0
-    print(f"\nTest split ({config.dataset}), best.pt from epoch {result.best_epoch}; "
-          f"wall time {result.wall_time:.1f} s; run directory {result.run_dir}")
-    print(result.table())
     return 0

@@ -34,6 +34,15 @@ def build(name: str, root: str | None = None, **kwargs: Any) -> DatasetSplits:
     return REGISTRY.build(name, root=root, **kwargs)
 
 
+def data_spec(splits: DatasetSplits) -> dict[str, Any]:
+    """Plain data rebuilding the dataset's pipelines: ``transforms.build(kind, **data_spec(splits))``.
+
+    Holds ``image_size``, ``channels`` and the transform arguments (``recipe``, ``mean``, ``std``, ...), so a
+    checkpoint can embed new images exactly as the model was evaluated.
+    """
+    return splits.spec()
+
+
 def available() -> list[str]:
     """Names accepted by :func:`build`."""
     return REGISTRY.available()
@@ -50,6 +59,7 @@ __all__ = [
     "available",
     "build",
     "class_disjoint_split",
+    "data_spec",
     "item_seed",
     "render_glyphs",
     "split_class_names",

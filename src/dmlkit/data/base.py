@@ -11,7 +11,7 @@ import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dmlkit.data import transforms
 from dmlkit.errors import DataError
 from dmlkit.registry import Registry
 
@@ -39,7 +40,7 @@ def item_seed(augment_seed: int, epoch: int, index: int) -> int:
 
 
 def to_float_image(image: Any) -> torch.Tensor:
-    """``uint8`` tensor / PIL image / float tensor → float32 ``C × H × W`` tensor (``uint8`` scaled to [0, 1])."""
+    """Tensor or PIL image → float32 ``C × H × W`` tensor (``uint8`` values scaled to [0, 1])."""
     if isinstance(image, Image.Image):
         array = np.asarray(image)
         tensor = torch.from_numpy(array.copy())
@@ -63,6 +64,8 @@ class ImageDataset(Dataset):
     - ``augment_seed`` / ``epoch``: when ``augment_seed`` is set, the transform of item ``i`` runs under a
       forked torch RNG seeded with :func:`item_seed` ``(augment_seed, epoch, i)``, so augmentation is a pure
       function of (seed, epoch, index) whatever the DataLoader worker or order — resumed runs replay it.
+      An item drawn twice in one epoch is augmented the same way both times, so samplers that draw more
+      than one pass should advance the epoch (:meth:`set_epoch`) once per pass.
     """
 
     def __init__(
@@ -118,9 +121,15 @@ class ImageDataset(Dataset):
         image = self.load(index)
         if self.transform is not None:
             if self.augment_seed is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(item_seed(self.augment_seed, self.epoch, index))
+                # Seed only the CPU generator and restore it after: torch.random.fork_rng costs ~20× more
+                # per item, and reseeding CUDA generators is not needed for CPU-side transforms.
+                generator = torch.default_generator
+                saved = generator.get_state()
+                generator.manual_seed(item_seed(self.augment_seed, self.epoch, index))
+                try:
                     image = self.transform(image)
+                finally:
+                    generator.set_state(saved)
             else:
                 image = self.transform(image)
         return to_float_image(image), int(self.labels[index]), index
@@ -142,7 +151,9 @@ class ImageDataset(Dataset):
         return part
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(items={len(self)}, classes={self.num_classes}, channels={self.channels})"
+        return (
+            f"{type(self).__name__}(items={len(self)}, classes={self.num_classes}, channels={self.channels})"
+        )
 
 
 class ArrayImageDataset(ImageDataset):
@@ -221,8 +232,11 @@ class FileImageDataset(ImageDataset):
 class DatasetSplits:
     """What a dataset builder returns: class-disjoint ``train`` and ``test`` (zero-shot) datasets.
 
-    ``train_transform`` / ``eval_transform`` are the dataset's recommended pipelines (already set on
-    ``train`` and ``test``); assign ``eval_transform`` to any part of ``train`` used for validation.
+    ``transform_args`` are the keyword arguments of :func:`dmlkit.data.transforms.build` besides the kind,
+    size and channels (``recipe``, ``mean``, ``std``, ``native_size``), as plain data. :meth:`spec` gathers
+    everything needed to rebuild the pipelines (e.g. from a checkpoint): ``transforms.build(kind, **spec)``.
+    Builders set ``train.transform = transform("train")`` and ``test.transform = transform("eval")``; give
+    the eval pipeline to any part of ``train`` used for validation.
     """
 
     train: ImageDataset
@@ -230,8 +244,15 @@ class DatasetSplits:
     image_size: int
     channels: int
     name: str
-    train_transform: Transform | None = None
-    eval_transform: Transform | None = None
+    transform_args: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self) -> dict[str, Any]:
+        """``{"image_size", "channels", **transform_args}``: plain data for ``transforms.build``."""
+        return {"image_size": self.image_size, "channels": self.channels, **self.transform_args}
+
+    def transform(self, kind: str) -> Transform:
+        """The dataset's ``train`` or ``eval`` pipeline."""
+        return transforms.build(kind, **self.spec())
 
 
 DATASETS: Registry[DatasetSplits] = Registry("dataset")

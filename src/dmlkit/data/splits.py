@@ -52,16 +52,17 @@ def split_class_names(
             raise ConfigError(f"test_classes fraction must be in (0, 1), got {test_classes}")
         num_test = round(float(test_classes) * len(names))
         num_test = min(max(num_test, 1), max(len(names) - 1, 1))
-        order = names if seed is None else [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-        test = set(order[len(names) - num_test :])
+        if seed is None:
+            test = set(names[len(names) - num_test :])
+        else:
+            test = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[:num_test]}
     else:
         test = {str(name) for name in test_classes}
         unknown = sorted(test - set(names))
         if unknown:
+            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
             raise ConfigError(
-                f"test_classes names {unknown} are not classes of '{source}' (classes: {', '.join(names[:20])}"
-                + (" ..." if len(names) > 20 else "")
-                + ")"
+                f"test_classes names {unknown} are not classes of '{source}' (classes: {shown})"
             )
     return [n for n in names if n not in test], [n for n in names if n in test]
 

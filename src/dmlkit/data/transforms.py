@@ -7,8 +7,9 @@ Two recipes:
   ``RandomHorizontalFlip`` + ``Normalize`` (ImageNet statistics); eval = ``Resize(int(size × 1.14))`` (shorter
   side) + ``CenterCrop(size)`` + ``Normalize``.
 - ``glyph`` (small in-memory grayscale images: ``synthetic``, ``omniglot``): train = a small
-  ``RandomAffine`` (±10°, ±10 % shift, ×0.9–1.1 scale); eval = nothing; both resize only when the stored size
-  differs from ``image_size`` and normalise with the dataset's own mean/std (roughly zero mean, unit variance).
+  ``RandomAffine`` (±10°, ±10 % shift, ×0.9–1.1 scale, bilinear); eval = nothing; both resize only when the
+  stored size differs from ``image_size`` and normalise with the dataset's own mean/std (≈ zero mean, unit
+  variance).
 
 Both end with a float32 ``C × H × W`` plain tensor.
 """

@@ -22,3 +22,8 @@ __all__ = [
     "nmi",
     "parse_metric",
 ]
+
+
+def check_metric(name: str) -> None:
+    """Raise ``UnknownNameError`` (with the closest valid name) if ``name`` is not a metric."""
+    parse_metric(name)

@@ -108,9 +108,9 @@ class TorchvisionBackbone(nn.Module):
     """The leading children of a ``torchvision`` classifier, up to its global pooling or classifier.
 
     Children keep their torchvision names, so state-dict keys equal the official checkpoints' (minus the
-    classifier). Works for families whose ``forward`` runs those children in order (ResNet/ResNeXt/Wide-ResNet,
-    RegNet, VGG, AlexNet, MobileNet v2/v3, EfficientNet, ConvNeXt, DenseNet, MNASNet, ShuffleNet, SqueezeNet);
-    others are rejected at build time by a trial forward.
+    classifier). Works for families whose ``forward`` runs those children in order (ResNet, ResNeXt,
+    Wide-ResNet, RegNet, VGG, AlexNet, MobileNet v2/v3, EfficientNet, ConvNeXt, DenseNet, MNASNet, ShuffleNet,
+    SqueezeNet); others are rejected at build time by a trial forward.
     """
 
     def __init__(self, model: nn.Module, name: str, probe_size: int = 64) -> None:
@@ -265,17 +265,23 @@ def _best_prefix(source: Sequence[str], target: set[str]) -> str:
     return max(sorted(candidates), key=lambda p: (hits(p), -len(p)))
 
 
+def _is_counter(key: str, value: torch.Tensor) -> bool:
+    # BatchNorm's num_batches_tracked: an integer scalar, whatever a re-export renamed it to
+    return key.endswith("num_batches_tracked") or (value.dim() == 0 and not value.is_floating_point())
+
+
 def map_state_dict_by_position(
     state_dict: Mapping[str, torch.Tensor], module: nn.Module, path: str = "<state dict>"
 ) -> dict[str, torch.Tensor]:
     """Rename an ordered state dict onto ``module``'s keys by position, 1:1.
 
     For weight packages whose key names differ from the model's but whose tensors come in the same order
-    with the same shapes (e.g. a re-exported timm model). ``num_batches_tracked`` counters are ignored on
-    both sides. Raises ``DataError`` naming the first position where counts or shapes disagree.
+    with the same shapes (e.g. a re-exported timm model). BatchNorm ``num_batches_tracked`` counters
+    (integer scalars) are ignored on both sides. Raises ``DataError`` naming the first position where
+    counts or shapes disagree.
     """
-    source = [(k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")]
-    target = [(k, v) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")]
+    source = [(k, v) for k, v in state_dict.items() if not _is_counter(k, v)]
+    target = [(k, v) for k, v in module.state_dict().items() if not _is_counter(k, v)]
     if len(source) != len(target):
         raise DataError(
             f"'{path}' has {len(source)} tensors but the model has {len(target)}: cannot map by position"
@@ -334,7 +340,7 @@ def load_local_weights(module: nn.Module, path: str | Path, *, by_position: bool
                 report.mismatched.append(f"{name} {tuple(value.shape)}→{tuple(expected.shape)}")
                 continue
         to_load[name] = value
-    if not to_load:
+    if all(_is_counter(k, v) for k, v in to_load.items()):
         raise DataError(
             f"no tensor of pretrained weights '{path}' matches the model "
             f"(file keys like {list(source)[:3]}, model keys like {list(target)[:3]})"
@@ -364,6 +370,19 @@ def available_backbones() -> list[str]:
     return [*BACKBONES.available(), "timm:<model>", "torchvision:<model>"]
 
 
+def backbone_exists(name: str) -> bool:
+    """Whether :func:`build_backbone` knows ``name`` (a built-in, an existing timm or torchvision model)."""
+    if name.startswith("timm:"):
+        import timm
+
+        return bool(timm.is_model(name[len("timm:") :]))
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return name[len("torchvision:") :] in torchvision.models.list_models()
+    return name in BACKBONES
+
+
 def build_backbone(
     name: str,
     in_channels: int = 3,
@@ -384,13 +403,16 @@ def build_backbone(
         if not timm.is_model(model_name):
             raise UnknownNameError(_unknown_model("timm", model_name, timm.list_models()))
         args = {"pretrained": False, "num_classes": 0, "global_pool": "", "in_chans": in_channels, **kwargs}
-        if image_size is not None and "img_size" not in args:
-            try:
-                model = timm.create_model(model_name, img_size=image_size, **args)
-            except TypeError:  # the architecture has no img_size (CNNs take any size)
+        try:
+            if image_size is not None and "img_size" not in args:
+                try:
+                    model = timm.create_model(model_name, img_size=image_size, **args)
+                except TypeError:  # the architecture has no img_size (CNNs take any size)
+                    model = timm.create_model(model_name, **args)
+            else:
                 model = timm.create_model(model_name, **args)
-        else:
-            model = timm.create_model(model_name, **args)
+        except TypeError as exc:
+            raise ConfigError(f"cannot build timm model '{model_name}' with {kwargs}: {exc}") from exc
         if pretrained_weights is not None:
             report = load_local_weights(model, pretrained_weights)
         backbone: nn.Module = TimmBackbone(model)
@@ -401,7 +423,10 @@ def build_backbone(
         valid = torchvision.models.list_models()
         if model_name not in valid:
             raise UnknownNameError(_unknown_model("torchvision", model_name, valid))
-        model = torchvision.models.get_model(model_name, weights=None, **kwargs)
+        try:
+            model = torchvision.models.get_model(model_name, weights=None, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"cannot build torchvision model '{model_name}' with {kwargs}: {exc}") from exc
         if in_channels != 3:
             _replace_first_conv(model, in_channels)
         if pretrained_weights is not None:
@@ -425,6 +450,7 @@ __all__ = [
     "TorchvisionBackbone",
     "WeightsReport",
     "available_backbones",
+    "backbone_exists",
     "build_backbone",
     "load_local_weights",
     "map_state_dict_by_position",

@@ -7,7 +7,6 @@ Every pooling is registered in :data:`POOLING` (``avg``, ``max``, ``gem``) and b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmlkit.errors import ConfigError
@@ -70,9 +69,14 @@ def build_pooling(name: str, **kwargs: object) -> nn.Module:
     return POOLING.build(name, **kwargs)
 
 
+def check_pooling(name: str) -> None:
+    """Raise ``UnknownNameError`` (with the closest valid name) if ``name`` is not a pooling."""
+    POOLING.get(name)
+
+
 def available_pooling() -> list[str]:
     """Names accepted by :func:`build_pooling`."""
     return POOLING.available()
 
 
-__all__ = ["POOLING", "AvgPool", "GeM", "MaxPool", "available_pooling", "build_pooling"]
+__all__ = ["POOLING", "AvgPool", "GeM", "MaxPool", "available_pooling", "build_pooling", "check_pooling"]

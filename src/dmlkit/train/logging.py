@@ -18,6 +18,7 @@ def setup_file_logging(run_dir: Path) -> logging.Handler:
     """Send the ``dmlkit`` logger to ``run_dir/train.log`` (and to the console at INFO)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # the CLI's root handler would print every line twice
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in logger.handlers):
         console = logging.StreamHandler()

@@ -98,6 +98,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
 
 
+def dataset_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The dataset's keyword arguments, with ``skip_unreadable`` folded in for datasets that read files."""
+    kwargs = dict(config.dataset_args)
+    if config.skip_unreadable:
+        kwargs["skip_unreadable"] = True
+    return kwargs
+
+
 def new_run_dir(config: TrainConfig) -> Path:
     name = config.name or f"{config.dataset}-{config.loss}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.output_dir) / name
@@ -144,12 +152,7 @@ class Trainer:
         self._log_handler = setup_file_logging(self.run_dir)
         log.info("run directory: %s", self.run_dir)
 
-        splits = data_lib.build(
-            config.dataset, config.data_root, skip_unreadable=config.skip_unreadable, **config.dataset_args
-        ) if "skip_unreadable" in data_lib.REGISTRY.parameters(config.dataset) else data_lib.build(
-            config.dataset, config.data_root, **config.dataset_args
-        )
-        self.splits = splits
+        splits = data_lib.build(config.dataset, config.data_root, **dataset_kwargs(config))
         train_full = splits.train
         if config.val_fraction > 0:
             self.train_set, self.val_set = data_lib.class_disjoint_split(train_full, config.val_fraction, config.seed)
@@ -157,11 +160,11 @@ class Trainer:
             self.train_set, self.val_set = train_full, None
         self.test_set = splits.test
         self.data_spec = data_lib.data_spec(splits)
-        self.train_set.transform = data_lib.transforms.build("train", **self.data_spec)
+        self.train_set.transform = splits.transform("train")
         self.train_set.augment_seed = config.seed
         for part in (self.val_set, self.test_set):
             if part is not None:
-                part.transform = data_lib.transforms.build("eval", **self.data_spec)
+                part.transform = splits.transform("eval")
         num_classes = int(len(np.unique(self.train_set.labels)))
         log.info(
             "data: %s — train %d images / %d classes, val %s, test %d images / %d classes",
@@ -285,7 +288,10 @@ class Trainer:
             (self.run_dir / "results.json").write_text(json.dumps(
                 {"test_before": self.before, "test_after": after, "best_epoch": self.best_epoch,
                  "wall_time_s": result.wall_time}, indent=2))
-            log.info("test metrics of %s (epoch %s):\n%s", "best.pt", self.best_epoch, result.table())
+            log.info("\ntest split of '%s' (%d images, classes unseen in training), before training and with "
+                     "best.pt (epoch %s, selected on validation %s); wall time %.1f s; run directory %s\n%s",
+                     self.config.dataset, len(self.test_set), self.best_epoch, self.config.select_metric,
+                     result.wall_time, self.run_dir, result.table())
             return result
         finally:
             self.logger.close()
@@ -301,7 +307,7 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch)
                 self.batches_done = 0
             resuming_mid_epoch = False
-            self.train_set.epoch = self.epoch
+            self.train_set.set_epoch(self.epoch)
             self.model.train()
             if config.freeze_bn:
                 models.freeze_batchnorm(self.model)

@@ -1,4 +1,4 @@
-"""``folder``: an ImageFolder tree ``root/<class_name>/<images>`` (sub-folders inside a class are searched too)."""
+"""``folder``: an ImageFolder tree ``root/<class_name>/<images>`` (searching sub-folders of a class too)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlkit.data import transforms
 from dmlkit.data.base import (
     DATASETS,
     IMAGE_EXTENSIONS,
@@ -36,24 +35,22 @@ def file_splits(
     if image_size <= 0:
         raise ConfigError(f"image_size must be positive, got {image_size}")
     item_classes = np.asarray(item_classes, dtype=np.str_)
-    train_names, test_names = split_class_names(np.unique(item_classes).tolist(), test_classes, split_seed, source)
-    train_tf = transforms.build("train", image_size, channels, recipe="photo")
-    eval_tf = transforms.build("eval", image_size, channels, recipe="photo")
+    train_names, test_names = split_class_names(
+        np.unique(item_classes).tolist(), test_classes, split_seed, source
+    )
     parts = []
-    for split, names, transform in (("train", train_names, train_tf), ("test", test_names, eval_tf)):
-        code = {n: i for i, n in enumerate(names)}
-        rows = [i for i, c in enumerate(item_classes) if c in code]
+    for split, names in (("train", train_names), ("test", test_names)):
+        rows = np.flatnonzero(np.isin(item_classes, names))
+        # names are sorted, so a binary search gives each item's class code
+        codes = np.searchsorted(np.asarray(names, dtype=np.str_), item_classes[rows])
         dataset = FileImageDataset(
-            [paths[i] for i in rows],
-            [code[item_classes[i]] for i in rows],
-            names,
-            [ids[i] for i in rows],
-            transform=transform,
-            channels=channels,
+            [paths[i] for i in rows], codes, names, [ids[i] for i in rows], channels=channels
         )
         check_split(dataset, split, source)
         parts.append(dataset)
-    return DatasetSplits(parts[0], parts[1], image_size, channels, name, train_tf, eval_tf)
+    splits = DatasetSplits(parts[0], parts[1], image_size, channels, name, {"recipe": "photo"})
+    parts[0].transform, parts[1].transform = splits.transform("train"), splits.transform("eval")
+    return splits
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:

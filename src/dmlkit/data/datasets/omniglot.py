@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlkit.data import transforms
 from dmlkit.data.base import DATASETS, ArrayImageDataset, DatasetSplits, check_split
 from dmlkit.errors import ConfigError, DataError
 
@@ -71,12 +70,18 @@ def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28)
     native = int(images.shape[1])
     pixels = train.images.float() / 255.0
     mean, std = float(pixels.mean()), float(pixels.std())
-    train_tf = transforms.build("train", image_size, 1, recipe="glyph", mean=[mean], std=[std], native_size=native)
-    eval_tf = transforms.build("eval", image_size, 1, recipe="glyph", mean=[mean], std=[std], native_size=native)
-    train.transform, test.transform = train_tf, eval_tf
     check_split(train, "train", str(path))
     check_split(test, "test", str(path))
-    return DatasetSplits(train, test, image_size, 1, "omniglot", train_tf, eval_tf)
+    splits = DatasetSplits(
+        train,
+        test,
+        image_size,
+        1,
+        "omniglot",
+        {"recipe": "glyph", "mean": [mean], "std": [std], "native_size": native},
+    )
+    train.transform, test.transform = splits.transform("train"), splits.transform("eval")
+    return splits
 
 
 __all__ = ["omniglot"]

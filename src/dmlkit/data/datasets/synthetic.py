@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dmlkit.data import transforms
 from dmlkit.data.base import DATASETS, ArrayImageDataset, DatasetSplits, check_split
 from dmlkit.errors import ConfigError
 
@@ -159,8 +158,6 @@ def synthetic(
     in_train = labels < num_train_classes
     train_pixels = images[in_train]
     mean, std = float(train_pixels.mean()) / 255.0, float(train_pixels.std()) / 255.0
-    train_tf = transforms.build("train", image_size, 1, recipe="glyph", mean=[mean], std=[std])
-    eval_tf = transforms.build("eval", image_size, 1, recipe="glyph", mean=[mean], std=[std])
     train = ArrayImageDataset(
         train_pixels, labels[in_train], names[:num_train_classes], [ids[i] for i in np.flatnonzero(in_train)]
     )
@@ -170,10 +167,13 @@ def synthetic(
         names[num_train_classes:],
         [ids[i] for i in np.flatnonzero(~in_train)],
     )
-    train.transform, test.transform = train_tf, eval_tf
     check_split(train, "train", "synthetic")
     check_split(test, "test", "synthetic")
-    return DatasetSplits(train, test, image_size, 1, "synthetic", train_tf, eval_tf)
+    splits = DatasetSplits(
+        train, test, image_size, 1, "synthetic", {"recipe": "glyph", "mean": [mean], "std": [std]}
+    )
+    train.transform, test.transform = splits.transform("train"), splits.transform("eval")
+    return splits
 
 
 __all__ = ["render_glyphs", "synthetic"]

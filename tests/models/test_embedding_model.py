@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dmlkit.errors import ConfigError, DataError
+from dmlkit.models import (
+    EmbeddingModel,
+    build_model,
+    freeze_batchnorm,
+    load_local_weights,
+    map_state_dict_by_position,
+)
+
+
+def test_shapes_and_normalisation() -> None:
+    torch.manual_seed(0)
+    model = build_model("small_cnn", embedding_size=16, in_channels=1)
+    out = model(torch.randn(4, 1, 32, 32))
+    assert out.shape == (4, 16) and model.embedding_size == 16 and model.feature_dim == 128
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+    raw = build_model("small_cnn", embedding_size=16, normalize=False, in_channels=1)
+    assert not torch.allclose(raw(torch.randn(4, 1, 32, 32)).norm(dim=1), torch.ones(4))
+    # embedding_size 0 / None: the pooled features are the embedding
+    for size in (0, None):
+        identity = build_model("small_cnn", embedding_size=size, pooling="gem", widths=[8, 16])
+        assert isinstance(identity.head, nn.Identity) and identity(torch.randn(2, 3, 28, 28)).shape == (2, 16)
+    with pytest.raises(ConfigError, match="embedding_size"):
+        build_model(embedding_size=-3)
+
+
+def test_small_cnn_layout() -> None:
+    model = build_model("small_cnn")
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 128]
+    assert model.backbone(torch.randn(1, 3, 32, 32)).shape == (1, 128, 4, 4)
+
+
+def test_rebuild_from_config_gives_the_same_model() -> None:
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 24, pooling="gem", in_channels=1, widths=(16, 32, 32))
+    assert json.loads(json.dumps(model.config)) == model.config  # plain data for checkpoints
+    assert model.config["widths"] == [16, 32, 32] and model.config["pretrained_weights"] is None
+    torch.manual_seed(1)
+    rebuilt = build_model(**model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(3, 1, 32, 32)
+    model.eval()
+    rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x), model(x))
+    assert isinstance(rebuilt, EmbeddingModel)
+    with pytest.raises(ConfigError, match="act"):
+        build_model("small_cnn", act=nn.ReLU)
+
+
+def test_freeze_batchnorm() -> None:
+    model = build_model("small_cnn", 8, in_channels=1)
+    count = freeze_batchnorm(model)
+    assert count == 4
+    model.train()  # an EmbeddingModel keeps its BatchNorm frozen
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(not m.training and not m.weight.requires_grad for m in batchnorms)
+    before = batchnorms[0].running_mean.clone()
+    model(torch.randn(4, 1, 32, 32)).sum().backward()
+    torch.testing.assert_close(batchnorms[0].running_mean, before)
+    assert batchnorms[0].weight.grad is None
+    # a plain module needs freeze_batchnorm again after train()
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    freeze_batchnorm(plain)
+    plain.train()
+    assert plain[1].training and not plain[1].weight.requires_grad
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
+    torch.save(state, path)
+    return path
+
+
+def test_local_weights_are_loaded_into_the_backbone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = build_model("small_cnn", 8)
+    # wrapped like a training checkpoint, with a DataParallel prefix
+    state = {"state_dict": {f"module.{k}": v for k, v in source.backbone.state_dict().items()}}
+    path = _save(state, tmp_path / "weights.pth")
+    torch.manual_seed(1)
+    model = build_model("small_cnn", 8, pretrained_weights=str(path))
+    for key, value in source.backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value)
+    assert model.weights_report is not None and model.weights_report.complete
+    assert model.weights_report.prefix == "module."
+    assert model.pretrained_weights == str(path) and model.config["pretrained_weights"] is None
+
+
+def test_safetensors_and_partial_weights(tmp_path: Path) -> None:
+    safetensors = pytest.importorskip("safetensors.torch")
+    source = build_model("small_cnn", 8).backbone.state_dict()
+    partial = {k: v for k, v in source.items() if k.startswith("features.0.")}
+    partial["extra.weight"] = torch.zeros(3)
+    safetensors.save_file(partial, str(tmp_path / "part.safetensors"))
+    model = build_model("small_cnn", 8, pretrained_weights=str(tmp_path / "part.safetensors"))
+    report = model.weights_report
+    assert report is not None and not report.complete
+    assert "extra.weight" in report.unexpected and "features.2.0.weight" in report.missing
+    torch.testing.assert_close(
+        model.backbone.state_dict()["features.0.0.weight"], source["features.0.0.weight"]
+    )
+    assert "missing" in str(report)
+
+
+def test_input_channels_are_adapted_when_loading(tmp_path: Path) -> None:
+    rgb = build_model("small_cnn", 8, in_channels=3).backbone.state_dict()
+    path = _save(rgb, tmp_path / "rgb.pt")
+    gray = build_model("small_cnn", 8, in_channels=1, pretrained_weights=str(path))
+    assert gray.weights_report is not None and gray.weights_report.adapted == ["features.0.0.weight"]
+    torch.testing.assert_close(
+        gray.backbone.state_dict()["features.0.0.weight"], rgb["features.0.0.weight"].sum(1, keepdim=True)
+    )
+
+
+def test_weights_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"absent\.pt"):
+        build_model("small_cnn", pretrained_weights=str(tmp_path / "absent.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"junk\.pt"):
+        build_model("small_cnn", pretrained_weights=str(tmp_path / "junk.pt"))
+    other = _save(nn.Linear(3, 4).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(DataError, match=r"no tensor.*other\.pth"):
+        build_model("small_cnn", pretrained_weights=str(other))
+    wrong_shapes = _save(
+        build_model("small_cnn", widths=[8, 8, 8, 8]).backbone.state_dict(), tmp_path / "w.bin"
+    )
+    with pytest.raises(DataError, match=r"w\.bin"):
+        build_model("small_cnn", pretrained_weights=str(wrong_shapes))
+
+
+def test_map_state_dict_by_position(tmp_path: Path) -> None:
+    target = build_model("small_cnn", 8, widths=[4, 8]).backbone
+    source = build_model("small_cnn", 8, widths=[4, 8]).backbone.state_dict()
+    renamed_source = {f"layer_{i}": v for i, (k, v) in enumerate(source.items())}
+    mapped = map_state_dict_by_position(renamed_source, target)
+    assert list(mapped) == [k for k in target.state_dict() if not k.endswith("num_batches_tracked")]
+    path = _save(renamed_source, tmp_path / "renamed.pt")
+    report = load_local_weights(target, path, by_position=True)
+    assert report.complete
+    torch.testing.assert_close(target.state_dict()["features.2.0.weight"], source["features.2.0.weight"])
+    with pytest.raises(DataError, match="tensor #0"):
+        map_state_dict_by_position({"a": torch.zeros(1), **dict(list(renamed_source.items())[1:])}, target)
+    with pytest.raises(DataError, match="by position"):
+        map_state_dict_by_position({"a": torch.zeros(1)}, target)
