@@ -10,20 +10,19 @@ from typing import Any
 
 from torch import nn
 
-from dmlkit.losses import softmax_family
+from dmlkit.losses import combine, margin_softmax, pair, proxy, ranking, softmax_family
 from dmlkit.losses.base import (
     PAIRS_AND_TRIPLETS,
     REDUCTIONS,
     REGISTRY,
     BaseLoss,
-    ContrastiveLoss,
     MatrixPairLoss,
     PairLoss,
     TripletLoss,
-    TripletMarginLoss,
     reduce,
     register,
 )
+from dmlkit.losses.pair import ContrastiveLoss, TripletMarginLoss
 from dmlkit.losses.softmax_family import MultiSimilarityLoss
 
 
@@ -50,6 +49,11 @@ __all__ = [
     "TripletMarginLoss",
     "available",
     "build",
+    "combine",
+    "margin_softmax",
+    "pair",
+    "proxy",
+    "ranking",
     "reduce",
     "register",
     "softmax_family",

@@ -12,9 +12,6 @@ Every loss is called as ``loss(embeddings, labels, indices_tuple=None, ref_emb=N
 and returns a scalar. Class attributes tell the trainer how to use it: :attr:`BaseLoss.tuple_kinds`,
 :attr:`BaseLoss.accepts_ref`, :attr:`BaseLoss.needs`; trainable parameters (proxies, class centres)
 are ordinary ``nn.Parameter`` attributes, so ``loss.parameters()`` yields them.
-
-This module also holds the first two concrete losses, ``contrastive`` and ``triplet``, which prove the
-pair and triplet bases.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmlkit.distances import check_distance, is_similarity
@@ -40,7 +36,6 @@ from dmlkit.miners.tuples import (
     distance_matrix,
     label_masks,
     pair_masks,
-    paired_distance,
     to_pairs,
     to_triplets,
     upcast,
@@ -356,89 +351,6 @@ class TripletLoss(BaseLoss):
         return to_triplets(indices_tuple, labels, ref_labels, self.triplets_per_anchor)
 
 
-# ---------------------------------------------------------------------------------------------- losses
-
-
-@register("contrastive")
-class ContrastiveLoss(PairLoss):
-    """Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006; PML ``ContrastiveLoss``).
-
-    For a distance ``d``: ``L⁺ = [d − m⁺]₊`` on positive pairs and ``L⁻ = [m⁻ − d]₊`` on negative pairs;
-    for a similarity ``s``: ``[m⁺ − s]₊`` and ``[s − m⁻]₊``. Each set is reduced (``avg_non_zero`` by
-    default) and the two are summed.
-    """
-
-    def __init__(
-        self,
-        pos_margin: float = 0.0,
-        neg_margin: float = 1.0,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        self.pos_margin = float(pos_margin)
-        self.neg_margin = float(neg_margin)
-
-    def pair_losses(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sim = self.is_similarity
-        return (
-            F.relu(farther_by(pos, self.pos_margin, sim)),
-            F.relu(farther_by(self.neg_margin, neg, sim)),
-        )
-
-
-@register("triplet")
-class TripletMarginLoss(TripletLoss):
-    """Triplet margin loss (Weinberger & Saul, JMLR 2009; Schroff et al., FaceNet, CVPR 2015; PML
-    ``TripletMarginLoss``).
-
-    ``L = [d(a,p) − d(a,n) + margin]₊`` (``softplus`` instead of ``[·]₊`` when ``smooth_loss``; similarities
-    enter as ``s(a,n) − s(a,p)``). With ``swap`` (Balntas et al., BMVC 2016) ``d(a,n)`` is replaced by the
-    smaller of ``d(a,n)`` and ``d(p,n)``. Reduced with ``avg_non_zero`` by default.
-    """
-
-    def __init__(
-        self,
-        margin: float = 0.05,
-        swap: bool = False,
-        smooth_loss: bool = False,
-        triplets_per_anchor: int | Literal["all"] = "all",
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction, triplets_per_anchor)
-        self.margin = float(margin)
-        self.swap = bool(swap)
-        self.smooth_loss = bool(smooth_loss)
-
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a, p, n = self.triplets(indices_tuple, labels, ref_labels)
-        mat = self.distance_matrix(embeddings, ref_emb)
-        ap, an = mat[a, p], mat[a, n]
-        sim = self.is_similarity
-        if self.swap:
-            # p and n index the reference set, so d(p, n) is a reference-to-reference distance; PML
-            # reads mat[p, n], which is only right when the reference set is the batch.
-            if ref_emb is None:
-                pn = mat[p, n]
-            else:
-                pn = paired_distance(ref_emb[p], ref_emb[n], self.distance, self.normalize_embeddings)  # type: ignore[arg-type]
-            an = torch.maximum(an, pn) if sim else torch.minimum(an, pn)
-        violation = farther_by(ap, an, sim) + self.margin
-        losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
-        self.record(num_triplets=a.numel(), num_active_triplets=(losses > 0).sum())
-        return self.reduce(losses)
-
-
 __all__ = [
     "PAIRS",
     "PAIRS_AND_TRIPLETS",
@@ -446,12 +358,10 @@ __all__ = [
     "REGISTRY",
     "TRIPLETS",
     "BaseLoss",
-    "ContrastiveLoss",
     "MatrixPairLoss",
     "PairLoss",
     "Pairs",
     "TripletLoss",
-    "TripletMarginLoss",
     "farther_by",
     "masked_logsumexp",
     "reduce",

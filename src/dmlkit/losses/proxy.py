@@ -1,0 +1,3 @@
+"""Proxy-based losses: learnable class proxies/centres compared with embeddings."""
+
+from __future__ import annotations
