@@ -77,8 +77,19 @@ def test_unknown_names_are_rejected_with_suggestion(argv: list[str], bad: str, s
 
 def test_config_errors_come_before_data_loading(tmp_path, capsys) -> None:
     missing = tmp_path / "does-not-exist"
-    code = main(["train", "--dataset", "folder", "--data-root", str(missing), "--loss", "multisimilarty",
-                 "--output-dir", str(tmp_path / "runs")])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "folder",
+            "--data-root",
+            str(missing),
+            "--loss",
+            "multisimilarty",
+            "--output-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "multisimilarty" in err and "does-not-exist" not in err
@@ -88,8 +99,19 @@ def test_config_errors_come_before_data_loading(tmp_path, capsys) -> None:
 def test_flags_override_yaml_and_dump_round_trips(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"lr": 0.01, "epochs": 3, "loss_args": {"alpha": 1.5}}))
-    config = parse(["--config", str(path), "--epochs", "5", "--metrics", "recall@1,map@r",
-                    "--select-metric", "recall@1", "--no-normalize"])
+    config = parse(
+        [
+            "--config",
+            str(path),
+            "--epochs",
+            "5",
+            "--metrics",
+            "recall@1,map@r",
+            "--select-metric",
+            "recall@1",
+            "--no-normalize",
+        ]
+    )
     assert config.lr == 0.01 and config.epochs == 5 and config.loss_args == {"alpha": 1.5}
     assert config.metrics == ["recall@1", "map@r"] and config.normalize is False
     out = tmp_path / "resolved.yaml"
@@ -106,7 +128,7 @@ def test_help_lists_every_option_with_default(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = capsys.readouterr().out
-    for name, info in TrainConfig.model_fields.items():
+    for name, _info in TrainConfig.model_fields.items():
         assert "--" + name.replace("_", "-") in text, name
     assert "(default: 0.001)" in text  # lr
     assert text.count("(default:") >= len(TrainConfig.model_fields)

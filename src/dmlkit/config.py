@@ -33,10 +33,14 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # run
-    name: str | None = _field(None, "run name: outputs go to <output-dir>/<name> (default: a timestamp)", "run")
+    name: str | None = _field(
+        None, "run name: outputs go to <output-dir>/<name> (default: a timestamp)", "run"
+    )
     output_dir: str = _field("runs", "folder holding run directories", "run")
     seed: int = _field(0, "seed of every random choice (weights, sampling, augmentation)", "run")
-    deterministic: bool = _field(False, "use deterministic kernels (slower; bitwise repeatable on CPU)", "run")
+    deterministic: bool = _field(
+        False, "use deterministic kernels (slower; bitwise repeatable on CPU)", "run"
+    )
     device: str = _field("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...", "run")
     progress: bool = _field(True, "show a progress bar", "run")
 
@@ -48,7 +52,9 @@ class TrainConfig(BaseModel):
         0.2, "fraction of training classes held out (class-disjoint) for validation", "data", ge=0.0, lt=1.0
     )
     num_workers: int = _field(0, "DataLoader worker processes", "data", ge=0)
-    skip_unreadable: bool = _field(False, "drop unreadable images (reporting how many) instead of failing", "data")
+    skip_unreadable: bool = _field(
+        False, "drop unreadable images (reporting how many) instead of failing", "data"
+    )
 
     # model
     backbone: str = _field("small_cnn", "'small_cnn', 'timm:<name>' or 'torchvision:<name>'", "model")
@@ -56,7 +62,9 @@ class TrainConfig(BaseModel):
     embedding_size: int = _field(64, "embedding dimension (0: pooled backbone features)", "model", ge=0)
     pooling: str = _field("avg", "global pooling: avg, max or gem", "model")
     normalize: bool = _field(True, "L2-normalise embeddings", "model")
-    freeze_bn: bool = _field(False, "keep BatchNorm layers in eval mode with frozen affine parameters", "model")
+    freeze_bn: bool = _field(
+        False, "keep BatchNorm layers in eval mode with frozen affine parameters", "model"
+    )
 
     # objective
     loss: str = _field("multisimilarity", "loss name (see `dmlkit losses`)", "objective")
@@ -74,15 +82,21 @@ class TrainConfig(BaseModel):
     epochs: int = _field(30, "training epochs", "optimisation", ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = _field("adam", "optimizer", "optimisation")
     lr: float = _field(1e-3, "learning rate of the model", "optimisation", gt=0)
-    loss_lr: float | None = _field(None, "learning rate of the loss's own parameters (default: lr)", "optimisation")
+    loss_lr: float | None = _field(
+        None, "learning rate of the loss's own parameters (default: lr)", "optimisation"
+    )
     weight_decay: float = _field(0.0, "weight decay", "optimisation", ge=0)
     momentum: float = _field(0.9, "SGD momentum", "optimisation", ge=0, lt=1)
     scheduler: Literal["warmup_cosine", "step", "multistep", "constant"] = _field(
         "warmup_cosine", "learning-rate schedule (stepped every iteration)", "optimisation"
     )
-    warmup_epochs: float = _field(1.0, "linear warm-up length in epochs (warmup_cosine)", "optimisation", ge=0)
+    warmup_epochs: float = _field(
+        1.0, "linear warm-up length in epochs (warmup_cosine)", "optimisation", ge=0
+    )
     warmup_start_factor: float = _field(0.01, "lr factor at the start of warm-up", "optimisation", gt=0, le=1)
-    min_lr_factor: float = _field(0.0, "lr factor reached at the end of the cosine", "optimisation", ge=0, le=1)
+    min_lr_factor: float = _field(
+        0.0, "lr factor reached at the end of the cosine", "optimisation", ge=0, le=1
+    )
     step_size: int = _field(10, "epochs between lr drops (step)", "optimisation", gt=0)
     milestones: list[int] = _field([], "epochs at which lr drops (multistep)", "optimisation")
     gamma: float = _field(0.1, "lr drop factor (step, multistep)", "optimisation", gt=0)
@@ -96,12 +110,18 @@ class TrainConfig(BaseModel):
 
     # evaluation
     val_every: int = _field(1, "validate every N epochs (selects best.pt)", "evaluation", gt=0)
-    metrics: list[str] = _field(list(DEFAULT_METRICS), "metrics reported on validation and test", "evaluation")
-    select_metric: str = _field("map@r", "validation metric that selects best.pt (higher is better)", "evaluation")
+    metrics: list[str] = _field(
+        list(DEFAULT_METRICS), "metrics reported on validation and test", "evaluation"
+    )
+    select_metric: str = _field(
+        "map@r", "validation metric that selects best.pt (higher is better)", "evaluation"
+    )
     eval_batch_size: int = _field(256, "batch size when computing embeddings", "evaluation", gt=0)
 
     # logging
-    tensorboard: bool = _field(False, "log to TensorBoard in the run directory (needs dmlkit[tensorboard])", "logging")
+    tensorboard: bool = _field(
+        False, "log to TensorBoard in the run directory (needs dmlkit[tensorboard])", "logging"
+    )
     wandb: bool = _field(False, "log to Weights & Biases (needs dmlkit[wandb])", "logging")
     wandb_project: str = _field("dmlkit", "W&B project", "logging")
 
@@ -176,7 +196,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}"
+        )
     _check_keys(data, str(path))
     return data
 
@@ -210,7 +232,8 @@ def validate_names(config: TrainConfig) -> None:
             raise ConfigError(f"miner_args {config.miner_args} given but no miner is set")
         sampler_extra = ("samples_per_class",) if config.sampler == "m_per_class" else ()
         samplers.REGISTRY.check_kwargs(
-            config.sampler, list(config.sampler_args) + list(sampler_extra),
+            config.sampler,
+            list(config.sampler_args) + list(sampler_extra),
             provided_by_caller=("labels", "batch_size", "seed", "rank", "world_size"),
         )
         for metric in config.metrics:
@@ -281,7 +304,9 @@ def _none_or(text: str) -> str | None:
 class SuggestingParser(argparse.ArgumentParser):
     """argparse that answers an unknown flag with the closest valid one."""
 
-    def parse_args(self, args: typing.Sequence[str] | None = None, namespace: typing.Any = None) -> typing.Any:
+    def parse_args(
+        self, args: typing.Sequence[str] | None = None, namespace: typing.Any = None
+    ) -> typing.Any:
         # Unknown flags of a subcommand surface at the top-level parser; report them from the
         # subcommand's parser, which knows the valid flags to suggest from.
         parsed, extras = self.parse_known_args(args, namespace)

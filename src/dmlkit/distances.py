@@ -44,9 +44,7 @@ def pairwise(x: torch.Tensor, y: torch.Tensor | None = None, distance: str = "co
         return F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
     if distance == "dot":
         return x @ y.T
-    squared = (
-        x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.T)
-    ).clamp_min(0.0)
+    squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.T)).clamp_min(0.0)
     if distance == "squared_euclidean":
         return squared
     # sqrt has an infinite gradient at 0: the mask keeps identical pairs' gradient at 0 instead of NaN.

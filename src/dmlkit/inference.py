@@ -57,8 +57,13 @@ def compute_embeddings(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     chunks: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     bar = tqdm(loader, desc=description, disable=not progress, leave=False, unit="batch")
@@ -88,7 +93,13 @@ def evaluate_model(
 ) -> metrics_lib.RetrievalResults:
     """Leave-one-out retrieval metrics of ``model`` on ``dataset`` (every item is a query)."""
     embeddings, labels = compute_embeddings(
-        model, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
-        progress=progress, description=description,
+        model,
+        dataset,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        num_workers=num_workers,
+        progress=progress,
+        description=description,
     )
     return metrics_lib.evaluate(embeddings, labels, metrics=tuple(metric_names), seed=seed)

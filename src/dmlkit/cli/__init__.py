@@ -15,7 +15,8 @@ def build_parser() -> SuggestingParser:
     from dmlkit.cli import embed, evaluate, listing, search, train
 
     parser = SuggestingParser(
-        prog="dmlkit", allow_abbrev=False,
+        prog="dmlkit",
+        allow_abbrev=False,
         description="Train and evaluate image-retrieval (deep metric learning) models.",
     )
     parser.add_argument("--version", action="version", version=f"dmlkit {__version__}")

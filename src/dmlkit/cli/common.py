@@ -41,16 +41,22 @@ def list_images(source: str | Path, image_column: str | None = None) -> tuple[li
         with source.open(newline="") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
-            column = image_column or next((c for c in ("image", "path", "file", "filename") if c in columns), None)
+            column = image_column or next(
+                (c for c in ("image", "path", "file", "filename") if c in columns), None
+            )
             if column is None or column not in columns:
-                raise DataError(f"{source}: no image column (looked for {image_column or 'image/path/file/filename'}; "
-                                f"columns are {columns})")
+                raise DataError(
+                    f"{source}: no image column (looked for {image_column or 'image/path/file/filename'}; "
+                    f"columns are {columns})"
+                )
             ids = [row[column] for row in reader]
         paths = []
         for item in ids:
             path = Path(item) if Path(item).is_absolute() else source.parent / item
             if not path.suffix and not path.exists():
-                path = next((path.with_suffix(e) for e in IMAGE_EXTENSIONS if path.with_suffix(e).exists()), path)
+                path = next(
+                    (path.with_suffix(e) for e in IMAGE_EXTENSIONS if path.with_suffix(e).exists()), path
+                )
             if not path.is_file():
                 raise DataError(f"{source}: image '{item}' not found at {path}")
             paths.append(path)

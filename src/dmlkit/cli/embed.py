@@ -14,13 +14,19 @@ from dmlkit.inference import compute_embeddings, resolve_device
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "embed", allow_abbrev=False, help="embed a folder or CSV of images",
+        "embed",
+        allow_abbrev=False,
+        help="embed a folder or CSV of images",
         description="Write embeddings (float32 .npy, one row per image) and their ids (<out>.ids.json: "
         "paths relative to the folder, or the CSV's image column).",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder"
+    )
     parser.add_argument("--images", required=True, help="folder of images (recursive) or CSV file")
-    parser.add_argument("--image-column", default=None, help="CSV column with image paths (default: image/path)")
+    parser.add_argument(
+        "--image-column", default=None, help="CSV column with image paths (default: image/path)"
+    )
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -35,8 +41,13 @@ def run(args: argparse.Namespace) -> int:
     paths, ids = list_images(args.images, args.image_column)
     dataset = FilesDataset(paths, eval_transform(checkpoint), checkpoint["data_spec"]["channels"])
     embeddings, _ = compute_embeddings(
-        model, dataset, batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-        progress=not args.no_progress, description="embed",
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        description="embed",
     )
     out = Path(args.out)
     if out.suffix != ".npy":
@@ -44,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, embeddings.numpy().astype(np.float32))
     distance = "cosine" if checkpoint["model_config"].get("normalize", True) else "euclidean"
-    ids_path(out).write_text(json.dumps({"ids": ids, "checkpoint": str(args.checkpoint), "distance": distance}))
+    ids_path(out).write_text(
+        json.dumps({"ids": ids, "checkpoint": str(args.checkpoint), "distance": distance})
+    )
     print(f"wrote {len(ids)} embeddings of size {embeddings.shape[1]} to {out} (ids: {ids_path(out)})")
     return 0

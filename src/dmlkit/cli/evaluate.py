@@ -15,18 +15,33 @@ from dmlkit.inference import evaluate_model, resolve_device
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "eval", allow_abbrev=False, help="evaluate a checkpoint",
+        "eval",
+        allow_abbrev=False,
+        help="evaluate a checkpoint",
         description="Leave-one-out retrieval metrics of a checkpoint on a split (default: the dataset and "
         "metrics the checkpoint was trained with, test split).",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder"
+    )
     parser.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's)")
-    parser.add_argument("--data-root", default=None, help="dataset folder or file (default: the checkpoint's)")
+    parser.add_argument(
+        "--data-root", default=None, help="dataset folder or file (default: the checkpoint's)"
+    )
     parser.add_argument("--dataset-args", type=_parse_mapping, default=None, metavar="MAP")
-    parser.add_argument("--split", choices=("test", "val", "train"), default="test",
-                        help="test: the held-out classes; val/train: the checkpoint's class-disjoint split")
-    parser.add_argument("--metrics", type=_parse_list, default=None, metavar="A,B,...",
-                        help=f"metrics (default: the checkpoint's); available: {', '.join(metrics_lib.available())}")
+    parser.add_argument(
+        "--split",
+        choices=("test", "val", "train"),
+        default="test",
+        help="test: the held-out classes; val/train: the checkpoint's class-disjoint split",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=_parse_list,
+        default=None,
+        metavar="A,B,...",
+        help=f"metrics (default: the checkpoint's); available: {', '.join(metrics_lib.available())}",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -45,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     dataset_name = args.dataset or trained["dataset"]
     same_dataset = dataset_name == trained["dataset"]
     root = args.data_root or (trained["data_root"] if same_dataset else None)
-    dataset_args = args.dataset_args if args.dataset_args is not None else (
-        trained["dataset_args"] if same_dataset else {})
+    dataset_args = (
+        args.dataset_args
+        if args.dataset_args is not None
+        else (trained["dataset_args"] if same_dataset else {})
+    )
     splits = data_lib.build(dataset_name, root, **dataset_args)
     if args.split == "test":
         dataset = splits.test
@@ -54,19 +72,37 @@ def run(args: argparse.Namespace) -> int:
         if trained["val_fraction"] <= 0 and args.split == "val":
             raise ConfigError("the checkpoint was trained without a validation split (val_fraction 0)")
         if trained["val_fraction"] > 0:
-            train_part, val_part = data_lib.class_disjoint_split(splits.train, trained["val_fraction"], trained["seed"])
+            train_part, val_part = data_lib.class_disjoint_split(
+                splits.train, trained["val_fraction"], trained["seed"]
+            )
         else:
             train_part, val_part = splits.train, None
         dataset = val_part if args.split == "val" else train_part
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
     results = evaluate_model(
-        model, dataset, metric_names, batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-        progress=not args.no_progress, seed=trained["seed"],
+        model,
+        dataset,
+        metric_names,
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        seed=trained["seed"],
     )
     values = {name: float(results.metrics[name]) for name in metric_names}
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": dataset_name, "split": args.split,
-                          "num_queries": len(dataset), "metrics": values}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(args.checkpoint),
+                    "dataset": dataset_name,
+                    "split": args.split,
+                    "num_queries": len(dataset),
+                    "metrics": values,
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"{dataset_name} / {args.split}: {len(dataset)} queries (leave-one-out)")
         width = max(len(n) for n in values)

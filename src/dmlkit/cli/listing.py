@@ -22,8 +22,12 @@ def names(kind: str) -> list[str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("list", allow_abbrev=False, help="list the names of losses, miners, ...",
-                            description="List what can be chosen by name.")
+    parser = sub.add_parser(
+        "list",
+        allow_abbrev=False,
+        help="list the names of losses, miners, ...",
+        description="List what can be chosen by name.",
+    )
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     parser.set_defaults(handler=run)

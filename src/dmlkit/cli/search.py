@@ -16,15 +16,20 @@ from dmlkit.metrics import knn
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "search", allow_abbrev=False, help="search a gallery of embeddings with query images",
-        description="Embed query images and print their k nearest gallery items (gallery made by `dmlkit embed`).",
+        "search",
+        allow_abbrev=False,
+        help="search a gallery of embeddings with query images",
+        description="Embed query images and print their k nearest gallery items (from `dmlkit embed`).",
     )
     parser.add_argument("--checkpoint", required=True, help="the checkpoint that embedded the gallery")
     parser.add_argument("--gallery", required=True, help=".npy written by `dmlkit embed` (ids beside it)")
     parser.add_argument("--query", required=True, help="an image, a folder of images or a CSV")
     parser.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default: 10)")
-    parser.add_argument("--distance", default=None,
-                        help="cosine, euclidean, squared_euclidean or dot (default: the gallery's)")
+    parser.add_argument(
+        "--distance",
+        default=None,
+        help="cosine, euclidean, squared_euclidean or dot (default: the gallery's)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(handler=run)
@@ -43,12 +48,16 @@ def run(args: argparse.Namespace) -> int:
     meta = json.loads(meta_path.read_text())
     gallery_ids = meta["ids"]
     if len(gallery_ids) != len(gallery):
-        raise DataError(f"{meta_path} lists {len(gallery_ids)} ids but {args.gallery} has {len(gallery)} rows")
+        raise DataError(
+            f"{meta_path} lists {len(gallery_ids)} ids but {args.gallery} has {len(gallery)} rows"
+        )
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
     if gallery.ndim != 2 or gallery.shape[1] != model.embedding_size:
-        raise DataError(f"{args.gallery} has shape {tuple(gallery.shape)}; the checkpoint embeds to "
-                        f"{model.embedding_size} dimensions")
+        raise DataError(
+            f"{args.gallery} has shape {tuple(gallery.shape)}; the checkpoint embeds to "
+            f"{model.embedding_size} dimensions"
+        )
     paths, query_ids = list_images(args.query)
     dataset = FilesDataset(paths, eval_transform(checkpoint), checkpoint["data_spec"]["channels"])
     queries, _ = compute_embeddings(model, dataset, device=device)
@@ -56,8 +65,13 @@ def run(args: argparse.Namespace) -> int:
     k = min(args.k, len(gallery))
     scores, indices = knn(queries, gallery, k=k, distance=distance)
     results = [
-        {"query": qid, "neighbours": [{"rank": r + 1, "id": gallery_ids[int(i)], "score": float(s)}
-                                      for r, (i, s) in enumerate(zip(indices[q], scores[q], strict=True))]}
+        {
+            "query": qid,
+            "neighbours": [
+                {"rank": r + 1, "id": gallery_ids[int(i)], "score": float(s)}
+                for r, (i, s) in enumerate(zip(indices[q], scores[q], strict=True))
+            ],
+        }
         for q, qid in enumerate(query_ids)
     ]
     if args.json:

@@ -11,7 +11,9 @@ from dmlkit.errors import ConfigError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "train", allow_abbrev=False, help="train a model",
+        "train",
+        allow_abbrev=False,
+        help="train a model",
         description="Train an embedding model. With no arguments: the built-in synthetic glyph dataset, "
         "zero-shot split, multi-similarity loss, P×K batches; prints test metrics before and after.",
     )

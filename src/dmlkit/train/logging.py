@@ -19,8 +19,10 @@ def setup_file_logging(run_dir: Path) -> logging.Handler:
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the CLI's root handler would print every line twice
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in logger.handlers):
+    if not any(
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        for h in logger.handlers
+    ):
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
@@ -41,8 +43,9 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ConfigError("--tensorboard needs the tensorboard package: pip install 'dmlkit[tensorboard]'") \
-                    from exc
+                raise ConfigError(
+                    "--tensorboard needs the tensorboard package: pip install 'dmlkit[tensorboard]'"
+                ) from exc
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if config.wandb:
             try:
@@ -50,8 +53,11 @@ class RunLogger:
             except ImportError as exc:
                 raise ConfigError("--wandb needs the wandb package: pip install 'dmlkit[wandb]'") from exc
             self.wandb_run = wandb.init(
-                project=config.wandb_project, name=config.name, config=config.model_dump(mode="json"),
-                dir=str(run_dir), resume="allow",
+                project=config.wandb_project,
+                name=config.name,
+                config=config.model_dump(mode="json"),
+                dir=str(run_dir),
+                resume="allow",
             )
 
     def log_epoch(self, row: dict[str, Any]) -> None:

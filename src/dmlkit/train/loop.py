@@ -110,8 +110,10 @@ def new_run_dir(config: TrainConfig) -> Path:
     name = config.name or f"{config.dataset}-{config.loss}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.output_dir) / name
     if (run_dir / "last.pt").exists():
-        raise ConfigError(f"run directory {run_dir} already holds a run; resume it with --resume {run_dir} "
-                          "or choose another --name")
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run; resume it with --resume {run_dir} "
+            "or choose another --name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -155,7 +157,9 @@ class Trainer:
         splits = data_lib.build(config.dataset, config.data_root, **dataset_kwargs(config))
         train_full = splits.train
         if config.val_fraction > 0:
-            self.train_set, self.val_set = data_lib.class_disjoint_split(train_full, config.val_fraction, config.seed)
+            self.train_set, self.val_set = data_lib.class_disjoint_split(
+                train_full, config.val_fraction, config.seed
+            )
         else:
             self.train_set, self.val_set = train_full, None
         self.test_set = splits.test
@@ -165,12 +169,17 @@ class Trainer:
         for part in (self.val_set, self.test_set):
             if part is not None:
                 part.transform = splits.transform("eval")
-        num_classes = int(len(np.unique(self.train_set.labels)))
+        num_classes = len(np.unique(self.train_set.labels))
         log.info(
             "data: %s — train %d images / %d classes, val %s, test %d images / %d classes",
-            config.dataset, len(self.train_set), num_classes,
-            f"{len(self.val_set)} images / {len(np.unique(self.val_set.labels))} classes" if self.val_set else "none",
-            len(self.test_set), len(np.unique(self.test_set.labels)),
+            config.dataset,
+            len(self.train_set),
+            num_classes,
+            f"{len(self.val_set)} images / {len(np.unique(self.val_set.labels))} classes"
+            if self.val_set
+            else "none",
+            len(self.test_set),
+            len(np.unique(self.test_set.labels)),
         )
 
         self.model = models.build_model(
@@ -189,16 +198,24 @@ class Trainer:
         if config.sampler == "m_per_class":
             sampler_kwargs.setdefault("samples_per_class", config.samples_per_class)
         self.sampler = samplers.build(
-            config.sampler, labels=self.train_set.labels, batch_size=config.batch_size, seed=config.seed,
+            config.sampler,
+            labels=self.train_set.labels,
+            batch_size=config.batch_size,
+            seed=config.seed,
             **sampler_kwargs,
         )
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"the training split has {len(self.train_set)} images: too few for one batch of "
-                              f"{config.batch_size}")
+            raise ConfigError(
+                f"the training split has {len(self.train_set)} images: too few for one batch of "
+                f"{config.batch_size}"
+            )
         self.loader = DataLoader(
-            self.train_set, batch_sampler=self.sampler, num_workers=config.num_workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
+            self.train_set,
+            batch_sampler=self.sampler,
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed),
         )
         self.optimizer = build_optimizer(config, self.model, self.objective)
         self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch)
@@ -252,9 +269,16 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset: Any, description: str) -> dict[str, float]:
         results = evaluate_model(
-            self.model, dataset, self.config.metrics, batch_size=self.config.eval_batch_size, device=self.device,
-            amp=self.config.amp, num_workers=self.config.num_workers, progress=self.config.progress,
-            seed=self.config.seed, description=description,
+            self.model,
+            dataset,
+            self.config.metrics,
+            batch_size=self.config.eval_batch_size,
+            device=self.device,
+            amp=self.config.amp,
+            num_workers=self.config.num_workers,
+            progress=self.config.progress,
+            seed=self.config.seed,
+            description=description,
         )
         return {name: float(results.metrics[name]) for name in self.config.metrics}
 
@@ -268,8 +292,13 @@ class Trainer:
                 state = ckpt.load(self.run_dir / "last.pt", map_location=self.device)
                 self.load_state_dict(state)
                 self.logger.truncate_after(self.epoch)
-                log.info("resumed from %s at epoch %d, batch %d (step %d)", self.run_dir / "last.pt",
-                         self.epoch, self.batches_done, self.global_step)
+                log.info(
+                    "resumed from %s at epoch %d, batch %d (step %d)",
+                    self.run_dir / "last.pt",
+                    self.epoch,
+                    self.batches_done,
+                    self.global_step,
+                )
             else:
                 self.before = self.evaluate(self.test_set, "test (before)")
                 log.info("test before training: %s", _fmt(self.before))
@@ -278,20 +307,47 @@ class Trainer:
                 interrupted = self._train_epochs()
             if interrupted:
                 path = self.save()
-                log.warning("interrupted: resumable checkpoint saved to %s (resume with "
-                            "`dmlkit train --resume %s`)", path, self.run_dir)
-                return TrainResult(self.run_dir, interrupted=True, before=self.before,
-                                   wall_time=time.perf_counter() - start_time)
+                log.warning(
+                    "interrupted: resumable checkpoint saved to %s (resume with `dmlkit train --resume %s`)",
+                    path,
+                    self.run_dir,
+                )
+                return TrainResult(
+                    self.run_dir,
+                    interrupted=True,
+                    before=self.before,
+                    wall_time=time.perf_counter() - start_time,
+                )
             after = self._final_test()
-            result = TrainResult(self.run_dir, best_epoch=self.best_epoch, before=self.before, after=after,
-                                 wall_time=time.perf_counter() - start_time)
-            (self.run_dir / "results.json").write_text(json.dumps(
-                {"test_before": self.before, "test_after": after, "best_epoch": self.best_epoch,
-                 "wall_time_s": result.wall_time}, indent=2))
-            log.info("\ntest split of '%s' (%d images, classes unseen in training), before training and with "
-                     "best.pt (epoch %s, selected on validation %s); wall time %.1f s; run directory %s\n%s",
-                     self.config.dataset, len(self.test_set), self.best_epoch, self.config.select_metric,
-                     result.wall_time, self.run_dir, result.table())
+            result = TrainResult(
+                self.run_dir,
+                best_epoch=self.best_epoch,
+                before=self.before,
+                after=after,
+                wall_time=time.perf_counter() - start_time,
+            )
+            (self.run_dir / "results.json").write_text(
+                json.dumps(
+                    {
+                        "test_before": self.before,
+                        "test_after": after,
+                        "best_epoch": self.best_epoch,
+                        "wall_time_s": result.wall_time,
+                    },
+                    indent=2,
+                )
+            )
+            log.info(
+                "\ntest split of '%s' (%d images, classes unseen in training), before training and with "
+                "best.pt (epoch %s, selected on validation %s); wall time %.1f s; run directory %s\n%s",
+                self.config.dataset,
+                len(self.test_set),
+                self.best_epoch,
+                self.config.select_metric,
+                result.wall_time,
+                self.run_dir,
+                result.table(),
+            )
             return result
         finally:
             self.logger.close()
@@ -328,8 +384,15 @@ class Trainer:
         skipped = 0
         started = time.perf_counter()
         remaining = self.steps_per_epoch - self.batches_done
-        bar = tqdm(self.loader, total=remaining, desc=f"epoch {self.epoch + 1}/{config.epochs}",
-                   disable=not config.progress, unit="batch", dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            self.loader,
+            total=remaining,
+            desc=f"epoch {self.epoch + 1}/{config.epochs}",
+            disable=not config.progress,
+            unit="batch",
+            dynamic_ncols=True,
+            leave=False,
+        )
         for batch_images, labels, indices in bar:
             batch_images = batch_images.to(self.device, non_blocking=True)
             labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
@@ -345,8 +408,11 @@ class Trainer:
                 for key, value in stats.items():
                     totals[key] += value
             rate = images / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "skip",
-                            img_s=f"{rate:.0f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}" if loss_value is not None else "skip",
+                img_s=f"{rate:.0f}",
+                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+            )
             for hook in self.step_hooks:
                 hook(self, self.global_step)
             if self.stop_event is not None and self.stop_event.is_set():
@@ -355,12 +421,14 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - started
         self._epoch_stats = {key: value / max(counted, 1) for key, value in totals.items()}
-        self._epoch_stats.update(images_per_s=images / max(elapsed, 1e-9), epoch_time_s=elapsed,
-                                 skipped_steps=skipped)
+        self._epoch_stats.update(
+            images_per_s=images / max(elapsed, 1e-9), epoch_time_s=elapsed, skipped_steps=skipped
+        )
         return False
 
-    def _step(self, batch_images: torch.Tensor, labels: torch.Tensor,
-              indices: torch.Tensor) -> tuple[float | None, dict[str, float]]:
+    def _step(
+        self, batch_images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[float | None, dict[str, float]]:
         config = self.config
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, config.amp):
@@ -388,8 +456,14 @@ class Trainer:
     def _skip_step(self, reason: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_in_row += 1
-        log.warning("step %d (epoch %d, batch %d): %s — step skipped (%d in a row)", self.global_step,
-                    self.epoch + 1, self.batches_done + 1, reason, self.nonfinite_in_row)
+        log.warning(
+            "step %d (epoch %d, batch %d): %s — step skipped (%d in a row)",
+            self.global_step,
+            self.epoch + 1,
+            self.batches_done + 1,
+            reason,
+            self.nonfinite_in_row,
+        )
         if self.nonfinite_in_row >= self.config.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} non-finite losses in a row at step {self.global_step} "
@@ -401,8 +475,12 @@ class Trainer:
     def _end_of_epoch(self) -> dict[str, Any]:
         config = self.config
         epoch_number = self.epoch + 1
-        row: dict[str, Any] = {"epoch": epoch_number, "step": self.global_step,
-                               "lr": self.optimizer.param_groups[0]["lr"], **self._epoch_stats}
+        row: dict[str, Any] = {
+            "epoch": epoch_number,
+            "step": self.global_step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **self._epoch_stats,
+        }
         if len(self.optimizer.param_groups) > 1:
             row["loss_lr"] = self.optimizer.param_groups[1]["lr"]
         is_last = epoch_number == config.epochs
@@ -413,11 +491,21 @@ class Trainer:
             if value > self.best_value:
                 self.best_value, self.best_epoch = value, epoch_number
                 self.save("best.pt")
-            log.info("epoch %d: loss %.4f, %.0f img/s, val %s%s", epoch_number, row.get("train_loss", float("nan")),
-                     row["images_per_s"], _fmt(val), " (best)" if self.best_epoch == epoch_number else "")
+            log.info(
+                "epoch %d: loss %.4f, %.0f img/s, val %s%s",
+                epoch_number,
+                row.get("train_loss", float("nan")),
+                row["images_per_s"],
+                _fmt(val),
+                " (best)" if self.best_epoch == epoch_number else "",
+            )
         else:
-            log.info("epoch %d: loss %.4f, %.0f img/s", epoch_number, row.get("train_loss", float("nan")),
-                     row["images_per_s"])
+            log.info(
+                "epoch %d: loss %.4f, %.0f img/s",
+                epoch_number,
+                row.get("train_loss", float("nan")),
+                row["images_per_s"],
+            )
         return row
 
     def _final_test(self) -> dict[str, float]:

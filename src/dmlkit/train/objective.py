@@ -42,7 +42,7 @@ class Objective(nn.Module):
 
 
 def build_objective(config: TrainConfig, num_classes: int, embedding_size: int) -> Objective:
-    """Build loss and miner from the config, passing ``num_classes`` / ``embedding_size`` to losses that need them."""
+    """Loss and miner from the config; ``num_classes`` / ``embedding_size`` go to losses that need them."""
     loss_cls = losses.REGISTRY.get(config.loss)
     needs = getattr(loss_cls, "needs", frozenset())
     kwargs = dict(config.loss_args)

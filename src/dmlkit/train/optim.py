@@ -12,8 +12,10 @@ from dmlkit.config import TrainConfig
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module, objective: nn.Module) -> torch.optim.Optimizer:
-    """Model parameters at ``lr``; the objective's trainable parameters (proxies, class weights) at ``loss_lr``."""
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr, "name": "model"}]
+    """Model parameters at ``lr``; the objective's own (proxies, class weights) at ``loss_lr``."""
+    groups = [
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr, "name": "model"}
+    ]
     loss_params = [p for p in objective.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr": config.loss_lr or config.lr, "name": "loss"})
