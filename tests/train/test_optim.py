@@ -35,7 +35,7 @@ def test_warmup_then_cosine() -> None:
     for step in (15, 25, 39):
         expected = 0.1 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 30))
         assert got[step] == pytest.approx(expected)
-    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(got))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(got[10:]))
 
 
 def test_step_and_multistep_and_constant() -> None:
