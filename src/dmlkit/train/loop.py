@@ -144,6 +144,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.before: dict[str, float] = {}
         self.nonfinite_in_row = 0
+        self.epoch_totals = self._new_epoch_totals()
         self.stop_event: threading.Event | None = None
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -243,6 +244,7 @@ class Trainer:
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
             "before": dict(self.before),
+            "epoch_totals": self.epoch_totals,
             "rng": ckpt.rng_state(),
         }
 
@@ -259,6 +261,7 @@ class Trainer:
         self.best_value = float(state["best_value"])
         self.best_epoch = state["best_epoch"]
         self.before = dict(state["before"])
+        self.epoch_totals = state["epoch_totals"]
         ckpt.set_rng_state(state["rng"])
 
     def save(self, name: str = "last.pt") -> Path:
@@ -362,6 +365,7 @@ class Trainer:
             if not resuming_mid_epoch:
                 self.sampler.set_epoch(self.epoch)
                 self.batches_done = 0
+                self.epoch_totals = self._new_epoch_totals()
             resuming_mid_epoch = False
             self.train_set.set_epoch(self.epoch)
             self.model.train()
@@ -376,13 +380,19 @@ class Trainer:
             self.save()
         return False
 
+    def _new_epoch_totals(self) -> dict[str, Any]:
+        return {"sums": {}, "counted": 0, "images": 0, "skipped": 0, "seconds": 0.0}
+
     def _train_one_epoch(self) -> bool:
+        """Train on the rest of the current epoch; True when stopped by a signal.
+
+        Running sums live in ``self.epoch_totals`` (part of the checkpoint) so an epoch that was
+        interrupted and resumed reports the same averages as an uninterrupted one.
+        """
         config = self.config
-        totals: dict[str, float] = defaultdict(float)
-        counted = 0
-        images = 0
-        skipped = 0
+        totals = self.epoch_totals
         started = time.perf_counter()
+        seconds_before = totals["seconds"]
         remaining = self.steps_per_epoch - self.batches_done
         bar = tqdm(
             self.loader,
@@ -399,15 +409,17 @@ class Trainer:
             indices = torch.as_tensor(indices, dtype=torch.int64).to(self.device)
             loss_value, stats = self._step(batch_images, labels, indices)
             self.batches_done += 1
-            images += len(batch_images)
+            totals["images"] += len(batch_images)
+            totals["seconds"] = seconds_before + time.perf_counter() - started
             if loss_value is None:
-                skipped += 1
+                totals["skipped"] += 1
             else:
-                counted += 1
-                totals["train_loss"] += loss_value
+                totals["counted"] += 1
+                sums = totals["sums"]
+                sums["train_loss"] = sums.get("train_loss", 0.0) + loss_value
                 for key, value in stats.items():
-                    totals[key] += value
-            rate = images / max(time.perf_counter() - started, 1e-9)
+                    sums[key] = sums.get(key, 0.0) + value
+            rate = totals["images"] / max(totals["seconds"], 1e-9)
             bar.set_postfix(
                 loss=f"{loss_value:.4f}" if loss_value is not None else "skip",
                 img_s=f"{rate:.0f}",
@@ -419,10 +431,12 @@ class Trainer:
                 bar.close()
                 return True
         bar.close()
-        elapsed = time.perf_counter() - started
-        self._epoch_stats = {key: value / max(counted, 1) for key, value in totals.items()}
+        counted = max(totals["counted"], 1)
+        self._epoch_stats = {key: value / counted for key, value in totals["sums"].items()}
         self._epoch_stats.update(
-            images_per_s=images / max(elapsed, 1e-9), epoch_time_s=elapsed, skipped_steps=skipped
+            images_per_s=totals["images"] / max(totals["seconds"], 1e-9),
+            epoch_time_s=totals["seconds"],
+            skipped_steps=totals["skipped"],
         )
         return False
 

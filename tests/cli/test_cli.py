@@ -1,0 +1,186 @@
+"""Every subcommand end to end on a tiny run: train, eval, embed, search, list; errors name the culprit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmlkit.cli import main
+from dmlkit.data import build as build_dataset
+from tests_support import tiny_argv
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli")
+    assert main(["train", *tiny_argv(out / "runs", name="cli")]) == 0
+    return out / "runs" / "cli"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Test-split glyphs written as PNG files, two classes of 4 images each."""
+    folder = tmp_path_factory.mktemp("images")
+    splits = build_dataset("synthetic", num_classes=16, samples_per_class=8, image_size=16)
+    test = splits.test
+    for i in range(8):
+        pixels = test.images[i, 0].numpy() if hasattr(test.images, "numpy") else test.images[i, 0]
+        Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(folder / f"glyph_{i}.png")
+    return folder
+
+
+def test_train_writes_the_run_directory(trained_run: Path, capsys) -> None:
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "history.jsonl", "last.pt", "best.pt", "train.log", "results.json"} <= names
+    rows = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"train_loss", "lr", "images_per_s", "val/recall@1", "val/map@r"} <= set(rows[0])
+    results = json.loads((trained_run / "results.json").read_text())
+    assert set(results["test_before"]) == set(results["test_after"]) == {"recall@1", "map@r"}
+    log = (trained_run / "train.log").read_text()
+    assert "before" in log and "after" in log
+
+
+def test_resolved_config_reruns(trained_run: Path, tmp_path: Path) -> None:
+    code = main(["train", "--config", str(trained_run / "config.yaml"), "--output-dir", str(tmp_path),
+                 "--name", "again", "--epochs", "1"])  # fmt: skip
+    assert code == 0 and (tmp_path / "again" / "best.pt").exists()
+
+
+def test_eval_json_matches_training_report(trained_run: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(trained_run / "best.pt"), "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = json.loads((trained_run / "results.json").read_text())["test_after"]
+    assert report["metrics"] == pytest.approx(expected, abs=1e-6)
+    assert report["split"] == "test" and report["num_queries"] == 64
+
+
+def test_eval_table_and_val_split(trained_run: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(trained_run), "--split", "val", "--metrics", "recall@2,mrr",
+                 "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "val: 16 queries" in out and "recall@2" in out and "mrr" in out
+
+
+def test_embed_folder_and_search(trained_run: Path, image_folder: Path, tmp_path: Path, capsys) -> None:
+    gallery = tmp_path / "gallery.npy"
+    assert main(["embed", "--checkpoint", str(trained_run / "best.pt"), "--images", str(image_folder),
+                 "--out", str(gallery), "--no-progress"]) == 0  # fmt: skip
+    embeddings = np.load(gallery)
+    ids = json.loads((tmp_path / "gallery.ids.json").read_text())["ids"]
+    assert embeddings.shape == (8, 16) and embeddings.dtype == np.float32
+    assert ids == sorted(f"glyph_{i}.png" for i in range(8))
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+
+    capsys.readouterr()
+    query = image_folder / "glyph_3.png"
+    assert main(["search", "--checkpoint", str(trained_run / "best.pt"), "--gallery", str(gallery),
+                 "--query", str(query), "-k", "3", "--json"]) == 0  # fmt: skip
+    found = json.loads(capsys.readouterr().out)
+    neighbours = found["results"][0]["neighbours"]
+    assert len(neighbours) == 3 and neighbours[0]["id"] == "glyph_3.png"
+    assert neighbours[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    scores = [n["score"] for n in neighbours]
+    assert scores == sorted(scores, reverse=True)
+    # an independent check of the ranking: cosine similarities of the stored embeddings
+    own = embeddings[ids.index("glyph_3.png")]
+    expected = [ids[i] for i in np.argsort(-(embeddings @ own), kind="stable")[:3]]
+    assert [n["id"] for n in neighbours] == expected
+
+    assert main(["search", "--checkpoint", str(trained_run / "best.pt"), "--gallery", str(gallery),
+                 "--query", str(image_folder), "-k", "2"]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert table.count("query:") == 8 and "rank" in table
+
+
+def test_embed_from_csv(trained_run: Path, image_folder: Path, tmp_path: Path) -> None:
+    listing = image_folder / "list.csv"
+    with listing.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label"])
+        writer.writerows([["glyph_1.png", "a"], ["glyph_0", "b"]])  # extension found on disk
+    out = tmp_path / "csv.npy"
+    assert main(["embed", "--checkpoint", str(trained_run / "best.pt"), "--images", str(listing),
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert np.load(out).shape == (2, 16)
+    assert json.loads((tmp_path / "csv.ids.json").read_text())["ids"] == ["glyph_1.png", "glyph_0"]
+
+
+def test_list_names(capsys) -> None:
+    for kind, expected in (
+        ("losses", "multisimilarity"),
+        ("samplers", "m_per_class"),
+        ("metrics", "map@r"),
+        ("datasets", "synthetic"),
+        ("miners", "batch_hard"),
+        ("backbones", "small_cnn"),
+    ):
+        assert main(["list", kind, "--json"]) == 0
+        assert expected in json.loads(capsys.readouterr().out)
+
+
+def test_errors_name_the_culprit(trained_run: Path, tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.pt"
+    assert main(["eval", "--checkpoint", str(missing)]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+    not_ckpt = tmp_path / "junk.pt"
+    not_ckpt.write_bytes(b"not a checkpoint")
+    assert main(["eval", "--checkpoint", str(not_ckpt)]) == 1
+    assert "junk.pt" in capsys.readouterr().err
+
+    missing_root = tmp_path / "no-such-folder"
+    assert main(["train", "--dataset", "folder", "--data-root", str(missing_root), "--output-dir",
+                 str(tmp_path / "runs"), "--no-progress"]) == 1  # fmt: skip
+    assert str(missing_root) in capsys.readouterr().err
+
+    bad_gallery = tmp_path / "bad.npy"
+    np.save(bad_gallery, np.zeros((3, 5), dtype=np.float32))
+    (tmp_path / "bad.ids.json").write_text(json.dumps({"ids": ["a", "b", "c"]}))
+    assert main(["search", "--checkpoint", str(trained_run / "best.pt"), "--gallery", str(bad_gallery),
+                 "--query", str(tmp_path)]) == 1  # fmt: skip
+    assert "shape" in capsys.readouterr().err
+
+    assert main(["train", "--resume", str(tmp_path / "nothing-here")]) == 2
+    assert "last.pt" in capsys.readouterr().err
+
+
+def test_sigterm_saves_and_resume_finishes(tmp_path: Path) -> None:
+    """A real SIGTERM to a CLI training process: exit 0 with a resumable checkpoint, then --resume ends it."""
+    run_dir = tmp_path / "runs" / "term"
+    argv = [sys.executable, "-m", "dmlkit", "train", *tiny_argv(tmp_path / "runs", name="term", epochs=400)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    history = run_dir / "history.jsonl"
+    deadline = time.monotonic() + 120
+    while not (history.exists() and history.read_text().count("\n") >= 2):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "training did not start in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "resume with" in output
+    from dmlkit.train import checkpoint as ckpt
+
+    state = ckpt.load(run_dir / "last.pt")
+    done_epochs = state["epoch"]
+    assert 2 <= done_epochs < 400
+
+    # finish quickly: resume with fewer total epochs than planned (flags override the saved config)
+    assert main(["train", "--resume", str(run_dir), "--epochs", str(done_epochs + 1)]) == 0
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, done_epochs + 2))
+    assert (run_dir / "results.json").exists()

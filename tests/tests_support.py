@@ -1,0 +1,17 @@
+"""Command-line equivalents of the tiny test configuration (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import TINY_DATA
+
+
+def tiny_argv(output_dir: Path, name: str = "tiny", epochs: int = 3) -> list[str]:
+    return [
+        "--name", name, "--output-dir", str(output_dir), "--dataset-args", json.dumps(TINY_DATA),
+        "--val-fraction", "0.25", "--embedding-size", "16", "--batch-size", "16", "--samples-per-class", "4",
+        "--epochs", str(epochs), "--deterministic", "--no-progress", "--metrics", "recall@1,map@r",
+        "--select-metric", "map@r",
+    ]  # fmt: skip
