@@ -24,4 +24,4 @@ def test_default_training_clearly_improves_test_metrics(tmp_path) -> None:
     assert after["nmi"] >= before["nmi"] + 0.15
     for name in before:
         assert after[name] > before[name], name
-    assert "before" in completed.stderr and "after" in completed.stderr
+    assert "before" in completed.stdout and "after" in completed.stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +16,28 @@ from dmlkit.errors import ConfigError
 LOGGER_NAME = "dmlkit"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (so redirection and capture keep working)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> typing.TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: typing.TextIO) -> None:
+        pass
+
+
 def setup_file_logging(run_dir: Path) -> logging.Handler:
     """Send the ``dmlkit`` logger to ``run_dir/train.log`` (and to the console at INFO)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the CLI's root handler would print every line twice
-    if not any(
-        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-        for h in logger.handlers
-    ):
-        console = logging.StreamHandler()
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        console = _StdoutHandler()  # progress bars use stderr; the report goes to stdout
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
     handler = logging.FileHandler(run_dir / "train.log")
