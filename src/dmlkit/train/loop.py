@@ -152,6 +152,9 @@ class Trainer:
         seed_everything(config.seed, config.deterministic)
         dump_yaml(config, self.run_dir / "config.yaml")
         self._log_handler = setup_file_logging(self.run_dir)
+        self.logger = RunLogger(
+            config, self.run_dir
+        )  # before data loading: a missing logger package fails fast
         log.info("run directory: %s", self.run_dir)
 
         splits = data_lib.build(config.dataset, config.data_root, **dataset_kwargs(config))
@@ -191,6 +194,8 @@ class Trainer:
             in_channels=self.data_spec["channels"],
             image_size=self.data_spec["image_size"],
         ).to(self.device)
+        if config.freeze_bn:
+            models.freeze_batchnorm(self.model)  # before the optimizer sees the parameters
         embedding_size = self.model.embedding_size
         self.objective: Objective = build_objective(config, num_classes, embedding_size).to(self.device)
 
@@ -220,7 +225,6 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model, self.objective)
         self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
-        self.logger = RunLogger(config, self.run_dir)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -288,8 +292,8 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train (or continue) to ``config.epochs``, then test the best checkpoint once."""
         start_time = time.perf_counter()
-        self._setup()
         try:
+            self._setup()
             if self.resume:
                 state = ckpt.load(self.run_dir / "last.pt", map_location=self.device)
                 self.load_state_dict(state)
@@ -352,9 +356,16 @@ class Trainer:
             )
             return result
         finally:
-            self.logger.close()
-            logging.getLogger(LOGGER_NAME).removeHandler(self._log_handler)
-            self._log_handler.close()
+            self._teardown()
+
+    def _teardown(self) -> None:
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            logging.getLogger(LOGGER_NAME).removeHandler(handler)
+            handler.close()
 
     def _train_epochs(self) -> bool:
         """Run the remaining epochs; True when stopped by a signal."""

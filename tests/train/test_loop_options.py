@@ -1,0 +1,82 @@
+"""Training options: bf16 autocast, frozen BatchNorm, clipping, SGD + step schedule, seeds, optional loggers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from dmlkit.errors import ConfigError
+from dmlkit.train import checkpoint as ckpt
+from dmlkit.train.loop import Trainer
+
+
+def weights(run_dir, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return ckpt.load(run_dir / name)["model"]
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_config) -> None:
+    result = Trainer(tiny_config(name="bf16", amp="bf16")).run()
+    rows = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    assert all(r["skipped_steps"] == 0 for r in rows)
+    assert all(torch.isfinite(t).all() for t in weights(result.run_dir).values() if t.is_floating_point())
+
+
+def test_fp16_needs_cuda(tiny_config) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: fp16 is allowed")
+    with pytest.raises(ConfigError, match="fp16"):
+        Trainer(tiny_config(amp="fp16", device="cpu"))
+
+
+def test_frozen_batchnorm_keeps_statistics_and_affine(tiny_config) -> None:
+    initial = Trainer(tiny_config(name="init", epochs=0)).run()
+    frozen = Trainer(tiny_config(name="frozen", freeze_bn=True)).run()
+    before, after = weights(initial.run_dir, "best.pt"), weights(frozen.run_dir)
+    bn_keys = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert bn_keys
+    for key in bn_keys:
+        assert torch.equal(before[key], after[key]), key
+        affine = key.rsplit(".", 1)[0]
+        assert torch.equal(before[f"{affine}.weight"], after[f"{affine}.weight"])
+    conv = next(k for k in before if k.endswith("weight") and before[k].ndim == 4)
+    assert not torch.equal(before[conv], after[conv])  # the rest still trains
+
+    free = Trainer(tiny_config(name="free")).run()
+    assert not torch.equal(before[bn_keys[0]], weights(free.run_dir)[bn_keys[0]])
+
+
+def test_sgd_step_schedule_and_clipping_run(tiny_config) -> None:
+    config = tiny_config(
+        name="sgd", optimizer="sgd", lr=0.05, scheduler="step", step_size=1, gamma=0.5, grad_clip=0.1
+    )
+    result = Trainer(config).run()
+    rows = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+    # the lr logged at each epoch end is the one the next step would use: halved every epoch
+    assert [r["lr"] for r in rows] == pytest.approx([0.025, 0.0125, 0.00625])
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_config) -> None:
+    a = weights(Trainer(tiny_config(name="a", epochs=1)).run().run_dir)
+    b = weights(Trainer(tiny_config(name="b", epochs=1)).run().run_dir)
+    c = weights(Trainer(tiny_config(name="c", epochs=1, seed=1)).run().run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize(("flag", "module"), [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_missing_logger_package_fails_before_data_loading(tiny_config, monkeypatch, flag, module) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    trainer = Trainer(tiny_config(name=flag, **{flag: True}))
+    with pytest.raises(ConfigError, match=rf"dmlkit\[{flag}\]"):
+        trainer.run()
+    assert not (trainer.run_dir / "last.pt").exists()
+
+
+def test_run_directory_is_not_overwritten(tiny_config) -> None:
+    Trainer(tiny_config(name="once", epochs=1)).run()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(tiny_config(name="once", epochs=1))
