@@ -1,4 +1,4 @@
-"""Training options: bf16 autocast, frozen BatchNorm, clipping, SGD + step schedule, seeds, optional loggers."""
+"""Training options: bf16, frozen BatchNorm, clipping, SGD + step schedule, seeds, optional loggers."""
 
 from __future__ import annotations
 
