@@ -72,6 +72,20 @@ class TrainConfig(BaseModel):
     miner: str | None = _field(None, "miner name, or none", "objective")
     miner_args: dict[str, Any] = _field({}, "miner hyperparameters", "objective")
 
+    # cross-batch memory
+    xbm_size: int | float | None = _field(
+        None,
+        "cross-batch memory size: a count (e.g. 8192) or a ratio of the training set (e.g. 1.0); none: off",
+        "memory",
+    )
+    xbm_start: int = _field(
+        0, "iterations before the memory is filled and used (XBM paper: 1000)", "memory", ge=0
+    )
+    xbm_weight: float = _field(1.0, "weight of the memory loss added to the in-batch loss", "memory", ge=0)
+    xbm_dtype: Literal["float32", "float16", "bfloat16"] = _field(
+        "float32", "storage dtype of the memory embeddings", "memory"
+    )
+
     # batches
     sampler: str = _field("m_per_class", "batch sampler name", "batches")
     sampler_args: dict[str, Any] = _field({}, "extra keyword arguments of the sampler", "batches")
@@ -130,6 +144,22 @@ class TrainConfig(BaseModel):
     def _positive_or_none(cls, value: float | None, info: Any) -> float | None:
         if value is not None and value <= 0:
             raise ValueError(f"{info.field_name} must be positive or none, got {value}")
+        return value
+
+    @field_validator("xbm_size", mode="before")
+    @classmethod
+    def _count_or_ratio(cls, value: Any) -> Any:
+        # "1.0" on the command line is a ratio, "1000" a count: decide by the text, not by int coercion.
+        if isinstance(value, str) and value.strip().lower() not in ("none", "null"):
+            text = value.strip()
+            return int(text) if text.isdigit() else float(text)
+        return value
+
+    @field_validator("xbm_size")
+    @classmethod
+    def _positive_size(cls, value: int | float | None) -> int | float | None:
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise ValueError(f"xbm_size must be a positive count or ratio, got {value}")
         return value
 
     @field_validator("metrics")
@@ -225,6 +255,14 @@ def validate_names(config: TrainConfig) -> None:
             config.loss, config.loss_args, provided_by_caller=("num_classes", "embedding_size")
         )
         loss_cls = losses.REGISTRY.get(config.loss)
+        if config.xbm_size is not None and not getattr(loss_cls, "accepts_ref", False):
+            takes_ref = [
+                n for n in losses.available() if getattr(losses.REGISTRY.get(n), "accepts_ref", False)
+            ]
+            raise ConfigError(
+                f"loss '{config.loss}' cannot take a reference set, so it cannot use a cross-batch memory "
+                f"(xbm_size={config.xbm_size}); losses that can: {', '.join(takes_ref)}"
+            )
         if config.miner is not None:
             miners.REGISTRY.check_kwargs(config.miner, config.miner_args)
             miners.check_compatible(loss_cls, config.miner)

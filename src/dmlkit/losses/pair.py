@@ -1,14 +1,40 @@
-"""Pair- and triplet-based losses, each one formula over the bases of :mod:`dmlkit.losses.base`."""
+"""Pair- and triplet-based losses, each one formula over the bases of :mod:`dmlkit.losses.base`.
+
+Shared structure: a loss gets the ``query × reference`` matrix of its distance once and works on it with
+masks (no miner), with pair *count* matrices (mined pairs: a pair mined twice counts twice, as in PML's
+pair-based losses) or with gathered entries (mined triplets). Nothing loops over anchors or pairs.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dmlkit.losses.base import PairLoss, TripletLoss, farther_by, register
-from dmlkit.miners.tuples import IndicesTuple, paired_distance
+from dmlkit.errors import ConfigError
+from dmlkit.losses.base import (
+    PAIRS_AND_TRIPLETS,
+    BaseLoss,
+    MatrixPairLoss,
+    PairLoss,
+    TripletLoss,
+    farther_by,
+    masked_logsumexp,
+    register,
+)
+from dmlkit.miners.tuples import (
+    TRIPLETS,
+    IndicesTuple,
+    Pairs,
+    label_masks,
+    paired_distance,
+    to_pairs,
+    to_triplets,
+    tuple_kind,
+)
 
 
 @register("contrastive")
@@ -89,3 +115,887 @@ class TripletMarginLoss(TripletLoss):
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         self.record(num_triplets=a.numel(), num_active_triplets=(losses > 0).sum())
         return self.reduce(losses)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _pair_counts(
+    pairs: Pairs, shape: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``(pos, neg)`` matrices counting how often each pair occurs in mined pairs (duplicates add)."""
+    a1, p, a2, n = pairs
+    pos = torch.zeros(shape, dtype=torch.long, device=device)
+    neg = torch.zeros(shape, dtype=torch.long, device=device)
+    pos.index_put_((a1, p), torch.ones_like(a1), accumulate=True)
+    neg.index_put_((a2, n), torch.ones_like(a2), accumulate=True)
+    return pos, neg
+
+
+def _pair_weights(
+    indices_tuple: IndicesTuple | None,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None,
+    shape: tuple[int, int],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive/negative pair multiplicities: boolean label masks without a miner, counts with one."""
+    if indices_tuple is None:
+        return label_masks(labels, ref_labels)
+    return _pair_counts(to_pairs(indices_tuple, labels, ref_labels), shape, device)
+
+
+def _times(weights: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """``weights`` where ``cond`` holds, else 0 (a logical and for boolean weights)."""
+    return weights & cond if weights.dtype == torch.bool else weights * cond
+
+
+def _log_weighted_lse(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise ``log Σ_j w_ij exp(v_ij)`` (w = multiplicities) and whether the row has any weight.
+
+    Rows without weight give 0 (PML's masked ``logsumexp``); the caller decides what they mean.
+    """
+    mask = weights > 0 if weights.dtype != torch.bool else weights
+    if weights.dtype != torch.bool:
+        # a pair mined k times is k equal terms of the sum: log(k) shifts its exponent
+        values = values + torch.log(weights.clamp_min(1).to(values.dtype))
+    return masked_logsumexp(values, mask, add_one=False), mask.any(dim=1)
+
+
+def _mean_hinge_over_fourth(
+    c: torch.Tensor,
+    rows: torch.Tensor,
+    row_of: torch.Tensor,
+    row_labels: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean_k [c_t − y_{r(t),k}]₊`` over reference items ``k`` labelled neither ``anchor_labels[t]`` nor
+    ``row_labels[r(t)]``, with ``r = row_of``; also whether such items exist. ``rows``: (U, R).
+
+    No ``T × R`` tensor: each row's items of other labels are sorted once, so those below ``c_t`` form a
+    prefix found by a batched binary search (their hinge sum is ``c_t·m − prefix_sum_m``); the anchor's
+    class, usually a handful of items, is then subtracted explicitly. Counts of active terms are exact
+    integers, so a term is 0 exactly when no valid item is below ``c_t``.
+    """
+    num, (num_rows, num_ref) = c.numel(), rows.shape
+    device = c.device
+    other = ref_labels.unsqueeze(0) != row_labels.unsqueeze(1)  # (U, R): not the row's own class
+    y_sorted, order = torch.sort(rows.masked_fill(~other, torch.inf), dim=1)  # masked ones sort last
+    prefix = F.pad(torch.cumsum(torch.where(other.gather(1, order), y_sorted, 0.0), dim=1), (1, 0))
+    # batched binary search: the thresholds grouped by row into a (U, width) matrix padded with −inf
+    perm = torch.argsort(row_of, stable=True)
+    counts = torch.bincount(row_of, minlength=num_rows)
+    slot = torch.arange(num, device=device) - (torch.cumsum(counts, 0) - counts)[row_of[perm]]
+    queries = torch.full(
+        (num_rows, int(counts.max()) if num else 0), -torch.inf, dtype=c.dtype, device=device
+    )
+    queries[row_of[perm], slot] = c.detach()[perm]
+    below_grouped = torch.searchsorted(y_sorted.detach().contiguous(), queries)  # #{y < c}
+    below = torch.empty_like(row_of)
+    below[perm] = below_grouped[row_of[perm], slot]
+    total = c * below - prefix[row_of, below]
+    # the anchor's class members in the reference set (a padded (T, S) gather), then subtracted
+    sorted_l, by_label = torch.sort(ref_labels, stable=True)
+    start = torch.searchsorted(sorted_l, anchor_labels)
+    size = torch.searchsorted(sorted_l, anchor_labels, right=True) - start
+    size = torch.where(anchor_labels == row_labels[row_of], 0, size)  # already excluded with the row's
+    width = torch.arange(int(size.max()) if num else 0, device=device)
+    member = width.unsqueeze(0) < size.unsqueeze(1)
+    members = by_label[(start.unsqueeze(1) + width).clamp_max(num_ref - 1)]
+    y_members = rows[row_of.unsqueeze(1), members]
+    hinge_members = torch.where(member, F.relu(c.unsqueeze(1) - y_members), 0.0)
+    active = below - (member & (y_members < c.unsqueeze(1))).sum(1)
+    total = total - hinge_members.sum(1)
+    valid_count = other.sum(1)[row_of] - size
+    mean = torch.where(active > 0, total / valid_count.clamp_min(1), 0.0)
+    return mean, valid_count > 0
+
+
+def _check_choice(loss: str, key: str, value: object, allowed: tuple[object, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{loss}: {key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- margin
+
+
+@register("margin")
+class MarginLoss(TripletLoss):
+    """Margin loss (Wu, Manmatha, Smola & Krähenbühl, "Sampling Matters in Deep Embedding Learning",
+    ICCV 2017; PML ``MarginLoss``).
+
+    Each triplet ``(a, p, n)`` contributes two hinge terms around a boundary ``β``::
+
+        ℓ⁺ = [d(a,p) − β + margin]₊        ℓ⁻ = [β − d(a,n) + margin]₊
+
+    (similarities enter as ``β − s(a,p)`` and ``s(a,n) − β``). ``β`` is one value, or one per class
+    (``num_classes``, indexed by the anchor's label); with ``learn_beta`` it is an ``nn.Parameter`` and
+    ``ν·β`` is added (Eq. 5 of the paper): ``ν·β`` for a global ``β``, ``ν·Σ_t β_{y(a_t)}`` divided like
+    the hinge terms for per-class ``β``.
+
+    Reduction: the elements are the ``2T`` hinge terms of the ``T`` triplets. ``avg_non_zero`` (default)
+    is ``Σ(ℓ⁺ + ℓ⁻) / #{non-zero terms}``, exactly PML's ``DivisorReducer``; ``mean`` divides by ``2T``
+    and ``sum`` by 1. No triplet: 0.
+
+    Without a miner and with ``triplets_per_anchor="all"`` (or with mined pairs) the triplets are never
+    listed: ``ℓ⁺(a,p)`` recurs once per negative of ``a`` and ``ℓ⁻(a,n)`` once per positive, so the sums
+    are weighted sums over the ``query × reference`` matrix.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        nu: float = 0.0,
+        beta: float = 1.2,
+        triplets_per_anchor: int | Literal["all"] = "all",
+        learn_beta: bool = False,
+        num_classes: int | None = None,
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "avg_non_zero",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction, triplets_per_anchor)
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ConfigError(f"margin: num_classes must be a positive int or None, got {num_classes!r}")
+        self.margin = float(margin)
+        self.nu = float(nu)
+        self.learn_beta = bool(learn_beta)
+        self.num_classes = num_classes
+        init = torch.full((num_classes or 1,), float(beta))
+        if self.learn_beta:
+            self.beta = nn.Parameter(init)
+        else:
+            self.register_buffer("beta", init)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        mat = self.distance_matrix(embeddings, ref_emb)
+        beta = self.beta.to(mat.dtype)
+        per_class = beta.numel() > 1
+        sim = self.is_similarity
+        listed = (
+            tuple_kind(indices_tuple) == TRIPLETS
+            if indices_tuple is not None
+            else self.triplets_per_anchor != "all"
+        )
+        if listed:
+            a, p, n = self.triplets(indices_tuple, labels, ref_labels)
+            b = beta[labels[a]] if per_class else beta
+            pos = F.relu(farther_by(mat[a, p], b, sim) + self.margin)
+            neg = F.relu(farther_by(b, mat[a, n], sim) + self.margin)
+            hinge_sum = pos.sum() + neg.sum()
+            num_active_terms = (pos > 0).sum() + (neg > 0).sum()
+            num_triplets = torch.tensor(a.numel(), device=mat.device)
+            num_inactive = ((pos == 0) & (neg == 0)).sum()
+            beta_sum = b.sum() if per_class else None
+        else:
+            cpos, cneg = _pair_weights(indices_tuple, labels, ref_labels, tuple(mat.shape), mat.device)  # type: ignore[arg-type]
+            b = beta[labels].unsqueeze(1) if per_class else beta
+            pos = F.relu(farther_by(mat, b, sim) + self.margin)
+            neg = F.relu(farther_by(b, mat, sim) + self.margin)
+            npos, nneg = cpos.sum(1), cneg.sum(1)  # per anchor; each (a, p) recurs nneg[a] times
+            hinge_sum = ((pos * cpos).sum(1) * nneg).sum() + ((neg * cneg).sum(1) * npos).sum()
+            active_pos = _times(cpos, pos > 0).sum(1)
+            active_neg = _times(cneg, neg > 0).sum(1)
+            num_active_terms = (active_pos * nneg).sum() + (active_neg * npos).sum()
+            triplets_per_row = npos * nneg
+            num_triplets = triplets_per_row.sum()
+            num_inactive = ((npos - active_pos) * (nneg - active_neg)).sum()
+            beta_sum = (beta[labels] * triplets_per_row).sum() if per_class else None
+        if self.reduction == "avg_non_zero":
+            divisor = num_active_terms
+        elif self.reduction == "mean":
+            divisor = 2 * num_triplets
+        else:
+            divisor = torch.ones_like(num_triplets)
+        loss = hinge_sum / divisor.clamp_min(1)
+        if self.learn_beta:
+            if beta_sum is not None:  # per-class β: divided like the hinge terms (0 if nothing to divide)
+                reg = torch.where(divisor > 0, self.nu * beta_sum / divisor.clamp_min(1), 0.0)
+            else:
+                reg = self.nu * beta.sum() * (num_triplets > 0)
+            loss = loss + reg
+        self.record(num_triplets=num_triplets, num_active_triplets=num_triplets - num_inactive)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin={self.margin}, nu={self.nu}, learn_beta={self.learn_beta}, "
+            f"num_classes={self.num_classes}, " + super().extra_repr()
+        )
+
+
+# ---------------------------------------------------------------------------------------------- lifted
+
+
+@register("lifted")
+class LiftedStructureLoss(BaseLoss):
+    """Lifted structure loss (Oh Song, Xiang, Jegelka & Savarese, "Deep Metric Learning via Lifted
+    Structured Feature Embedding", CVPR 2016, Eq. 4; PML ``LiftedStructureLoss``).
+
+    For every positive pair ``(i, j)``, with ``N`` the negative pairs anchored at ``i`` or at ``j``::
+
+        L_ij = ½ · [ log Σ_{(k,l)∈N} exp(m⁻ − d_kl) + d_ij − m⁺ ]₊²
+
+    (similarities: ``s_kl − m⁻`` and ``m⁺ − s_ij``); the log-sum-exp is 0 when ``N`` is empty. The losses
+    are reduced over positive pairs (``mean`` by default); no positive or no negative pair gives 0.
+    Mined negative pairs count with their multiplicity.
+
+    With ``ref_emb`` the positive ``j`` is a reference item whose negative pairs are not in the
+    ``query × reference`` matrix, so only the anchor's negative pairs are used (PML matches reference
+    indices against query anchors there; see docs/losses.md).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        neg_margin: float = 1.0,
+        pos_margin: float = 0.0,
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        self.neg_margin = float(neg_margin)
+        self.pos_margin = float(pos_margin)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
+        if a1.numel() == 0 or a2.numel() == 0:
+            return self.zero_loss(embeddings)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        sim = self.is_similarity
+        if indices_tuple is None:
+            neg_weights = label_masks(labels, ref_labels)[1]
+        else:
+            neg_weights = _pair_counts((a1, p, a2, n), tuple(mat.shape), mat.device)[1]  # type: ignore[arg-type]
+        row_lse, row_has = _log_weighted_lse(farther_by(self.neg_margin, mat, sim), neg_weights)
+        lse, has = row_lse[a1], row_has[a1]
+        if ref_emb is None:
+            # negatives of i and of j: log(e^{lse_i} + e^{lse_j}); a self pair (i, i) counts its row once
+            has_p = row_has[p] & (p != a1)
+            lowest = torch.finfo(mat.dtype).min
+            both = torch.logaddexp(torch.where(has, lse, lowest), torch.where(has_p, row_lse[p], lowest))
+            lse = torch.where(has | has_p, both, 0.0)
+        losses = F.relu(lse + farther_by(mat[a1, p], self.pos_margin, sim)).pow(2) / 2
+        self.record(num_active_pos_pairs=(losses > 0).sum())
+        return self.reduce(losses)
+
+    def extra_repr(self) -> str:
+        return f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, " + super().extra_repr()
+
+
+@register("generalized_lifted")
+class GeneralizedLiftedStructureLoss(MatrixPairLoss):
+    """Generalized lifted structure loss (Hermans, Beyer & Leibe, "In Defense of the Triplet Loss for
+    Person Re-Identification", arXiv:1703.07737, 2017, p. 4; PML ``GeneralizedLiftedStructureLoss``).
+
+    Per anchor ``i`` with positives ``P_i`` and negatives ``N_i``::
+
+        L_i = [ log Σ_{p∈P_i} exp(d_ip − m⁺) + log Σ_{n∈N_i} exp(m⁻ − d_in) ]₊
+
+    (similarities: ``m⁺ − s_ip`` and ``s_in − m⁻``); an empty sum's log is taken as 0. ``mean`` over all
+    anchors by default; mined pairs restrict ``P_i``/``N_i`` (a pair mined twice counts once).
+    """
+
+    def __init__(
+        self,
+        neg_margin: float = 1.0,
+        pos_margin: float = 0.0,
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        self.neg_margin = float(neg_margin)
+        self.pos_margin = float(pos_margin)
+
+    def matrix_loss(self, mat: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
+        sim = self.is_similarity
+        pos = masked_logsumexp(farther_by(mat, self.pos_margin, sim), pos_mask, add_one=False)
+        neg = masked_logsumexp(farther_by(self.neg_margin, mat, sim), neg_mask, add_one=False)
+        return F.relu(pos + neg)
+
+    def extra_repr(self) -> str:
+        return f"neg_margin={self.neg_margin}, pos_margin={self.pos_margin}, " + super().extra_repr()
+
+
+# -------------------------------------------------------------------------------------- N-pair, angular
+
+
+def _first_positive_pair_per_label(
+    a1: torch.Tensor, p: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first positive pair (in order) of every anchor label, sorted by label (PML
+    ``convert_to_pos_pairs_with_unique_labels``)."""
+    uniq, inverse = torch.unique(labels[a1], return_inverse=True)
+    order = torch.arange(a1.numel(), device=a1.device)
+    first = torch.full((uniq.numel(),), a1.numel(), dtype=torch.long, device=a1.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    return a1[first], p[first]
+
+
+@register("npair")
+class NPairsLoss(BaseLoss):
+    """Multi-class N-pair loss (Sohn, "Improved Deep Metric Learning with Multi-class N-pair Loss
+    Objective", NeurIPS 2016, Eq. 6; PML ``NPairsLoss``).
+
+    One positive pair ``(a_c, p_c)`` per anchor label ``c`` (the first one of the batch's — or the miner's
+    — positive pairs); with ``S_cd`` the similarity of ``a_c`` and ``p_d`` (``−d`` for a distance)::
+
+        L_c = −log( exp(S_cc) / Σ_d exp(S_cd) )  =  log(1 + Σ_{d≠c} exp(S_cd − S_cc))
+
+    reduced with ``mean`` by default. Default ``dot`` on L2-normalised embeddings, as PML. With
+    ``ref_emb`` the positives ``p_c`` are reference items (PML does not accept a reference set).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self, distance: str = "dot", normalize_embeddings: bool = True, reduction: str = "mean"
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a1, p, _, _ = to_pairs(indices_tuple, labels, ref_labels)
+        if a1.numel() == 0:
+            self.record(num_pairs=0)
+            return self.zero_loss(embeddings)
+        a, p = _first_positive_pair_per_label(a1, p, labels)
+        ref = embeddings if ref_emb is None else ref_emb
+        mat = self.distance_matrix(embeddings[a], ref[p])
+        logits = mat if self.is_similarity else -mat
+        targets = torch.arange(a.numel(), device=logits.device)
+        self.record(num_pairs=a.numel())
+        return self.reduce(F.cross_entropy(logits, targets, reduction="none"))
+
+
+@register("angular")
+class AngularLoss(BaseLoss):
+    """Angular loss (Wang, Zhou, Wen, Liu & Lin, "Deep Metric Learning with Angular Loss", ICCV 2017,
+    Eq. 8 and 10; PML ``AngularLoss``).
+
+    On L2-normalised embeddings, for every positive pair ``(a, p)`` and the negatives ``n`` of ``a`` (every
+    reference item of another label, also with a miner, which only selects the positive pairs)::
+
+        f_apn = 4 tan²α · (x_a + x_p)ᵀ x_n − 2 (1 + tan²α) · x_aᵀ x_p
+        L_ap  = log(1 + Σ_n exp(f_apn))
+
+    with ``alpha`` in degrees; ``mean`` over positive pairs by default, 0 when there is no positive or no
+    negative pair. The formula is for unit vectors: ``distance`` must be ``euclidean`` with
+    ``normalize_embeddings=True`` (PML's only accepted distance). PML leaves the negatives ``x_n``
+    unnormalised; dmlkit normalises them like ``x_a``, ``x_p`` (see docs/losses.md).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        alpha: float = 40.0,
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        _check_choice("angular", "distance", distance, ("euclidean",))
+        _check_choice("angular", "normalize_embeddings", bool(normalize_embeddings), (True,))
+        if not 0 < alpha < 90:
+            raise ConfigError(f"angular: alpha must be in (0, 90) degrees, got {alpha}")
+        self.alpha = float(alpha)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a1, p, a2, _ = to_pairs(indices_tuple, labels, ref_labels)
+        self.record(num_pos_pairs=a1.numel())
+        if a1.numel() == 0 or a2.numel() == 0:
+            return self.zero_loss(embeddings)
+        x = F.normalize(embeddings, p=2, dim=1)
+        ref = x if ref_emb is None else F.normalize(ref_emb, p=2, dim=1)
+        xa, xp = x[a1], ref[p]
+        tan2 = math.tan(math.radians(self.alpha)) ** 2
+        f = (4 * tan2) * ((xa + xp) @ ref.T) - (2 * (1 + tan2)) * (xa * xp).sum(1, keepdim=True)
+        ref_l = labels if ref_labels is None else ref_labels
+        negatives = labels[a1].unsqueeze(1) != ref_l.unsqueeze(0)
+        return self.reduce(masked_logsumexp(f, negatives, add_one=True))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, " + super().extra_repr()
+
+
+# ---------------------------------------------------------------------------------------------- SNR
+
+
+def snr_matrix(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Signal-to-noise-ratio distance ``d(x, y) = var(x − y) / var(x)`` (Yuan et al., CVPR 2019, Eq. 5).
+
+    With ``x̃ = x − mean(x)`` (centred over dimensions) ``var(x − y) / var(x) = ‖x̃ − ỹ‖² / ‖x̃‖²``, so the
+    matrix is a centred squared-euclidean Gram computation; the unbiased ``1/(D−1)`` cancels.
+    """
+    xc = x - x.mean(dim=1, keepdim=True)
+    yc = xc if y is None else y - y.mean(dim=1, keepdim=True)
+    x2 = xc.pow(2).sum(1)
+    y2 = x2 if y is None else yc.pow(2).sum(1)
+    diff = (x2.unsqueeze(1) + y2.unsqueeze(0) - 2.0 * (xc @ yc.T)).clamp_min(0.0)
+    return diff / x2.unsqueeze(1)
+
+
+@register("snr")
+class SignalToNoiseRatioContrastiveLoss(PairLoss):
+    """Contrastive loss on the signal-to-noise-ratio distance (Yuan, Chen, Wang, Yu, Shi & Jia,
+    "Signal-to-Noise Ratio: A Robust Distance Metric for Deep Metric Learning", CVPR 2019; PML
+    ``SignalToNoiseRatioContrastiveLoss``).
+
+    ``d_SNR(a, x) = var(x_a − x) / var(x_a)`` (:func:`snr_matrix`; asymmetric, anchor in the denominator),
+    then the contrastive loss: ``[d − m⁺]₊`` on positive and ``[m⁻ − d]₊`` on negative pairs, each set
+    reduced with ``avg_non_zero`` by default and the two summed. ``distance`` can only be ``"snr"``;
+    ``normalize_embeddings`` (default True, as PML's ``SNRDistance``) L2-normalises first.
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        distance: str = "snr",
+        normalize_embeddings: bool = True,
+        reduction: str = "avg_non_zero",
+    ) -> None:
+        _check_choice("snr", "distance", distance, ("snr",))
+        super().__init__(None, normalize_embeddings, reduction)
+        self.distance = distance
+        self.pos_margin = float(pos_margin)
+        self.neg_margin = float(neg_margin)
+
+    @property
+    def is_similarity(self) -> bool:
+        return False
+
+    def distance_matrix(self, embeddings: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
+        if self.normalize_embeddings:
+            embeddings = F.normalize(embeddings, p=2, dim=1)
+            ref_emb = None if ref_emb is None else F.normalize(ref_emb, p=2, dim=1)
+        return snr_matrix(embeddings, ref_emb)
+
+    def pair_losses(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.relu(pos - self.pos_margin), F.relu(self.neg_margin - neg)
+
+    def extra_repr(self) -> str:
+        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, " + super().extra_repr()
+
+
+# ---------------------------------------------------------------------------------------------- quadruplet
+
+
+@register("quadruplet")
+class QuadrupletLoss(TripletLoss):
+    """Quadruplet loss (Chen, Chen, Zhang & Huang, "Beyond Triplet Loss: A Deep Quadruplet Network for
+    Person Re-identification", CVPR 2017, Eq. 4) as in Roth et al., "Revisiting Training Strategies and
+    Generalization Performance in Deep Metric Learning", ICML 2020 (``criteria/quadruplet.py``, flags
+    ``--loss_quadruplet_margin_alpha_1/2``, both 0.2). Not in PML.
+
+    For every triplet ``(a, p, n)`` and a fourth sample ``n'`` whose label differs from both ``a``'s and
+    ``n``'s (Chen et al.'s condition)::
+
+        L = reduce_t [d(a,p) − d(a,n) + α₁]₊  +  reduce_t [d(a,p) − d(n,n') + α₂]₊
+
+    (``α₁ = margin_alpha_1``, ``α₂ = margin_alpha_2``; similarities flip the differences). Each term is
+    reduced over triplets (``mean``, as Roth) and the two are summed. ``fourth_negatives`` picks ``n'``:
+
+    - ``"all"`` (default): the second hinge is averaged over every valid ``n'`` — the expectation of
+      Roth's random draw, deterministic. Costs ``T × R`` for ``T`` triplets and ``R`` reference items.
+    - ``"random"``: one ``n'`` per triplet drawn uniformly from the valid ones with the global torch RNG
+      (Roth's code; it draws any index other than ``n``'s, see docs/losses.md).
+
+    Triplets without a valid ``n'`` (fewer than three classes) are left out of the second term. Without a
+    miner all triplets are used; mined pairs are joined into triplets. ``d(n, n')`` is measured between
+    reference items when ``ref_emb`` is given.
+    """
+
+    def __init__(
+        self,
+        margin_alpha_1: float = 0.2,
+        margin_alpha_2: float = 0.2,
+        fourth_negatives: Literal["all", "random"] = "all",
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        _check_choice("quadruplet", "fourth_negatives", fourth_negatives, ("all", "random"))
+        self.margin_alpha_1 = float(margin_alpha_1)
+        self.margin_alpha_2 = float(margin_alpha_2)
+        self.fourth_negatives = fourth_negatives
+
+    @staticmethod
+    def sample_fourth_negatives(
+        a: torch.Tensor,
+        n: torch.Tensor,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reference index per triplet, uniform among those labelled neither ``y(a)`` nor ``y(n)``.
+
+        Returns ``(n', valid)``; ``valid`` is False (and ``n'`` meaningless) where no such item exists.
+        Draws ``len(a)`` uniforms from ``generator`` (the global RNG if None). O(T + R log R): the k-th
+        valid item is found in the label-sorted reference set by skipping the two excluded label blocks.
+        """
+        ref_l = labels if ref_labels is None else ref_labels
+        sorted_l, order = torch.sort(ref_l, stable=True)
+        la, ln = labels[a], ref_l[n]
+        start_a = torch.searchsorted(sorted_l, la)
+        size_a = torch.searchsorted(sorted_l, la, right=True) - start_a
+        start_n = torch.searchsorted(sorted_l, ln)
+        # a (mis-mined) negative of the anchor's own label excludes one block, not two
+        size_n = torch.where(ln == la, 0, torch.searchsorted(sorted_l, ln, right=True) - start_n)
+        count = ref_l.numel() - size_a - size_n
+        u = torch.rand(a.numel(), generator=generator, dtype=torch.float64, device=a.device)
+        k = torch.minimum((u * count).floor().long(), (count - 1).clamp_min(0))
+        a_first = start_a < start_n
+        lo_start, lo_size = torch.where(a_first, start_a, start_n), torch.where(a_first, size_a, size_n)
+        hi_start, hi_size = torch.where(a_first, start_n, start_a), torch.where(a_first, size_n, size_a)
+        pos = k + lo_size * (k >= lo_start)
+        pos = pos + hi_size * (pos >= hi_start)
+        valid = count > 0
+        return order[pos.clamp(0, ref_l.numel() - 1)], valid
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a, p, n = self.triplets(indices_tuple, labels, ref_labels)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        sim = self.is_similarity
+        ap = mat[a, p]
+        triplet_losses = F.relu(farther_by(ap, mat[a, n], sim) + self.margin_alpha_1)
+        if self.fourth_negatives == "random":
+            fourth, valid = self.sample_fourth_negatives(a, n, labels, ref_labels)
+            n_v, f_v = n[valid], fourth[valid]
+            if ref_emb is None:
+                nn_dist = mat[n_v, f_v]
+            else:
+                nn_dist = paired_distance(
+                    ref_emb[n_v],
+                    ref_emb[f_v],
+                    self.distance,
+                    self.normalize_embeddings,  # type: ignore[arg-type]
+                )
+            quad_losses = F.relu(farther_by(ap[valid], nn_dist, sim) + self.margin_alpha_2)
+        else:
+            ref_l = labels if ref_labels is None else ref_labels
+            uniq, row_of = torch.unique(n, return_inverse=True)
+            # distances from each distinct negative to every reference item (the batch: already in mat)
+            rows = mat[uniq] if ref_emb is None else self.distance_matrix(ref_emb[uniq], ref_emb)
+            # [d(a,p) + α₂ − d(n,k)]₊ for a distance, [s(n,k) − s(a,p) + α₂]₊ for a similarity
+            c = (-ap if sim else ap) + self.margin_alpha_2
+            quad_losses, valid = _mean_hinge_over_fourth(
+                c, -rows if sim else rows, row_of, ref_l[uniq], labels[a], ref_l
+            )
+            quad_losses = quad_losses[valid]
+        self.record(
+            num_triplets=a.numel(),
+            num_active_triplets=(triplet_losses > 0).sum(),
+            num_quadruplet_terms=quad_losses.numel(),
+            num_active_quadruplet_terms=(quad_losses > 0).sum(),
+        )
+        return self.reduce(triplet_losses) + self.reduce(quad_losses)
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin_alpha_1={self.margin_alpha_1}, margin_alpha_2={self.margin_alpha_2}, "
+            f"fourth_negatives={self.fourth_negatives!r}, " + super().extra_repr()
+        )
+
+
+# ---------------------------------------------------------------------------------------------- Yu & Tao
+
+
+@register("tuplet_margin")
+class TupletMarginLoss(BaseLoss):
+    """Tuplet margin loss (Yu & Tao, "Deep Metric Learning with Tuplet Margin Loss", ICCV 2019, Eq. 8;
+    PML ``TupletMarginLoss``).
+
+    For every positive pair ``(a, p)`` with angle ``θ_ap = arccos s_ap`` and the negative pairs ``(a, n)``
+    sharing its anchor (cosine similarities ``s``)::
+
+        L_ap = log(1 + Σ_n exp(scale · (s_an − cos(θ_ap − margin))))
+
+    with ``margin`` in degrees; 0 for an anchor without negative pairs. ``mean`` over positive pairs by
+    default; 0 when there is no positive or no negative pair. Mined negative pairs count with their
+    multiplicity. Cosine only (PML's only accepted distance). ``s_ap`` is clamped to ``[−1+ε, 1−ε]``
+    (ε = dtype epsilon): ``d cos(θ − m) / ds`` is infinite at ``s = ±1``, so identical positives get a
+    zero instead of a NaN gradient (PML: NaN).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        margin: float = 5.73,
+        scale: float = 64.0,
+        distance: str = "cosine",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        _check_choice("tuplet_margin", "distance", distance, ("cosine",))
+        self.margin = float(margin)
+        self.scale = float(scale)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
+        if a1.numel() == 0 or a2.numel() == 0:
+            return self.zero_loss(embeddings)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        eps = torch.finfo(mat.dtype).eps
+        pos = mat[a1, p].clamp(-1 + eps, 1 - eps)
+        pos_margin = torch.cos(torch.acos(pos) - math.radians(self.margin))
+        if indices_tuple is None:
+            neg_weights = label_masks(labels, ref_labels)[1]
+        else:
+            neg_weights = _pair_counts((a1, p, a2, n), tuple(mat.shape), mat.device)[1]  # type: ignore[arg-type]
+        # log(1 + Σ_n e^{s·s_an − s·c}) = softplus(lse_n(s·s_an) − s·c): one log-sum-exp per anchor row
+        row_lse, row_has = _log_weighted_lse(self.scale * mat, neg_weights)
+        inside = row_lse[a1] - self.scale * pos_margin
+        losses = torch.where(row_has[a1], torch.logaddexp(torch.zeros_like(inside), inside), 0.0)
+        return self.reduce(losses)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, scale={self.scale}, " + super().extra_repr()
+
+
+@register("intra_pair_variance")
+class IntraPairVarianceLoss(PairLoss):
+    """Intra-pair variance loss (Yu & Tao, "Deep Metric Learning with Tuplet Margin Loss", ICCV 2019,
+    Eq. 10; PML ``IntraPairVarianceLoss``).
+
+    With ``μ⁺``/``μ⁻`` the means of the positive/negative pair similarities ``s``::
+
+        L⁺ = [(1 − ε⁺) μ⁺ − s_ap]₊²        L⁻ = [s_an − (1 + ε⁻) μ⁻]₊²
+
+    (gradients flow through the means too). For a distance the roles flip:
+    ``[d_ap − (1 + ε⁺) μ⁺]₊²`` and ``[(1 − ε⁻) μ⁻ − d_an]₊²``. Each set is reduced (``mean``) and the two
+    summed. Default ``cosine``.
+    """
+
+    def __init__(
+        self,
+        pos_eps: float = 0.01,
+        neg_eps: float = 0.01,
+        distance: str = "cosine",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        self.pos_eps = float(pos_eps)
+        self.neg_eps = float(neg_eps)
+
+    def pair_losses(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_similarity:
+            pos_dev = (1 - self.pos_eps) * pos.mean() - pos
+            neg_dev = neg - (1 + self.neg_eps) * neg.mean()
+        else:
+            pos_dev = pos - (1 + self.pos_eps) * pos.mean()
+            neg_dev = (1 - self.neg_eps) * neg.mean() - neg
+        return F.relu(pos_dev).pow(2), F.relu(neg_dev).pow(2)
+
+    def extra_repr(self) -> str:
+        return f"pos_eps={self.pos_eps}, neg_eps={self.neg_eps}, " + super().extra_repr()
+
+
+# ---------------------------------------------------------------------------------------------- TCM, DSM
+
+
+@register("threshold_consistent_margin")
+class ThresholdConsistentMarginLoss(BaseLoss):
+    """Threshold-consistent margin loss (Zhang et al., "Threshold-Consistent Margin Loss for Open-World
+    Deep Metric Learning", ICLR 2024, arXiv:2307.04047, Eq. 5; PML ``ThresholdConsistentMarginLoss``).
+
+    On cosine similarities of positive pairs ``s⁺`` and negative pairs ``s⁻``::
+
+        L = λ⁺ · reduce [m⁺ − s⁺]₊  +  λ⁻ · reduce [s⁻ − m⁻]₊
+
+    The default ``avg_non_zero`` is the paper's average over the pairs on the wrong side of the margin
+    (PML also counts pairs exactly at the margin in the denominator; a tie of measure zero). It is a
+    regulariser meant to be added to a base loss. Cosine only (PML's only accepted distance). With
+    ``ref_emb`` positives/negatives are reference items (PML reads them from the batch there).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        lambda_plus: float = 1.0,
+        lambda_minus: float = 1.0,
+        margin_plus: float = 0.9,
+        margin_minus: float = 0.5,
+        distance: str = "cosine",
+        normalize_embeddings: bool = True,
+        reduction: str = "avg_non_zero",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        _check_choice("threshold_consistent_margin", "distance", distance, ("cosine",))
+        self.lambda_plus = float(lambda_plus)
+        self.lambda_minus = float(lambda_minus)
+        self.margin_plus = float(margin_plus)
+        self.margin_minus = float(margin_minus)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        pos_losses = F.relu(self.margin_plus - mat[a1, p])
+        neg_losses = F.relu(mat[a2, n] - self.margin_minus)
+        self.record(
+            num_pos_pairs=a1.numel(),
+            num_neg_pairs=a2.numel(),
+            num_active_pos_pairs=(pos_losses > 0).sum(),
+            num_active_neg_pairs=(neg_losses > 0).sum(),
+        )
+        return self.lambda_plus * self.reduce(pos_losses) + self.lambda_minus * self.reduce(neg_losses)
+
+    def extra_repr(self) -> str:
+        return (
+            f"lambda_plus={self.lambda_plus}, lambda_minus={self.lambda_minus}, "
+            f"margin_plus={self.margin_plus}, margin_minus={self.margin_minus}, " + super().extra_repr()
+        )
+
+
+@register("dynamic_soft_margin")
+class DynamicSoftMarginLoss(BaseLoss):
+    """Dynamic soft margin loss (Zhang & Rusinkiewicz, "Learning Local Descriptors with a CDF-Based
+    Dynamic Soft Margin", ICCV 2019; PML ``DynamicSoftMarginLoss``).
+
+    For every triplet ``x_t = d(a,p) − d(a,n)`` (all triplets; mined pairs are joined into triplets)::
+
+        L = reduce_t  Φ(x_t) · x_t
+
+    where ``Φ`` is the CDF of a running histogram of ``x`` over ``num_bins`` bins of width
+    ``δ = 2|min_val| / num_bins`` starting at ``min_val``: each ``x`` adds ``1 − frac`` to its bin and
+    ``frac`` to the next (linear interpolation), the histogram is blended with weight ``momentum`` (1 on
+    the first update) and renormalised, then ``Φ`` is read at ``x``'s bin. ``Φ`` is a constant weight.
+
+    Deviations from PML (docs/losses.md): no gradient flows through the histogram (PML's does, and a
+    second ``backward`` through the stored histogram fails); values beyond the last bin count in the last
+    bin (PML raises an index error for ``x ≥ min_val + (num_bins − 1)·δ``); the histogram (buffer
+    ``hist``) only advances in training mode when autograd records the call (grad enabled, embeddings
+    requiring grad) — other calls are weighted with the histogram they would have produced.
+    ``distance``: ``euclidean`` (default) or ``squared_euclidean``, on normalised embeddings.
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        min_val: float = -2.0,
+        num_bins: int = 10,
+        momentum: float = 0.01,
+        distance: str = "euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        _check_choice("dynamic_soft_margin", "distance", distance, ("euclidean", "squared_euclidean"))
+        _check_choice("dynamic_soft_margin", "normalize_embeddings", bool(normalize_embeddings), (True,))
+        if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 2:
+            raise ConfigError(f"dynamic_soft_margin: num_bins must be an int >= 2, got {num_bins!r}")
+        if min_val >= 0:
+            raise ConfigError(f"dynamic_soft_margin: min_val must be < 0, got {min_val}")
+        if not 0 < momentum <= 1:
+            raise ConfigError(f"dynamic_soft_margin: momentum must be in (0, 1], got {momentum}")
+        self.min_val = float(min_val)
+        self.num_bins = int(num_bins)
+        self.delta = 2 * abs(self.min_val) / self.num_bins
+        self.momentum = float(momentum)
+        self.register_buffer("hist", torch.zeros(self.num_bins))
+
+    def _bins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower bin index and interpolation weight of each value (clamped into the histogram)."""
+        t = ((x - self.min_val) / self.delta).clamp(0, self.num_bins - 1)
+        idx = t.floor()
+        return idx.long(), t - idx
+
+    def updated_histogram(self, x: torch.Tensor) -> torch.Tensor:
+        """The running histogram after adding the values ``x`` (no side effect)."""
+        x = x.detach()
+        hist = self.hist.to(x.dtype)
+        idx, frac = self._bins(x)
+        momentum = torch.where(hist.sum() != 0, self.momentum, 1.0).to(x.dtype)
+        new = (1 - momentum) * hist
+        new = new.scatter_add(0, idx, momentum * (1 - frac))
+        new = new.scatter_add(0, (idx + 1).clamp_max(self.num_bins - 1), momentum * frac)
+        return new / new.sum()
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a, p, n = to_triplets(indices_tuple, labels, ref_labels, "all")
+        self.record(num_triplets=a.numel())
+        if a.numel() == 0:
+            return self.zero_loss(embeddings)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        x = mat[a, p] - mat[a, n]
+        hist = self.updated_histogram(x)
+        if self.training and torch.is_grad_enabled() and embeddings.requires_grad:
+            self.hist = hist
+        cdf = torch.cumsum(hist, 0)
+        return self.reduce(cdf[self._bins(x.detach())[0]] * x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"min_val={self.min_val}, num_bins={self.num_bins}, momentum={self.momentum}, "
+            + super().extra_repr()
+        )

@@ -32,34 +32,39 @@ SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
 
 
 def sample_weights(
-    indices_tuple: IndicesTuple | None, batch_size: int, dtype: torch.dtype
+    indices_tuple: IndicesTuple | None, batch_size: int, dtype: torch.dtype, anchors_only: bool = False
 ) -> torch.Tensor | None:
     """Per-sample weights from a miner's output (PML ``convert_to_weights``), None meaning "all 1".
 
-    ``wᵢ = countᵢ / maxⱼ countⱼ`` where ``countᵢ`` is how often sample ``i`` occurs anywhere in the
-    indices tuple (anchors, positives and negatives alike); samples that never occur get 0. An absent or
-    empty indices tuple weighs every sample 1.
+    ``wᵢ = countᵢ / maxⱼ countⱼ`` where ``countᵢ`` is how often sample ``i`` occurs in the indices tuple:
+    anywhere (anchors, positives and negatives alike), or only as an anchor with ``anchors_only`` (PML's
+    ``using_ref``, which ProxyNCA sets). Samples that never occur get 0. An absent or empty indices tuple
+    weighs every sample 1.
     """
     if indices_tuple is None:
         return None
-    idx = torch.cat([t.reshape(-1).long() for t in indices_tuple])
-    if idx.numel() == 0:
+    if anchors_only:
+        parts = [indices_tuple[0]] if len(indices_tuple) == 3 else [indices_tuple[0], indices_tuple[2]]
+    else:
+        parts = list(indices_tuple)
+    if all(t.numel() == 0 for t in indices_tuple):
         return None
-    counts = torch.bincount(idx, minlength=batch_size).to(dtype)
+    counts = torch.bincount(torch.cat([t.reshape(-1).long() for t in parts]), minlength=batch_size)
+    counts = counts.to(dtype)
     return counts / counts.max()
 
 
 def check_class_labels(labels: torch.Tensor, num_classes: int, who: str) -> None:
-    """Raise ``DataError`` naming the first label outside ``0 … num_classes−1``.
+    """Raise ``DataError`` naming a label outside ``0 … num_classes−1`` (the smallest or largest).
 
-    One device sync per call (a single ``any``), the price of a readable error instead of an index
+    One device sync per call (``aminmax``), the price of a readable error instead of an index
     error deep inside a CUDA kernel.
     """
     if labels.numel() == 0:
         return
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        label = int(labels[bad][0])
+    low, high = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
+    if low < 0 or high >= num_classes:
+        label = low if low < 0 else high
         raise DataError(
             f"{who}: label {label} is not a class index 0..{num_classes - 1} (num_classes={num_classes}); "
             "remap labels to 0..num_classes-1 or raise num_classes"
@@ -75,6 +80,63 @@ def check_positive_int(value: object, what: str, who: str) -> int:
 def check_distance_among(distance: str, allowed: tuple[str, ...], who: str) -> None:
     if distance not in allowed:
         raise ConfigError(f"{who}: distance must be one of {', '.join(map(repr, allowed))}, got {distance!r}")
+
+
+class _CosineMatrix(torch.autograd.Function):
+    """``cos(x_i, w_c)`` for the rows of ``x`` (B × d) and the class vectors of ``w`` (its columns, d × C,
+    or its rows, C × d), with a fused backward pass.
+
+    Normalises the ``B × C`` product instead of the inputs, ``cos = (x w) ⊙ (a bᵀ)`` with ``a = 1/‖x_i‖``
+    and ``b = 1/‖w_c‖`` (norms clamped at 1e-12 as in ``F.normalize``), and writes the gradient in closed
+    form, ``∂L/∂x_i = a_i Σ_c g_ic b_c w_c − a_i² (Σ_c g_ic cos_ic) x_i`` (symmetrically for ``w``): two
+    ``addmm`` and a few ``B × C`` products instead of autograd's chain through both normalisations. The
+    gradient of ``w`` is produced in ``w``'s own layout, so accumulating it into a parameter never takes
+    a strided (slow) path.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, w: torch.Tensor, columns: bool
+    ) -> torch.Tensor:
+        x_inv = _inverse_norm(x, 1)
+        w_inv = _inverse_norm(w, 0 if columns else 1)
+        scale = x_inv.unsqueeze(1) * w_inv.unsqueeze(0)
+        cos = (x @ (w if columns else w.t())).mul_(scale)
+        ctx.save_for_backward(x, w, x_inv, w_inv, scale, cos)
+        ctx.columns = columns  # type: ignore[attr-defined]
+        return cos
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, w, x_inv, w_inv, scale, cos = ctx.saved_tensors  # type: ignore[attr-defined]
+        columns = ctx.columns  # type: ignore[attr-defined]
+        weighted = grad * cos
+        grad_scaled = grad * scale
+        grad_x = grad_w = None
+        # mm then an in-place addcmul_: no temporary of the inputs' size (fresh large buffers are costly)
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            coef = weighted.sum(1).mul_(x_inv.square()).neg_()
+            grad_x = (grad_scaled @ (w.t() if columns else w)).addcmul_(x, coef.unsqueeze(1))
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            coef = weighted.sum(0).mul_(w_inv.square()).neg_()
+            if columns:
+                grad_w = (x.t() @ grad_scaled).addcmul_(w, coef.unsqueeze(0))
+            else:
+                grad_w = (grad_scaled.t() @ x).addcmul_(w, coef.unsqueeze(1))
+        return grad_x, grad_w, None
+
+
+def _inverse_norm(t: torch.Tensor, dim: int) -> torch.Tensor:
+    # square-and-sum: vector_norm over a strided dimension (columns) is several times slower
+    return t.square().sum(dim).clamp_min(1e-24).rsqrt()
+
+
+def cosine_matrix(x: torch.Tensor, w: torch.Tensor, columns: bool) -> torch.Tensor:
+    """``B × C`` cosine similarities between the rows of ``x`` and the class vectors of ``w``: its columns
+    (``w`` is d × C) when ``columns``, else its rows (C × d). Fused backward pass."""
+    return _CosineMatrix.apply(x, w, columns)  # type: ignore[no-any-return]
 
 
 class ClassLoss(BaseLoss):
@@ -103,7 +165,11 @@ class ClassLoss(BaseLoss):
         self.embedding_size = check_positive_int(embedding_size, "embedding_size", who)
 
     def classes(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple: IndicesTuple | None
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        anchors_only: bool = False,
     ) -> torch.Tensor | None:
         """Check labels and width; return the miner weights (None: every sample weighs 1)."""
         who = self.registry_name or type(self).__name__
@@ -113,7 +179,19 @@ class ClassLoss(BaseLoss):
                 f"embedding_size={self.embedding_size}"
             )
         check_class_labels(labels, self.num_classes, who)
-        return sample_weights(indices_tuple, embeddings.shape[0], embeddings.dtype)
+        return sample_weights(indices_tuple, embeddings.shape[0], embeddings.dtype, anchors_only)
+
+    def matrix_to(self, embeddings: torch.Tensor, w: torch.Tensor, columns: bool) -> torch.Tensor:
+        """The loss's distance between the embeddings and the class vectors of ``w`` (columns of a d × C
+        matrix when ``columns``, else rows of a C × d one).
+
+        Cosine (``cosine``, or ``dot`` on normalised inputs) goes through :func:`cosine_matrix`; other
+        distances through :func:`dmlkit.miners.tuples.distance_matrix`.
+        """
+        if self.distance == "cosine" or (self.distance == "dot" and self.normalize_embeddings):
+            return cosine_matrix(embeddings, w, columns)
+        rows = w.t() if columns else w
+        return distance_matrix(embeddings, rows, self.distance, self.normalize_embeddings)  # type: ignore[arg-type]
 
     @staticmethod
     def param(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -142,7 +220,8 @@ class ProxyNCALoss(ClassLoss):
 
     (``+s·sim`` for a similarity), reduced over samples (``mean``). Default distance: squared euclidean
     between L2-normalised embeddings and proxies (PML ``LpDistance(power=2)``). Proxies
-    (``num_classes × embedding_size``) are initialised from ``N(0, 1)`` (PML's default).
+    (``num_classes × embedding_size``) are initialised from ``N(0, 1)`` (PML's default). A miner's output
+    weighs each sample by how often it is an anchor (PML's ``convert_to_weights(using_ref=True)``).
     Deviation: PML computes ``softmax`` then ``log`` and drops samples whose target probability underflows
     to exactly 0; we use ``log_softmax`` and keep them (identical otherwise).
     """
@@ -169,10 +248,15 @@ class ProxyNCALoss(ClassLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        weights = self.classes(embeddings, labels, indices_tuple)
-        mat = self.distance_matrix(embeddings, self.param(self.proxies, embeddings))
-        scale = self.softmax_scale if self.is_similarity else -self.softmax_scale
-        losses = F.cross_entropy(scale * mat, labels, reduction="none")
+        weights = self.classes(embeddings, labels, indices_tuple, anchors_only=True)
+        proxies = self.param(self.proxies, embeddings)
+        if self.distance == "squared_euclidean" and self.normalize_embeddings:
+            # ‖x̂ − p̂‖² = 2 − 2 cos(x, p), and the constant drops out of the softmax
+            logits = cosine_matrix(embeddings, proxies, columns=False) * (2.0 * self.softmax_scale)
+        else:
+            scale = self.softmax_scale if self.is_similarity else -self.softmax_scale
+            logits = self.matrix_to(embeddings, proxies, columns=False) * scale
+        losses = F.cross_entropy(logits, labels, reduction="none")
         return self.weighted_reduce(losses, weights)
 
 
@@ -222,19 +306,20 @@ class ProxyAnchorLoss(ClassLoss):
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
         weights = self.classes(embeddings, labels, indices_tuple)
-        mat = self.distance_matrix(embeddings, self.param(self.proxies, embeddings))  # B × C
+        mat = self.matrix_to(embeddings, self.param(self.proxies, embeddings), columns=False)  # B × C
         sim = self.is_similarity
-        pos_mask = F.one_hot(labels, self.num_classes).bool()
-        # One exponent matrix for both terms: every (sample, proxy) entry is either a positive or a
-        # negative, so the two masked log-sum-exps read disjoint entries of the same matrix.
-        exps = self.alpha * torch.where(
-            pos_mask, farther_by(mat, self.margin, sim), farther_by(-self.margin, mat, sim)
-        )
+        target = labels.unsqueeze(1)
+        # Each sample is a positive of exactly one proxy: the positive term is a per-class log-sum-exp
+        # over B values, and only the negative term needs the B × C matrix (its positives masked out).
+        pos_exp = self.alpha * farther_by(mat.gather(1, target).squeeze(1), self.margin, sim)
+        neg_exp = self.alpha * farther_by(-self.margin, mat, sim)
         if weights is not None:
-            exps = exps + (weights - 1).unsqueeze(1)
-        pos_term = _column_logsumexp_add_one(exps, pos_mask)
-        neg_term = _column_logsumexp_add_one(exps, ~pos_mask)
-        num_pos = pos_mask.any(0).sum()
+            offset = weights - 1
+            pos_exp = pos_exp + offset
+            neg_exp = neg_exp + offset.unsqueeze(1)
+        pos_term = _grouped_logsumexp_add_one(pos_exp, labels, self.num_classes)
+        neg_term = _column_logsumexp_add_one(neg_exp.scatter(1, target, float("-inf")))
+        num_pos = torch.bincount(labels, minlength=self.num_classes).count_nonzero()
         self.record(num_pos_proxies=num_pos)
         if self.reduction == "mean":
             return pos_term.sum() / num_pos.clamp_min(1) + neg_term.sum() / self.num_classes
@@ -244,15 +329,20 @@ class ProxyAnchorLoss(ClassLoss):
         return f"margin={self.margin}, alpha={self.alpha}, " + super().extra_repr()
 
 
-def _column_logsumexp_add_one(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Column-wise ``log(1 + Σ_{i: mask[i,c]} exp(x[i,c]))``; 0 for a column with an empty mask.
+def _column_logsumexp_add_one(x: torch.Tensor) -> torch.Tensor:
+    """Column-wise ``log(1 + Σ_i exp(x[i,c]))``; entries equal to −inf are absent (a column of them gives 0).
 
-    The shift ``m = max(0, max_i x)`` keeps every ``exp`` ≤ 1; masked entries are excluded by ``where``
-    (their gradient is exactly 0), and an empty column gives ``log(exp(0)) + 0 = 0``.
+    The shift ``m = max(0, max_i x)`` keeps every ``exp`` ≤ 1; it is detached because the result does not
+    depend on it.
     """
-    masked = x.masked_fill(~mask, float("-inf"))
-    shift = masked.amax(0).clamp_min(0).detach()
-    total = torch.exp(masked - shift).sum(0) + torch.exp(-shift)
+    shift = x.detach().amax(0).clamp_min(0)
+    return torch.log(torch.exp(x - shift).sum(0) + torch.exp(-shift)) + shift
+
+
+def _grouped_logsumexp_add_one(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``log(1 + Σ_{i: groups_i = c} exp(values_i))`` for every ``c < num_groups`` (0 for empty groups)."""
+    shift = values.new_zeros(num_groups).scatter_reduce(0, groups, values.detach(), "amax")
+    total = torch.exp(-shift).index_add(0, groups, torch.exp(values - shift[groups]))
     return torch.log(total) + shift
 
 
@@ -305,11 +395,13 @@ class SoftTripleLoss(ClassLoss):
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
         weights = self.classes(embeddings, labels, indices_tuple)
-        sims = self.distance_matrix(embeddings, self.param(self.fc, embeddings).t())
+        sims = self.matrix_to(embeddings, self.param(self.fc, embeddings), columns=True)
         sims = sims.view(-1, self.num_classes, self.centers_per_class)
-        attention = torch.softmax(sims * (1.0 / self.gamma), dim=2)
-        class_sims = (attention * sims).sum(2)
-        logits = self.la * class_sims
+        # cosines are ≤ 1, so exp(γ⁻¹(s − 1)) cannot overflow; it underflows only when 2γ⁻¹ is large
+        bounded = self.distance == "cosine" or (self.distance == "dot" and self.normalize_embeddings)
+        limit = 80.0 if sims.dtype == torch.float32 else 700.0
+        shift = 1.0 if bounded and 2.0 / self.gamma < limit else None
+        logits = self.la * _SoftTripleSimilarity.apply(sims, 1.0 / self.gamma, shift)
         if self.margin != 0:
             target = logits.gather(1, labels.unsqueeze(1))
             logits = logits.scatter(1, labels.unsqueeze(1), target - self.la * self.margin)
@@ -321,6 +413,37 @@ class SoftTripleLoss(ClassLoss):
             f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
             f"margin={self.margin}, " + super().extra_repr()
         )
+
+
+class _SoftTripleSimilarity(torch.autograd.Function):
+    """``S_c = Σ_k softmax_k(s_ck / γ) s_ck`` over the last dimension, with a fused backward pass:
+    ``∂S_c/∂s_ck = p_ck (1 + (s_ck − S_c)/γ)``.
+
+    ``torch.softmax`` over a short last dimension is slow on CPU; the exponentials are shifted by
+    ``shift`` (an upper bound of ``s``, e.g. 1 for cosines) when given, else by the per-class maximum.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, sims: torch.Tensor, inv_gamma: float, shift: float | None
+    ) -> torch.Tensor:
+        if shift is None:
+            probs = (sims - sims.amax(2, keepdim=True)).mul_(inv_gamma).exp_()
+        else:
+            probs = (sims - shift).mul_(inv_gamma).exp_()
+        probs.div_(probs.sum(2, keepdim=True))
+        out = (probs * sims).sum(2)
+        ctx.save_for_backward(sims, probs, out)
+        ctx.inv_gamma = inv_gamma  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
+        sims, probs, out = ctx.saved_tensors  # type: ignore[attr-defined]
+        factor = (sims - out.unsqueeze(2)).mul_(ctx.inv_gamma).add_(1.0)  # type: ignore[attr-defined]
+        return factor.mul_(probs).mul_(grad.unsqueeze(2)), None, None
 
 
 @register("normsoftmax")
@@ -363,8 +486,11 @@ class NormalizedSoftmaxLoss(ClassLoss):
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
         weights = self.classes(embeddings, labels, indices_tuple)
-        classes = F.normalize(self.param(self.W, embeddings), p=2, dim=0).t()
-        mat = self.distance_matrix(embeddings, classes)
+        classes = self.param(self.W, embeddings)
+        if self.distance == "cosine" or (self.distance == "dot" and self.normalize_embeddings):
+            mat = cosine_matrix(embeddings, classes, columns=True)  # normalises the class weights itself
+        else:
+            mat = self.matrix_to(embeddings, F.normalize(classes, p=2, dim=0), columns=True)
         scale = 1.0 / self.temperature if self.is_similarity else -1.0 / self.temperature
         losses = F.cross_entropy(mat * scale, labels, reduction="none")
         return self.weighted_reduce(losses, weights)
@@ -403,7 +529,7 @@ class ManifoldLoss(ClassLoss):
         self,
         num_classes: int,
         embedding_size: int,
-        lambdaC: float = 1.0,  # noqa: N803 (PML's name)
+        lambdaC: float = 1.0,
         alpha: float = 0.8,
         margin: float = 5e-4,
         distance: str = "cosine",

@@ -2,10 +2,102 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from dmlkit.errors import ConfigError
-from dmlkit.losses.base import MatrixPairLoss, farther_by, masked_logsumexp, register
+from dmlkit.losses.base import (
+    PAIRS_AND_TRIPLETS,
+    BaseLoss,
+    MatrixPairLoss,
+    farther_by,
+    masked_logsumexp,
+    register,
+)
+from dmlkit.miners.tuples import IndicesTuple, label_masks, pair_masks, to_pairs
+
+SIMILARITIES = ("cosine", "dot")
+
+
+def require_distance(loss: str, distance: str, allowed: Collection[str], why: str) -> None:
+    """Raise ``ConfigError`` unless ``distance`` is one of ``allowed`` (``why`` says what needs it)."""
+    if distance not in allowed:
+        raise ConfigError(f"{loss}: distance must be one of {sorted(allowed)} ({why}), got {distance!r}")
+
+
+def masked_reduce(losses: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce the elements of ``losses`` selected by ``mask`` without building an index list.
+
+    Same semantics as :func:`dmlkit.losses.base.reduce` applied to ``losses[mask]`` (``mean``,
+    ``avg_non_zero``, ``sum``; no selected element gives 0), but with no data-dependent shape, so no
+    device sync. Unselected entries must be finite (their gradient is multiplied by 0).
+    """
+    if how == "mean":
+        keep = mask
+    elif how == "avg_non_zero":
+        keep = mask & (losses > 0)
+    elif how == "sum":
+        return torch.where(mask, losses, torch.zeros_like(losses)).sum()
+    else:  # let the base raise its usual UnknownNameError
+        from dmlkit.losses.base import reduce
+
+        return reduce(losses, how)
+    total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
+    return total / keep.sum().clamp_min(1).to(losses.dtype)
+
+
+def logsumexp_or_min(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``log Σ_{j: mask[i,j]} exp(x[i,j])``; a row with an empty mask gives a huge negative value.
+
+    Masked entries are the dtype's lowest finite value (not −inf), so the result and its gradient stay
+    finite: ``softplus(result − t)`` of an empty row is exactly 0 with a zero gradient.
+    """
+    return torch.logsumexp(x.masked_fill(~mask, torch.finfo(x.dtype).min), dim=1)
+
+
+class _ScaledProduct(torch.autograd.Function):
+    """``scale · x refᵀ`` (``scale · x xᵀ`` when ``ref`` is None) with the scale folded into the GEMM.
+
+    For the Gram case the backward is the single product ``scale · (G + Gᵀ) x`` instead of autograd's two.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, ref: torch.Tensor | None, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.gram = ref is None
+        other = x if ref is None else ref
+        ctx.save_for_backward(x, other)
+        return torch.addmm(x.new_zeros(()), x, other.T, beta=0, alpha=scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, other = ctx.saved_tensors
+        zero = grad.new_zeros(())
+        if ctx.gram:
+            return torch.addmm(zero, grad + grad.T, x, beta=0, alpha=ctx.scale), None, None
+        grad_x = torch.addmm(zero, grad, other, beta=0, alpha=ctx.scale) if ctx.needs_input_grad[0] else None
+        grad_ref = torch.addmm(zero, grad.T, x, beta=0, alpha=ctx.scale) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_ref, None
+
+
+def scaled_logits(
+    loss: BaseLoss, embeddings: torch.Tensor, ref_emb: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``scale · s`` for a similarity, ``−scale · d`` for a distance: the logits of softmax-type losses.
+
+    For a similarity the scale is folded into the matrix product (no extra pass over the ``B × R``
+    matrix, forward or backward), and a batch-vs-batch product needs one GEMM in the backward, not two.
+    """
+    if loss.is_similarity and (ref_emb is None or ref_emb.dtype == embeddings.dtype):
+        normalize = loss.normalize_embeddings or loss.distance == "cosine"
+        x = F.normalize(embeddings, p=2, dim=1) if normalize else embeddings
+        ref = None if ref_emb is None else (F.normalize(ref_emb, p=2, dim=1) if normalize else ref_emb)
+        return _ScaledProduct.apply(x, ref, scale)
+    mat = loss.distance_matrix(embeddings, ref_emb)
+    return mat * (scale if loss.is_similarity else -scale)
 
 
 @register("multisimilarity")
@@ -48,3 +140,348 @@ class MultiSimilarityLoss(MatrixPairLoss):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, base={self.base}, " + super().extra_repr()
+
+
+@register("circle")
+class CircleLoss(BaseLoss):
+    """Circle loss (Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization",
+    CVPR 2020, Eq. 6 with the weights of Eq. 8; PML ``CircleLoss``).
+
+    Per anchor ``i`` with similarities ``s_p`` (positives ``P_i``) and ``s_n`` (negatives ``N_i``)::
+
+        L_i = softplus( log Σ_{p∈P_i} exp(−γ α_p (s_p − Δ_p)) + log Σ_{n∈N_i} exp(γ α_n (s_n − Δ_n)) )
+        α_p = [1 + m − s_p]₊,  α_n = [s_n + m]₊   (treated as constants: no gradient, as in the paper)
+        Δ_p = 1 − m,           Δ_n = m
+
+    ``L_i = 0`` for anchors without a positive or without a negative. Reduced with ``avg_non_zero`` by
+    default (PML). Needs a similarity (``cosine``, the default, or ``dot``). Mined pairs restrict
+    ``P_i``/``N_i`` (a pair mined twice counts once, PML's matrix loss).
+
+    Statistics: ``num_pos_pairs``, ``num_neg_pairs`` (distinct pairs).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        m: float = 0.4,
+        gamma: float = 80.0,
+        distance: str = "cosine",
+        normalize_embeddings: bool = True,
+        reduction: str = "avg_non_zero",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        require_distance("circle", distance, SIMILARITIES, "the margins are defined on similarities")
+        self.m = float(m)
+        self.gamma = float(gamma)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        mat = scaled_logits(self, embeddings, ref_emb, 1.0)
+        if indices_tuple is None:
+            # not_pos / not_neg are the masks to fill; without a miner they come from one label compare.
+            same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
+            not_neg = same
+            not_pos = ~same
+            num_same = same.sum(dim=1)
+            if ref_labels is None:
+                not_pos.fill_diagonal_(True)
+                num_pos = num_same - 1
+            else:
+                num_pos = num_same
+            num_neg = mat.shape[1] - num_same
+            is_pos = same
+        else:
+            pos_mask, neg_mask = pair_masks(
+                to_pairs(indices_tuple, labels, ref_labels), tuple(mat.shape), mat.device
+            )
+            not_pos, not_neg = ~pos_mask, ~neg_mask
+            num_pos, num_neg = pos_mask.sum(dim=1), neg_mask.sum(dim=1)
+            is_pos = pos_mask
+        m, gamma = self.m, self.gamma
+        with torch.no_grad():
+            # α_p, α_n and the offsets Δ_p, Δ_n are constants (no gradient through the weights, as PML).
+            coef = torch.where(is_pos, (-gamma) * torch.relu((1.0 + m) - mat), gamma * torch.relu(mat + m))
+            offset = torch.where(is_pos, mat.new_tensor(1.0 - m), mat.new_tensor(m))
+        logits = (mat - offset) * coef
+        lowest = torch.finfo(logits.dtype).min
+        lse_pos = torch.logsumexp(logits.masked_fill(not_pos, lowest), dim=1)
+        lse_neg = torch.logsumexp(logits.masked_fill(not_neg, lowest), dim=1)
+        losses = F.softplus(lse_pos + lse_neg).masked_fill((num_pos == 0) | (num_neg == 0), 0.0)
+        self.record(num_pos_pairs=num_pos.sum(), num_neg_pairs=num_neg.sum())
+        return self.reduce(losses)
+
+    def extra_repr(self) -> str:
+        return f"m={self.m}, gamma={self.gamma}, " + super().extra_repr()
+
+
+@register("supcon")
+class SupConLoss(BaseLoss):
+    """Supervised contrastive loss (Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020,
+    Eq. 2, L^sup_out; PML ``SupConLoss``).
+
+    Per anchor ``i`` with logits ``z_ij = s_ij / τ`` (``−d_ij / τ`` for a distance), positives ``P_i`` and
+    negatives ``N_i``::
+
+        L_i = −1/|P_i| Σ_{p∈P_i} log( exp(z_ip) / Σ_{a∈P_i∪N_i} exp(z_ia) )
+            = log Σ_{a∈P_i∪N_i} exp(z_ia) − 1/|P_i| Σ_{p∈P_i} z_ip
+
+    ``L_i = 0`` when ``P_i`` is empty; the whole loss is 0 when the batch (or the mined set) has no
+    positive pair or no negative pair (PML). All anchors are reduced, with ``avg_non_zero`` by default
+    (PML). Mined pairs restrict ``P_i``/``N_i`` (a pair mined twice counts once, PML's matrix loss).
+
+    Statistics: ``num_pos_pairs``, ``num_neg_pairs`` (distinct pairs).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        distance: str = "cosine",
+        normalize_embeddings: bool = True,
+        reduction: str = "avg_non_zero",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        if temperature <= 0:
+            raise ConfigError(f"supcon: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        logits = scaled_logits(self, embeddings, ref_emb, 1.0 / self.temperature)
+        if indices_tuple is None:
+            # Every pair is a positive or a negative except self pairs: the denominator needs no mask
+            # beyond the diagonal, and whether any negative exists is a question about labels alone.
+            all_labels = labels if ref_labels is None else torch.cat([labels, ref_labels])
+            any_neg = (all_labels != labels[:1]).any()
+            pos_mask = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
+            if ref_emb is None:
+                pos_mask.fill_diagonal_(False)
+                eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+                denominator = torch.logsumexp(logits.masked_fill(eye, torch.finfo(logits.dtype).min), dim=1)
+                num_pairs = logits.shape[0] * (logits.shape[0] - 1)
+            else:
+                denominator = torch.logsumexp(logits, dim=1)
+                num_pairs = logits.numel()
+            num_pos = pos_mask.sum(dim=1)
+            total_pos = num_pos.sum()
+            self.record(num_pos_pairs=total_pos, num_neg_pairs=num_pairs - total_pos)
+        else:
+            pairs = to_pairs(indices_tuple, labels, ref_labels)
+            pos_mask, neg_mask = pair_masks(pairs, tuple(logits.shape), logits.device)
+            denominator = logsumexp_or_min(logits, pos_mask | neg_mask)
+            num_pos = pos_mask.sum(dim=1)
+            any_neg = neg_mask.any()
+            self.record(num_pos_pairs=num_pos.sum(), num_neg_pairs=neg_mask.sum())
+        has_pos = num_pos > 0
+        pos_sum = (logits * pos_mask).sum(dim=1)
+        losses = denominator - pos_sum / num_pos.clamp_min(1).to(logits.dtype)
+        # Rows without positives are 0, and so is everything when no pair is negative (PML); no sync.
+        return self.reduce(losses.masked_fill(~(has_pos & has_pos.any() & any_neg), 0.0))
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, " + super().extra_repr()
+
+
+@register("ntxent")
+class NTXentLoss(BaseLoss):
+    """NT-Xent / InfoNCE loss (Sohn, "Improved Deep Metric Learning with Multi-class N-pair Loss
+    Objective", NeurIPS 2016; Chen et al., SimCLR, ICML 2020; PML ``NTXentLoss``).
+
+    One term per positive pair ``(a, p)``, with logits ``z = s / τ`` (``−d / τ`` for a distance)::
+
+        L_ap = −log( exp(z_ap) / (exp(z_ap) + Σ_{n∈N_a} exp(z_an)) )
+             = softplus(log Σ_{n∈N_a} exp(z_an) − z_ap)
+
+    where ``N_a`` are the anchor's negatives (all of them, or the mined negative pairs with that anchor,
+    repeated ones counted repeatedly). ``L_ap = 0`` when ``N_a`` is empty. The positive-pair terms are
+    reduced with ``mean`` by default (PML). Without a miner no pair index list is built: the terms are a
+    masked ``B × R`` matrix.
+
+    Statistics: ``num_pos_pairs``, ``num_neg_pairs``.
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        distance: str = "cosine",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        if temperature <= 0:
+            raise ConfigError(f"ntxent: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        logits = scaled_logits(self, embeddings, ref_emb, 1.0 / self.temperature)
+        if indices_tuple is None:
+            pos_mask, neg_mask = label_masks(labels, ref_labels)
+            neg_lse = logsumexp_or_min(logits, neg_mask)
+            losses = F.softplus(neg_lse.unsqueeze(1) - logits)
+            self.record(num_pos_pairs=pos_mask.sum(), num_neg_pairs=neg_mask.sum())
+            return masked_reduce(losses, pos_mask, self.reduction)
+        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        # A negative pair mined k times counts k times in its anchor's denominator: log k is added to
+        # its logit instead of repeating it.
+        counts = torch.zeros_like(logits).index_put_((a2, n), torch.ones_like(a2, dtype=logits.dtype), True)
+        neg_mask = counts > 0
+        neg_lse = logsumexp_or_min(logits + torch.log(counts.masked_fill(~neg_mask, 1.0)), neg_mask)
+        losses = F.softplus(neg_lse[a1] - logits[a1, p])
+        self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
+        return self.reduce(losses)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, " + super().extra_repr()
+
+
+def anchor_weights(
+    indices_tuple: IndicesTuple | None, batch_size: int, using_ref: bool, like: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample weights from a miner's output (PML ``convert_to_weights``).
+
+    ``w_i = c_i / max_j c_j`` where ``c_i`` counts the occurrences of sample ``i`` in the tuple (anchors
+    only when a reference set is used, every index otherwise); all ones without a miner or when the tuple
+    is empty.
+    """
+    ones = like.new_ones(batch_size)
+    if indices_tuple is None or all(t.numel() == 0 for t in indices_tuple):
+        return ones
+    if using_ref:
+        idx = indices_tuple[0] if len(indices_tuple) == 3 else torch.cat([indices_tuple[0], indices_tuple[2]])
+    else:
+        idx = torch.cat(list(indices_tuple))
+    counts = like.new_zeros(batch_size).index_add_(0, idx.to(like.device), like.new_ones(idx.shape[0]))
+    return counts / counts.max()
+
+
+@register("nca")
+class NCALoss(BaseLoss):
+    """Neighbourhood components analysis (Goldberger et al., "Neighbourhood Components Analysis",
+    NeurIPS 2004; PML ``NCALoss``).
+
+    With ``z_ij = −softmax_scale · d_ij`` (``+softmax_scale · s_ij`` for a similarity) and ``j ≠ i`` when
+    the reference set is the batch::
+
+        p_ij = exp(z_ij) / Σ_k exp(z_ik),   L_i = −log Σ_{j: y_j = y_i} p_ij
+
+    computed as ``logsumexp_all − logsumexp_same``. Anchors without a same-label reference are left out;
+    the rest are reduced with ``mean`` (PML). A miner's output only weights the anchors:
+    ``L_i · c_i / max c`` with ``c_i`` the number of times sample ``i`` occurs in the tuple (PML
+    ``convert_to_weights``).
+
+    Statistics: ``num_anchors`` (anchors with a positive).
+    """
+
+    tuple_kinds = PAIRS_AND_TRIPLETS
+
+    def __init__(
+        self,
+        softmax_scale: float = 1.0,
+        distance: str = "squared_euclidean",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        self.softmax_scale = float(softmax_scale)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if embeddings.shape[0] <= 1:
+            return self.zero_loss(embeddings)
+        mat = self.distance_matrix(embeddings, ref_emb)
+        logits = self.softmax_scale * (mat if self.is_similarity else -mat)
+        same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
+        if ref_emb is None:
+            eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+            logits = logits.masked_fill(eye, torch.finfo(logits.dtype).min)
+            same = same & ~eye
+        has_pos = same.any(dim=1)
+        losses = torch.logsumexp(logits, dim=1) - logsumexp_or_min(logits, same)
+        weights = anchor_weights(indices_tuple, embeddings.shape[0], ref_emb is not None, losses)
+        losses = torch.where(has_pos, losses, torch.zeros_like(losses)) * weights
+        self.record(num_anchors=has_pos.sum())
+        return masked_reduce(losses, has_pos, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"softmax_scale={self.softmax_scale}, " + super().extra_repr()
+
+
+@register("instance")
+class InstanceLoss(BaseLoss):
+    """Instance loss with the batch as classifier (Zheng et al., "Dual-Path Convolutional Image-Text
+    Embeddings with Instance Loss", ACM TOMM 2020; PML ``InstanceLoss``, with a deliberate fix).
+
+    Every distinct label of the batch is a class whose classifier weight is the class's first sample
+    ``f(c)`` in the batch; with ``s`` the cosine similarity::
+
+        L_i = −log( exp(γ s(x_i, x_f(y_i))) / Σ_{c ∈ labels of the batch} exp(γ s(x_i, x_f(c))) )
+
+    reduced with ``mean`` (PML). With all-distinct labels every sample is its own class (the paper's
+    instance discrimination, ``f(c) = i``) and this is exactly PML's loss; PML also uses the label's rank
+    as the target, but over a ``B × B`` logit matrix whose columns are samples, so with repeated or
+    unsorted labels its target is an unrelated sample (documented deviation in ``docs/losses.md``). A
+    batch with a single label gives 0. Takes no miner and no reference set; needs a similarity.
+    """
+
+    accepts_ref = False
+
+    def __init__(
+        self,
+        gamma: float = 64.0,
+        distance: str = "cosine",
+        normalize_embeddings: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(distance, normalize_embeddings, reduction)
+        require_distance("instance", distance, SIMILARITIES, "the logits are scaled similarities")
+        self.gamma = float(gamma)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        logits = self.gamma * self.distance_matrix(embeddings, None)
+        same = labels.unsqueeze(1) == labels.unsqueeze(0)
+        # Column j represents a class iff j is its label's first sample; the target of row i is the first
+        # sample of y_i. Both from the B × B label mask, so no torch.unique (no device sync).
+        first_of_class = same.int().argmax(dim=1)
+        is_first = first_of_class == torch.arange(labels.shape[0], device=labels.device)
+        logits = logits.masked_fill(~is_first.unsqueeze(0), torch.finfo(logits.dtype).min)
+        losses = F.cross_entropy(logits, first_of_class, reduction="none")
+        return self.reduce(losses)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, " + super().extra_repr()

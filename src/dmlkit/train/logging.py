@@ -51,6 +51,7 @@ class RunLogger:
 
     def __init__(self, config: TrainConfig, run_dir: Path) -> None:
         self.history_path = run_dir / "history.jsonl"
+        self.per_step = config.tensorboard or config.wandb  # per-iteration scalars go to these only
         self.tb = None
         self.wandb_run = None
         if config.tensorboard:

@@ -197,7 +197,9 @@ class Trainer:
         if config.freeze_bn:
             models.freeze_batchnorm(self.model)  # before the optimizer sees the parameters
         embedding_size = self.model.embedding_size
-        self.objective: Objective = build_objective(config, num_classes, embedding_size).to(self.device)
+        self.objective: Objective = build_objective(
+            config, num_classes, embedding_size, len(self.train_set)
+        ).to(self.device)
 
         sampler_kwargs = dict(config.sampler_args)
         if config.sampler == "m_per_class":
@@ -391,7 +393,7 @@ class Trainer:
         return False
 
     def _new_epoch_totals(self) -> dict[str, Any]:
-        return {"sums": {}, "counted": 0, "images": 0, "skipped": 0, "seconds": 0.0}
+        return {"sums": {}, "counts": {}, "counted": 0, "images": 0, "skipped": 0, "seconds": 0.0}
 
     def _train_one_epoch(self) -> bool:
         """Train on the rest of the current epoch; True when stopped by a signal.
@@ -425,10 +427,13 @@ class Trainer:
                 totals["skipped"] += 1
             else:
                 totals["counted"] += 1
-                sums = totals["sums"]
-                sums["train_loss"] = sums.get("train_loss", 0.0) + loss_value
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                sums, counts = totals["sums"], totals["counts"]
+                for key, value in (("train_loss", loss_value), *stats.items()):
+                    if math.isfinite(value):  # statistics absent or undefined at a step are not averaged in
+                        sums[key] = sums.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
+                if self.logger.per_step:
+                    self.logger.log_scalars({"train/loss": loss_value, **stats}, step=self.global_step)
             rate = totals["images"] / max(totals["seconds"], 1e-9)
             bar.set_postfix(
                 loss=f"{loss_value:.4f}" if loss_value is not None else "skip",
@@ -441,8 +446,7 @@ class Trainer:
                 bar.close()
                 return True
         bar.close()
-        counted = max(totals["counted"], 1)
-        self._epoch_stats = {key: value / counted for key, value in totals["sums"].items()}
+        self._epoch_stats = {key: value / totals["counts"][key] for key, value in totals["sums"].items()}
         self._epoch_stats.update(
             images_per_s=totals["images"] / max(totals["seconds"], 1e-9),
             epoch_time_s=totals["seconds"],

@@ -1,48 +1,148 @@
-"""What the training loop minimises: a loss, optionally fed by a miner.
+"""What the training loop minimises: a loss, optionally fed by a miner and a cross-batch memory.
 
-The loop only calls ``objective(embeddings, labels, indices)``; later additions (cross-batch memory,
-loss combinations) extend this object, never the loop.
+The loop only calls ``objective(embeddings, labels, indices)``; features such as the cross-batch
+memory live here, never in the loop.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
 from dmlkit import losses, miners
 from dmlkit.config import TrainConfig
+from dmlkit.errors import ConfigError
+from dmlkit.memory import CrossBatchMemory, resolve_size
+
+
+def _valid_negatives(stats: dict[str, float]) -> float | None:
+    """Negative pairs with a non-zero loss (pair losses), else the negative pairs used (matrix losses)."""
+    for key in ("num_active_neg_pairs", "num_neg_pairs", "num_active_triplets"):
+        if key in stats:
+            return stats[key]
+    return None
 
 
 class Objective(nn.Module):
-    """``loss(embeddings, labels, miner(embeddings, labels))`` with statistics for logging."""
+    """``loss(embeddings, labels, miner(...))`` + ``weight`` × the same against a cross-batch memory.
 
-    def __init__(self, loss: nn.Module, miner: nn.Module | None = None) -> None:
+    With a ``memory``: from iteration ``memory_start`` on, each batch's anchors are also compared with
+    the memory contents through the loss's ``ref_emb/ref_labels`` path (with the miner, if any, mining
+    against the memory); then the batch is enqueued. Enqueuing *after* use means a batch is never its
+    own reference set; stored copies of the same dataset items from earlier iterations are excluded by
+    dataset index (``ref_exclude``, or by filtering mined tuples).
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        miner: nn.Module | None = None,
+        memory: CrossBatchMemory | None = None,
+        memory_weight: float = 1.0,
+        memory_start: int = 0,
+    ) -> None:
         super().__init__()
         self.loss = loss
         self.miner = miner
+        self.memory = memory
+        self.memory_weight = float(memory_weight)
+        self.memory_start = int(memory_start)
+        self._loss_takes_exclude = "ref_exclude" in inspect.signature(loss.forward).parameters
+        self._stats: dict[str, float] = {}
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the scalar loss and a flat dict of statistics (miner and loss counters).
+        """Return the scalar loss and a flat dict of statistics (loss, miner and memory counters).
 
-        ``indices`` are the dataset indices of the batch items; the base objective does not need them
-        but memory-based objectives do (to exclude an item's own stored copy).
+        ``indices`` are the dataset indices of the batch items (needed with a memory).
         """
         indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
         value = self.loss(embeddings, labels, indices_tuple)
-        return value, self.stats()
+        stats = self._collect("", self.loss, self.miner)
+        if self.memory is not None:
+            if indices is None:
+                raise ConfigError("a cross-batch memory needs the dataset indices of the batch")
+            value = value + self._memory_term(embeddings, labels, indices, stats)
+        return value, stats
 
-    def stats(self) -> dict[str, float]:
+    def _memory_term(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, stats: dict[str, float]
+    ) -> torch.Tensor:
+        memory = self.memory
+        assert memory is not None
+        iteration = int(memory.iteration)
+        memory.iteration += 1
+        term = embeddings.new_zeros(())
+        batch_negatives = _valid_negatives({k.removeprefix("loss/"): v for k, v in stats.items()})
+        stats["xbm/valid_neg_pairs_batch"] = batch_negatives if batch_negatives is not None else float("nan")
+        if iteration < self.memory_start:
+            stats["xbm/active"] = 0.0
+            return term
+        stats["xbm/active"] = 1.0
+        if len(memory) > 0:
+            ref_emb, ref_labels, ref_indices = memory.contents()
+            ref_emb = ref_emb.to(embeddings.dtype)
+            own_copy = indices[:, None] == ref_indices[None, :]
+            if self.miner is not None:
+                mined = self.miner(embeddings, labels, ref_emb, ref_labels)
+                term = self.loss(embeddings, labels, _drop_own_copies(mined, own_copy), ref_emb, ref_labels)
+            elif self._loss_takes_exclude:
+                term = self.loss(embeddings, labels, None, ref_emb, ref_labels, ref_exclude=own_copy)
+            else:
+                pairs = _all_pairs_except(labels, ref_labels, own_copy)
+                term = self.loss(embeddings, labels, pairs, ref_emb, ref_labels)
+            memory_stats = self._collect("xbm/", self.loss, self.miner)
+            stats.update(memory_stats)
+            memory_negatives = _valid_negatives(
+                {k.removeprefix("xbm/loss/"): v for k, v in memory_stats.items()}
+            )
+            stats["xbm/valid_neg_pairs_memory"] = (
+                memory_negatives if memory_negatives is not None else float("nan")
+            )
+        stats["xbm/fill"] = float(len(memory))
+        if torch.isfinite(embeddings).all():  # a non-finite batch (to be skipped) must not poison the memory
+            memory.enqueue_all_ranks(embeddings.detach(), labels, indices)
+        return self.memory_weight * term
+
+    @staticmethod
+    def _collect(prefix: str, loss: nn.Module, miner: nn.Module | None) -> dict[str, float]:
         out: dict[str, float] = {}
-        for prefix, module in (("loss", self.loss), ("miner", self.miner)):
+        for name, module in (("loss", loss), ("miner", miner)):
             for key, val in (getattr(module, "last_stats", None) or {}).items():
-                out[f"{prefix}/{key}"] = float(val)
+                out[f"{prefix}{name}/{key}"] = float(val)
         return out
 
 
-def build_objective(config: TrainConfig, num_classes: int, embedding_size: int) -> Objective:
-    """Loss and miner from the config; ``num_classes`` / ``embedding_size`` go to losses that need them."""
+def _drop_own_copies(
+    indices_tuple: tuple[torch.Tensor, ...], own_copy: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Drop mined tuples whose positive is the anchor's own stored copy (a negative never is one)."""
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        keep = ~own_copy[a, p]
+        return a[keep], p[keep], n[keep]
+    a1, p, a2, n = indices_tuple
+    keep = ~own_copy[a1, p]
+    return a1[keep], p[keep], a2, n
+
+
+def _all_pairs_except(
+    labels: torch.Tensor, ref_labels: torch.Tensor, own_copy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every anchor × memory pair as a pairs tuple, without the anchors' own stored copies."""
+    same = labels[:, None] == ref_labels[None, :]
+    a1, p = torch.nonzero(same & ~own_copy, as_tuple=True)
+    a2, n = torch.nonzero(~same, as_tuple=True)
+    return a1, p, a2, n
+
+
+def build_objective(
+    config: TrainConfig, num_classes: int, embedding_size: int, train_size: int | None = None
+) -> Objective:
+    """Loss, miner and memory from the config (``num_classes``/``embedding_size`` to losses needing them)."""
     loss_cls = losses.REGISTRY.get(config.loss)
     needs = getattr(loss_cls, "needs", frozenset())
     kwargs = dict(config.loss_args)
@@ -52,4 +152,9 @@ def build_objective(config: TrainConfig, num_classes: int, embedding_size: int) 
         kwargs.setdefault("embedding_size", embedding_size)
     loss = losses.build(config.loss, **kwargs)
     miner = miners.build(config.miner, **config.miner_args) if config.miner else None
-    return Objective(loss, miner)
+    memory = None
+    if config.xbm_size is not None:
+        if train_size is None:
+            raise ConfigError("a cross-batch memory sized as a ratio needs the training-set size")
+        memory = CrossBatchMemory(resolve_size(config.xbm_size, train_size), embedding_size, config.xbm_dtype)
+    return Objective(loss, miner, memory, config.xbm_weight, config.xbm_start)
