@@ -22,3 +22,10 @@ def test_quick_start_is_two_command_lines() -> None:
     assert len(lines) == 2
     assert lines[0].endswith("dmlkit train") and "constraints.txt" in lines[0]
     assert "[dev]" in lines[1] and "pytest" in lines[1]
+
+
+def test_docs_python_examples_run() -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for page in sorted(docs.glob("*.md")):
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
+            exec(compile(block, str(page), "exec"), {})

@@ -145,7 +145,15 @@ def avg_non_zero(values: list) -> torch.Tensor | float:
 
 
 def quadruplet_loop(
-    emb, labels, triplets, ref=None, ref_labels=None, alpha1=0.2, alpha2=0.2, distance="euclidean", fourth=None
+    emb,
+    labels,
+    triplets,
+    ref=None,
+    ref_labels=None,
+    alpha1=0.2,
+    alpha2=0.2,
+    distance="euclidean",
+    fourth=None,
 ):
     """Roth et al.'s quadruplet loss: mean_t [d_ap − d_an + α₁]₊ + mean_t [d_ap − d(n, n') + α₂]₊.
 
@@ -243,7 +251,9 @@ def margin_loop(emb, labels, triplets, margin=0.2, beta=1.2, nu=0.0, reduction="
         betas.append(b)
         terms.append(torch.relu(dist(emb[a], emb[p], "euclidean") - b + margin))
         terms.append(torch.relu(b - dist(emb[a], emb[n], "euclidean") + margin))
-    count = {"avg_non_zero": sum(float(t.detach()) > 0 for t in terms), "mean": len(terms), "sum": 1}[reduction]
+    count = {"avg_non_zero": sum(float(t.detach()) > 0 for t in terms), "mean": len(terms), "sum": 1}[
+        reduction
+    ]
     value = sum(terms) / count if count else 0.0
     if learn and per_class:
         value = value + (nu * sum(betas) / count if count else 0.0)

@@ -92,7 +92,9 @@ def twins(
     return ours, theirs
 
 
-def grads_close(ours: torch.Tensor | None, theirs: torch.Tensor | None, like: torch.Tensor, tol: dict) -> None:
+def grads_close(
+    ours: torch.Tensor | None, theirs: torch.Tensor | None, like: torch.Tensor, tol: dict
+) -> None:
     a = ours if ours is not None else torch.zeros_like(like)
     b = theirs if theirs is not None else torch.zeros_like(like)
     assert torch.isfinite(a).all()
@@ -115,10 +117,9 @@ def compare_twins(
     _, ours_attr, pml_attr = PML_TWINS[name]
     x_ours, x_pml = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
     value = ours(x_ours, labels, indices_tuple)
-    if name == "manifold":  # PML's ManifoldLoss takes no labels: the proxy assignment is its indices_tuple
-        reference = theirs(x_pml, None, labels)
-    else:
-        reference = theirs(x_pml, labels, indices_tuple)
+    # PML's ManifoldLoss takes no labels: the proxy assignment is its indices_tuple
+    manifold = name == "manifold"
+    reference = theirs(x_pml, None, labels) if manifold else theirs(x_pml, labels, indices_tuple)
     assert value.ndim == 0 and torch.isfinite(value)
     torch.testing.assert_close(value, reference.to(value.dtype), **tol)
     value.backward()

@@ -416,7 +416,7 @@ def test_tuplet_margin_identical_positives_have_finite_gradient() -> None:
 def test_dsm_histogram_runs_like_pml_over_calls() -> None:
     ours, theirs = losses.build("dynamic_soft_margin", momentum=0.2).double(), pml_dsm(momentum=0.2)
     g = torch.Generator().manual_seed(8)
-    for step in range(4):
+    for _ in range(4):
         emb = torch.randn(20, 8, generator=g, dtype=torch.float64)
         labels = torch.randint(0, 4, (20,), generator=g)
         compare(ours, theirs, emb, labels)
@@ -425,12 +425,14 @@ def test_dsm_histogram_runs_like_pml_over_calls() -> None:
     emb, labels = make_batch(20, 8, 4, torch.float64, seed=1)
     fresh = losses.build("dynamic_soft_margin")
     torch.testing.assert_close(
-        fresh(emb.requires_grad_(True), labels), pml.DynamicSoftMarginLoss()(emb, labels), **TOL[torch.float64]
+        fresh(emb.requires_grad_(True), labels),
+        pml.DynamicSoftMarginLoss()(emb, labels),
+        **TOL[torch.float64],
     )
 
 
 def test_dsm_values_past_the_last_bin_count_in_it() -> None:
-    # d(a,p) ≈ 2 and d(a,n) ≈ 0: x ≈ 2 ≥ min_val + (num_bins − 1)·δ = 1.6, where PML fails (index out of bounds)
+    # d(a,p) ≈ 2, d(a,n) ≈ 0: x ≈ 2 ≥ min_val + (num_bins − 1)·δ = 1.6, where PML indexes out of bounds
     emb = torch.tensor([[1.0, 0.0], [-1.0, 0.05], [1.0, 0.01], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 2, 2])
     with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
@@ -475,8 +477,8 @@ def test_quadruplet_defaults_are_roths() -> None:
 QUAD_SOURCES = ["all", "triplets", "pairs", "ref"]
 
 
-def quad_inputs(source: str):
-    emb, labels = make_batch(12, 5, 4, torch.float64, seed=21)
+def quad_inputs(source: str, dtype: torch.dtype = torch.float64):
+    emb, labels = make_batch(12, 5, 4, dtype, seed=21)
     ref = ref_labels = indices_tuple = None
     triplets = loop_triplets(labels)
     if source == "triplets":
@@ -488,15 +490,16 @@ def quad_inputs(source: str):
         indices_tuple = tuple(torch.tensor(v) for v in (*zip(*pos, strict=True), *zip(*neg, strict=True)))
         triplets = [(a, p, n) for a, p in pos for a2, n in neg if a2 == a]
     elif source == "ref":
-        ref, ref_labels = make_batch(14, 5, 5, torch.float64, seed=22)
+        ref, ref_labels = make_batch(14, 5, 5, dtype, seed=22)
         triplets = loop_triplets(labels, ref_labels)
     return emb, labels, indices_tuple, ref, ref_labels, triplets
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("source", QUAD_SOURCES)
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-def test_quadruplet_all_fourth_negatives_matches_loop(source, distance) -> None:
-    emb, labels, indices_tuple, ref, ref_labels, triplets = quad_inputs(source)
+def test_quadruplet_all_fourth_negatives_matches_loop(source, distance, dtype) -> None:
+    emb, labels, indices_tuple, ref, ref_labels, triplets = quad_inputs(source, dtype)
     loss = losses.build("quadruplet", margin_alpha_1=0.3, margin_alpha_2=0.1, distance=distance)
     tensors = (emb,) if ref is None else (emb, ref)
 
@@ -536,7 +539,9 @@ def test_quadruplet_fourth_negative_sampler_is_uniform_over_valid_items() -> Non
     assert valid.all()
     for k, (anchor, neg) in enumerate([(0, 2), (1, 1), (4, 2), (10, 3)]):
         drawn = fourth[k * 6000 : (k + 1) * 6000]
-        allowed = [j for j in range(12) if int(ref_labels[j]) not in (int(labels[anchor]), int(ref_labels[neg]))]
+        allowed = [
+            j for j in range(12) if int(ref_labels[j]) not in (int(labels[anchor]), int(ref_labels[neg]))
+        ]
         counts = torch.bincount(drawn, minlength=12)
         assert set(torch.nonzero(counts).flatten().tolist()) == set(allowed)
         expected = 6000 / len(allowed)

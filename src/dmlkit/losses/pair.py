@@ -200,9 +200,9 @@ def _mean_hinge_over_fourth(
     start = torch.searchsorted(sorted_l, anchor_labels)
     size = torch.searchsorted(sorted_l, anchor_labels, right=True) - start
     size = torch.where(anchor_labels == row_labels[row_of], 0, size)  # already excluded with the row's
-    width = torch.arange(int(size.max()) if num else 0, device=device)
-    member = width.unsqueeze(0) < size.unsqueeze(1)
-    members = by_label[(start.unsqueeze(1) + width).clamp_max(num_ref - 1)]
+    offsets = torch.arange(int(size.max()) if num else 0, device=device)
+    member = offsets.unsqueeze(0) < size.unsqueeze(1)
+    members = by_label[(start.unsqueeze(1) + offsets).clamp_max(num_ref - 1)]
     y_members = rows[row_of.unsqueeze(1), members]
     hinge_members = torch.where(member, F.relu(c.unsqueeze(1) - y_members), 0.0)
     active = below - (member & (y_members < c.unsqueeze(1))).sum(1)
@@ -632,7 +632,8 @@ class QuadrupletLoss(TripletLoss):
     reduced over triplets (``mean``, as Roth) and the two are summed. ``fourth_negatives`` picks ``n'``:
 
     - ``"all"`` (default): the second hinge is averaged over every valid ``n'`` — the expectation of
-      Roth's random draw, deterministic. Costs ``T × R`` for ``T`` triplets and ``R`` reference items.
+      Roth's random draw, deterministic. No ``T × R`` tensor (``T`` triplets, ``R`` reference items): a
+      sort per distinct negative and a binary search per triplet (:func:`_mean_hinge_over_fourth`).
     - ``"random"``: one ``n'`` per triplet drawn uniformly from the valid ones with the global torch RNG
       (Roth's code; it draws any index other than ``n``'s, see docs/losses.md).
 

@@ -174,11 +174,20 @@ def all_pairs(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> P
 def all_triplets(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> Triplets:
     """Every ``(a, p, n)`` with ``p`` a positive and ``n`` a negative of ``a``, lexicographic order.
 
-    Materialises a ``B × R × R`` boolean tensor, as PML's vectorised method does.
+    Same triplets, same order as ``nonzero(pos[:, :, None] & neg[:, None, :])`` (PML's vectorised
+    method) without the ``B × R × R`` mask: each positive pair is repeated once per negative of its
+    anchor, and the negatives are read from the row-major negative pairs, which are grouped by anchor.
     """
     pos, neg = label_masks(labels, ref_labels)
-    a, p, n = torch.nonzero(pos.unsqueeze(2) & neg.unsqueeze(1), as_tuple=True)
-    return a, p, n
+    a1, p = torch.nonzero(pos, as_tuple=True)
+    n_of_anchor = torch.nonzero(neg, as_tuple=True)[1]
+    num_neg = neg.sum(1)
+    reps = num_neg[a1]
+    first_neg = torch.repeat_interleave((torch.cumsum(num_neg, 0) - num_neg)[a1], reps)
+    run_start = torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    offset = torch.arange(first_neg.numel(), device=labels.device) - run_start
+    n = n_of_anchor[first_neg + offset]
+    return torch.repeat_interleave(a1, reps), torch.repeat_interleave(p, reps), n
 
 
 def random_triplets(

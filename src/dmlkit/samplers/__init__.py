@@ -1,6 +1,8 @@
 """Batch samplers: ``build(name, labels, batch_size, **kwargs)`` gives a resumable, rank-aware sampler.
 
-Use the result as ``torch.utils.data.DataLoader(dataset, batch_sampler=sampler)``. See ``docs/samplers.md``.
+Use the result as ``torch.utils.data.DataLoader(dataset, batch_sampler=sampler)``. Samplers whose
+``needs_embeddings`` is true also need ``update_embeddings(indices, embeddings)`` after every training
+step (see :class:`EmbeddingBatchSampler`). See ``docs/samplers.md``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,29 @@ import torch
 
 from dmlkit.samplers.base import REGISTRY, BatchSampler, RandomBatchSampler
 from dmlkit.samplers.class_balanced import MPerClassSampler
+from dmlkit.samplers.coreset import (
+    D2CoresetSampler,
+    DistHistBatchMatchSampler,
+    EmbeddingBatchSampler,
+    GreedyCoresetSampler,
+)
+from dmlkit.samplers.hierarchical import HierarchicalSampler
+from dmlkit.samplers.intra_class import IntraClassUniformSampler
 
-__all__ = ["REGISTRY", "BatchSampler", "MPerClassSampler", "RandomBatchSampler", "available", "build"]
+__all__ = [
+    "REGISTRY",
+    "BatchSampler",
+    "D2CoresetSampler",
+    "DistHistBatchMatchSampler",
+    "EmbeddingBatchSampler",
+    "GreedyCoresetSampler",
+    "HierarchicalSampler",
+    "IntraClassUniformSampler",
+    "MPerClassSampler",
+    "RandomBatchSampler",
+    "available",
+    "build",
+]
 
 
 def build(

@@ -22,7 +22,7 @@ import math
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -106,7 +106,14 @@ class BatchSampler(Sampler[list[int]], ABC):
 
     Subclasses implement :attr:`num_global_batches` and :meth:`_build_epoch`, and call
     :meth:`_check_shareable` at the end of their ``__init__``.
+
+    ``needs_embeddings`` tells a trainer whether it must feed the sampler the embeddings of every
+    training batch (see :class:`dmlkit.samplers.coreset.EmbeddingBatchSampler`); it is ``False`` here.
     """
+
+    needs_embeddings: ClassVar[bool] = False
+    #: keys :meth:`load_state_dict` accepts; subclasses with more state extend it.
+    state_keys: ClassVar[tuple[str, ...]] = _STATE_KEYS
 
     def __init__(
         self,
@@ -246,8 +253,8 @@ class BatchSampler(Sampler[list[int]], ABC):
         the same cursor addresses different batches under another seed or rank layout.
         """
         for key in state:
-            if key not in _STATE_KEYS:
-                raise UnknownNameError(unknown_name_message("sampler state key", str(key), _STATE_KEYS))
+            if key not in self.state_keys:
+                raise UnknownNameError(unknown_name_message("sampler state key", str(key), self.state_keys))
         for key in ("epoch", "batches_yielded"):
             if key not in state:
                 raise ConfigError(f"sampler state is missing '{key}' (got keys {sorted(state)})")

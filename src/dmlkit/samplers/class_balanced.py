@@ -11,6 +11,11 @@ images independently at random:
   every class whenever ``P * B >= C``.
 * Images of a class are taken from a per-class shuffled cycle: consecutive visits of a class in an epoch
   walk through a permutation of its images (without replacement) before any image repeats.
+
+The sampler is registered as ``m_per_class`` and, under Roth et al.'s flag name, as ``class_random`` (an
+alias: Roth's own ``class_random`` draws classes and images independently at random, with the
+differences above). The helpers :func:`group_by_class`, :func:`class_rounds`, :func:`cycle_images` and
+:func:`warn_small_classes` are shared with the hierarchical and embedding-driven samplers.
 """
 
 from __future__ import annotations
@@ -29,6 +34,93 @@ from dmlkit.samplers.base import REGISTRY, BatchSampler, caller_stacklevel, chec
 logger = logging.getLogger(__name__)
 
 
+def group_by_class(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(classes, counts, items_by_class, class_start)``: item indices grouped by class, in index order.
+
+    The items of the ``c``-th class (``classes[c]``) are
+    ``items_by_class[class_start[c] : class_start[c] + counts[c]]``.
+    """
+    classes, class_of_item, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    counts = counts.astype(np.int64)
+    items_by_class = np.argsort(class_of_item, kind="stable").astype(np.int64)
+    return classes, counts, items_by_class, np.cumsum(counts) - counts
+
+
+def warn_small_classes(counts: np.ndarray, k: int) -> None:
+    """One ``UserWarning`` with the number of classes that have fewer than ``k`` images, if any."""
+    small = int(np.count_nonzero(counts < k))
+    if small:
+        warnings.warn(
+            f"{small} of {len(counts)} classes have fewer than samples_per_class={k} images; "
+            "their images are repeated within a batch (sampled with replacement)",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
+
+
+def class_rounds(num_classes: int, p: int, num_batches: int, rng: np.random.Generator) -> np.ndarray:
+    """``(num_batches, p)`` class numbers: consecutive shuffled rounds over all classes, ``p`` distinct a row.
+
+    A round is a permutation of the ``num_classes`` classes cut into ``ceil(num_classes / p)`` groups;
+    when ``p`` does not divide ``num_classes`` the last group is completed with the round's first
+    ``p - num_classes mod p`` classes, a uniformly random subset of the classes not in that group.
+    """
+    per_round = math.ceil(num_classes / p)
+    rounds = math.ceil(num_batches / per_round)
+    order = rng.permuted(np.tile(np.arange(num_classes, dtype=np.int64), (rounds, 1)), axis=1)
+    tail = num_classes % p
+    if tail:
+        order = np.concatenate([order, order[:, : p - tail]], axis=1)
+    return order.reshape(rounds * per_round, p)[:num_batches]
+
+
+def cycle_images(
+    schedule: np.ndarray,
+    k: int,
+    counts: np.ndarray,
+    items_by_class: np.ndarray,
+    class_start: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Flat item indices: ``k`` images for every class visit in ``schedule`` (1-D class numbers, in order).
+
+    Consecutive visits of class ``c`` take consecutive chunks of ``k`` from a shuffled *pass* over its
+    ``n_c`` images, read cyclically as ``ceil(n_c / k)`` chunks (the last chunk wraps to the pass's first
+    images, which are distinct from the chunk's others when ``n_c >= k``); after a pass a new shuffle
+    starts. A class with ``n_c < k`` repeats its images as evenly as possible inside a visit.
+    """
+    num_classes = len(counts)
+    # Visit number of every slot among the visits of its class (in batch order).
+    by_class = np.argsort(schedule, kind="stable")
+    visits = np.bincount(schedule, minlength=num_classes)
+    first_visit = np.cumsum(visits) - visits
+    visit_no = np.empty_like(schedule)
+    visit_no[by_class] = np.arange(len(schedule)) - first_visit[schedule[by_class]]
+
+    # One "block" = one pass of one class; visits consume chunks in order, starting a new shuffle after
+    # each pass.
+    chunks_per_pass = -(-counts // k)
+    passes = -(-visits // chunks_per_pass)
+    block_class = np.repeat(np.arange(num_classes), passes)
+    block_size = counts[block_class]
+    block_start = np.cumsum(block_size) - block_size
+    first_block = np.cumsum(passes) - passes
+    total = int(block_size.sum())
+    block_of_elem = np.repeat(np.arange(len(block_class), dtype=np.int64), block_size)
+    pos_in_block = np.arange(total, dtype=np.int64) - block_start[block_of_elem]
+    items = items_by_class[class_start[block_class][block_of_elem] + pos_in_block]
+    # Shuffle within blocks: sort by (block, random key); the block number in the high bits keeps
+    # blocks contiguous, the random low bits shuffle inside them.
+    keys = (block_of_elem << 32) | rng.integers(0, 2**32, size=total, dtype=np.int64)
+    shuffled = items[np.argsort(keys)]
+
+    chunk_in_pass = visit_no % chunks_per_pass[schedule]
+    block = first_block[schedule] + visit_no // chunks_per_pass[schedule]
+    offsets = (chunk_in_pass[:, None] * k + np.arange(k)) % counts[schedule][:, None]
+    return shuffled[block_start[block][:, None] + offsets].ravel()
+
+
+@REGISTRY.register("class_random")
 @REGISTRY.register("m_per_class")
 class MPerClassSampler(BatchSampler):
     """Batches of ``P = batch_size // samples_per_class`` distinct classes × ``K = samples_per_class`` images.
@@ -77,10 +169,7 @@ class MPerClassSampler(BatchSampler):
         self.classes_per_batch = self.batch_size // k
 
         # Group item indices by class once; epochs then only shuffle within these groups.
-        self.classes, class_of_item, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
-        self.class_counts = counts.astype(np.int64)
-        self._items_by_class = np.argsort(class_of_item, kind="stable").astype(np.int64)
-        self._class_start = np.cumsum(self.class_counts) - self.class_counts
+        self.classes, self.class_counts, self._items_by_class, self._class_start = group_by_class(self.labels)
         num_classes = len(self.classes)
         if num_classes < self.classes_per_batch:
             raise ConfigError(
@@ -96,14 +185,7 @@ class MPerClassSampler(BatchSampler):
         self.batches_per_epoch = self._num_batches
         self._check_shareable()
 
-        small = int(np.count_nonzero(self.class_counts < k))
-        if small:
-            warnings.warn(
-                f"{small} of {num_classes} classes have fewer than samples_per_class={k} images; "
-                "their images are repeated within a batch (sampled with replacement)",
-                UserWarning,
-                stacklevel=caller_stacklevel(),
-            )
+        warn_small_classes(self.class_counts, k)
         if self.classes_per_batch * self._num_batches < num_classes:
             logger.info(
                 "m_per_class: %d batches × %d classes per epoch cannot visit all %d classes; set "
@@ -118,55 +200,12 @@ class MPerClassSampler(BatchSampler):
     def num_global_batches(self) -> int:
         return self._num_batches
 
-    def _class_schedule(self, rng: np.random.Generator) -> np.ndarray:
-        """``(B, P)`` class numbers: consecutive shuffled rounds over all classes, ``P`` distinct per row."""
-        num_classes, p = len(self.classes), self.classes_per_batch
-        per_round = math.ceil(num_classes / p)
-        rounds = math.ceil(self._num_batches / per_round)
-        order = rng.permuted(np.tile(np.arange(num_classes, dtype=np.int64), (rounds, 1)), axis=1)
-        tail = num_classes % p
-        if tail:
-            # The last group of a round has only `tail` classes; complete it with the round's first
-            # p - tail classes, which are a uniformly random subset of the classes not in that group.
-            order = np.concatenate([order, order[:, : p - tail]], axis=1)
-        return order.reshape(rounds * per_round, p)[: self._num_batches]
-
     def _build_epoch(self, epoch: int) -> np.ndarray:
         rng = epoch_rng(self.seed, epoch)
-        k = self.samples_per_class
-        schedule = self._class_schedule(rng).ravel()  # class of every (batch, slot)
-        num_classes = len(self.classes)
-        counts = self.class_counts
-
-        # Visit number of every slot among the visits of its class (in batch order).
-        by_class = np.argsort(schedule, kind="stable")
-        visits = np.bincount(schedule, minlength=num_classes)
-        first_visit = np.cumsum(visits) - visits
-        visit_no = np.empty_like(schedule)
-        visit_no[by_class] = np.arange(len(schedule)) - first_visit[schedule[by_class]]
-
-        # A "pass" over class c is one shuffle of its n_c images, read cyclically as ceil(n_c / K) chunks
-        # of K (the last chunk wraps to the pass's first images, which are distinct from the chunk's
-        # others when n_c >= K). Visits consume chunks in order, starting a new shuffle after each pass.
-        chunks_per_pass = -(-counts // k)
-        passes = -(-visits // chunks_per_pass)
-        block_class = np.repeat(np.arange(num_classes), passes)  # one block = one pass of one class
-        block_size = counts[block_class]
-        block_start = np.cumsum(block_size) - block_size
-        first_block = np.cumsum(passes) - passes
-        total = int(block_size.sum())
-        block_of_elem = np.repeat(np.arange(len(block_class), dtype=np.int64), block_size)
-        pos_in_block = np.arange(total, dtype=np.int64) - block_start[block_of_elem]
-        items = self._items_by_class[self._class_start[block_class][block_of_elem] + pos_in_block]
-        # Shuffle within blocks: sort by (block, random key); the block number in the high bits keeps
-        # blocks contiguous, the random low bits shuffle inside them.
-        keys = (block_of_elem << 32) | rng.integers(0, 2**32, size=total, dtype=np.int64)
-        shuffled = items[np.argsort(keys)]
-
-        chunk_in_pass = visit_no % chunks_per_pass[schedule]
-        block = first_block[schedule] + visit_no // chunks_per_pass[schedule]
-        offsets = (chunk_in_pass[:, None] * k + np.arange(k)) % counts[schedule][:, None]
-        return shuffled[block_start[block][:, None] + offsets].ravel()
+        schedule = class_rounds(len(self.classes), self.classes_per_batch, self._num_batches, rng).ravel()
+        return cycle_images(
+            schedule, self.samples_per_class, self.class_counts, self._items_by_class, self._class_start, rng
+        )
 
     def __repr__(self) -> str:
         return (
