@@ -255,17 +255,28 @@ def validate_names(config: TrainConfig) -> None:
             config.loss, config.loss_args, provided_by_caller=("num_classes", "embedding_size")
         )
         loss_cls = losses.REGISTRY.get(config.loss)
-        if config.xbm_size is not None and not getattr(loss_cls, "accepts_ref", False):
-            takes_ref = [
-                n for n in losses.available() if getattr(losses.REGISTRY.get(n), "accepts_ref", False)
-            ]
+        tuple_kinds, accepts_ref = loss_cls.tuple_kinds, loss_cls.accepts_ref
+        if config.loss == "multiple":
+            from dmlkit.losses.combine import declared_attributes
+
+            if "losses" not in config.loss_args:
+                raise ConfigError("loss 'multiple' needs loss_args {losses: [{name: ..., weight: ...}, ...]}")
+            tuple_kinds, accepts_ref = declared_attributes(config.loss_args["losses"])
+        if config.xbm_size is not None and not accepts_ref:
+            takes_ref = [n for n in losses.available() if getattr(losses.REGISTRY.get(n), "accepts_ref", False)]
             raise ConfigError(
                 f"loss '{config.loss}' cannot take a reference set, so it cannot use a cross-batch memory "
                 f"(xbm_size={config.xbm_size}); losses that can: {', '.join(takes_ref)}"
             )
         if config.miner is not None:
             miners.REGISTRY.check_kwargs(config.miner, config.miner_args)
-            miners.check_compatible(loss_cls, config.miner)
+            if config.loss == "multiple":
+                kind = miners.REGISTRY.get(config.miner).output_kind
+                if kind not in tuple_kinds:
+                    raise ConfigError(f"miner '{config.miner}' outputs {kind}, which no member of this "
+                                      f"'multiple' loss without its own miner can use")
+            else:
+                miners.check_compatible(loss_cls, config.miner)
         elif config.miner_args:
             raise ConfigError(f"miner_args {config.miner_args} given but no miner is set")
         sampler_extra = ("samples_per_class",) if config.sampler == "m_per_class" else ()

@@ -40,4 +40,4 @@ def unknown_name_message(kind: str, name: str, candidates: Iterable[str]) -> str
     candidates = sorted(candidates)
     suggestion = closest(name, candidates)
     hint = f"; did you mean '{suggestion}'?" if suggestion else ""
-    return f"unknown {kind} '{name}'{hint} Valid {kind}s: {', '.join(candidates)}"
+    return f"unknown {kind} '{name}'{hint} Valid choices: {', '.join(candidates)}"

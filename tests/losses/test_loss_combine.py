@@ -13,7 +13,7 @@ from proxy_checks import TOL, grads_close, make_batch
 from dmlkit import losses, miners
 from dmlkit.config import add_config_arguments, config_from_args, validate_names
 from dmlkit.errors import ConfigError, UnknownNameError
-from dmlkit.losses.combine import check_members
+from dmlkit.losses.combine import check_members, declared_attributes
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -116,22 +116,47 @@ def test_members_that_cannot_use_the_outer_tuples_are_computed_without_them() ->
     torch.testing.assert_close(combined(emb, labels, tuples), expected, **TOL[torch.float64])
 
 
-def test_ref_set_reaches_only_members_that_accept_it() -> None:
+def test_a_reference_set_call_is_answered_by_the_members_that_accept_one() -> None:
+    """Members without ``accepts_ref`` are skipped in a reference-set call: a cross-batch memory objective
+    ``L(batch) + w·L(batch, memory)`` then counts them once, in the batch term."""
     emb, labels = make_batch(12, D, C, torch.float64, seed=5)
     ref, ref_labels = make_batch(20, D, C, torch.float64, seed=6)
-    combined = build_multiple([{"name": "contrastive", "miner": "batch_hard"}, {"name": "arcface"}])
+    members = [
+        {"name": "contrastive", "miner": "batch_hard"},
+        {"name": "arcface"},
+        {"name": "multisimilarity", "weight": 0.5},
+    ]
+    combined = build_multiple(members)
     assert combined.accepts_ref is True
-    arcface = losses.build("arcface", num_classes=C, embedding_size=D).double()
-    with torch.no_grad():
-        arcface.W.copy_(combined.losses[1].W)
     mined = miners.build("batch_hard")(emb, labels, ref, ref_labels)
-    expected = losses.build("contrastive")(emb, labels, mined, ref, ref_labels) + arcface(emb, labels)
-    value = combined(emb, labels, ref_emb=ref, ref_labels=ref_labels)
+    outer = miners.build("multisimilarity")(emb, labels, ref, ref_labels)
+    expected = losses.build("contrastive")(emb, labels, mined, ref, ref_labels) + 0.5 * losses.build(
+        "multisimilarity"
+    )(emb, labels, outer, ref, ref_labels)
+    value = combined(emb, labels, outer, ref_emb=ref, ref_labels=ref_labels)
     torch.testing.assert_close(value, expected, **TOL[torch.float64])
+    assert not any(key.startswith("1_arcface/") for key in combined.last_stats)
+    combined(emb, labels)  # the batch alone: every member
+    assert "1_arcface/loss" in combined.last_stats
     proxies_only = build_multiple(["arcface", "proxyanchor"])
     assert proxies_only.accepts_ref is False
     with pytest.raises(ConfigError, match="does not accept ref_emb"):
         proxies_only(emb, labels, ref_emb=ref, ref_labels=ref_labels)
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        ["contrastive", "p2sgrad"],
+        [{"name": "contrastive", "miner": "batch_hard"}, "p2sgrad"],
+        ["arcface", "proxyanchor"],
+        ["p2sgrad", {"name": "multiple", "args": {"losses": ["triplet", "manifold"]}}],
+        ["manifold", {"name": "multiple", "args": {"losses": [{"name": "triplet", "miner": "batch_hard"}]}}],
+    ],
+)
+def test_declared_attributes_match_the_built_instance(members) -> None:
+    built = build_multiple(members)
+    assert declared_attributes(members) == (built.tuple_kinds, built.accepts_ref)
 
 
 def test_num_classes_and_embedding_size_go_to_the_members_that_need_them() -> None:
@@ -219,6 +244,7 @@ def test_bf16_autocast_is_finite_and_close_to_float32() -> None:
         ([{"name": "contrastive", "weight": "1"}], ConfigError, "weight must be a finite number"),
         ([{"weight": 1.0}], ConfigError, "needs a 'name'"),
         ([3], ConfigError, r"losses\[0\] must be a loss name or a mapping"),
+        ([{"name": "contrastive", "args": [1]}], ConfigError, "args must be a mapping"),
     ],
 )
 def test_configuration_errors_name_the_culprit(members, error, match) -> None:
@@ -255,3 +281,22 @@ def test_yaml_configuration() -> None:
     """
     combined = losses.build("multiple", **yaml.safe_load(text), num_classes=C, embedding_size=D)
     assert combined.weights == [1.0, 0.1] and combined.losses[1].margin == 0.2
+
+
+def test_cross_batch_memory_objective_counts_proxy_members_once() -> None:
+    """With a memory, the objective adds ``w · multiple(batch, memory)``: only the pair member answers it."""
+    from dmlkit.config import make_config
+    from dmlkit.train.objective import build_objective
+
+    members = [{"name": "contrastive"}, {"name": "arcface", "weight": 0.5}]
+    config = make_config({"loss": "multiple", "loss_args": {"losses": members}, "xbm_size": 64})
+    validate_names(config)
+    objective = build_objective(config, num_classes=C, embedding_size=D, train_size=1000)
+    emb1, labels1 = make_batch(16, D, C, torch.float32, seed=1)
+    emb2, labels2 = make_batch(16, D, C, torch.float32, seed=2)
+    objective(emb1, labels1, torch.arange(16))  # fills the memory
+    value, stats = objective(emb2, labels2, torch.arange(16, 32))
+    batch_term = objective.loss(emb2, labels2)
+    memory_term = losses.build("contrastive")(emb2, labels2, ref_emb=emb1, ref_labels=labels1)
+    torch.testing.assert_close(value, batch_term + memory_term)
+    assert "xbm/loss/0_contrastive/loss" in stats and "xbm/loss/1_arcface/loss" not in stats

@@ -24,6 +24,9 @@ from dmlkit.errors import ConfigError, DataError
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 
+# PML's LargeMarginSoftmaxLoss builds its binomial table with scipy on a tensor (NumPy 2 deprecation)
+pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
+
 NAMES = ["arcface", "subcenter_arcface", "cosface", "sphereface", "large_margin_softmax", "p2sgrad"]
 
 # (name, our kwargs, PML kwargs): defaults first, then other hyperparameters

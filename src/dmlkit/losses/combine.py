@@ -41,6 +41,12 @@ def _member_spec(spec: object, index: int) -> dict[str, Any]:
         raise ConfigError(
             f"multiple: losses[{index}] ('{spec['name']}'): weight must be a finite number, got {weight!r}"
         )
+    for key in ("args", "miner_args"):
+        if spec.get(key) is not None and not isinstance(spec[key], Mapping):
+            raise ConfigError(
+                f"multiple: losses[{index}] ('{spec['name']}'): {key} must be a mapping of keyword "
+                f"arguments, got {spec[key]!r}"
+            )
     out = {
         "name": spec["name"],
         "weight": float(weight),
@@ -79,6 +85,33 @@ def check_members(losses: Sequence[object]) -> list[dict[str, Any]]:
     return specs
 
 
+def _combined_attributes(members: Sequence[tuple[object, bool]]) -> tuple[frozenset[str], bool]:
+    """``(tuple_kinds, accepts_ref)`` of a combination of ``(loss or loss class, has own miner)``."""
+    kinds = frozenset().union(
+        *(getattr(m, "tuple_kinds", frozenset()) for m, own_miner in members if not own_miner)
+    )
+    return kinds, any(getattr(m, "accepts_ref", False) for m, _ in members)
+
+
+class _Declared:
+    """Stand-in carrying a nested ``multiple`` configuration's attributes."""
+
+    def __init__(self, tuple_kinds: frozenset[str], accepts_ref: bool) -> None:
+        self.tuple_kinds, self.accepts_ref = tuple_kinds, accepts_ref
+
+
+def declared_attributes(losses: Sequence[object]) -> tuple[frozenset[str], bool]:
+    """``(tuple_kinds, accepts_ref)`` that ``multiple`` built from ``losses`` will have, without building
+    it (e.g. to check a miner or a cross-batch memory against a configuration)."""
+    members: list[tuple[object, bool]] = []
+    for spec in check_members(losses):
+        cls = REGISTRY.get(spec["name"])
+        if cls is MultipleLosses:
+            cls = _Declared(*declared_attributes(spec["args"].get("losses", ())))  # type: ignore[assignment]
+        members.append((cls, spec["miner"] is not None))
+    return _combined_attributes(members)
+
+
 @register("multiple")
 class MultipleLosses(BaseLoss):
     """Weighted sum of losses, each optionally with its own miner (PML ``MultipleLosses``).
@@ -103,8 +136,13 @@ class MultipleLosses(BaseLoss):
       kind; the instance's ``tuple_kinds`` is the **union** of those members' kinds (empty when every
       member has its own miner), so ``check_compatible(instance, miner)`` rejects a miner no member can
       use. The class attribute is ``{"pairs", "triplets"}`` (the most a configuration can accept).
-    - ``ref_emb``/``ref_labels`` go to every member with ``accepts_ref`` (and to its miner); the others
-      see the batch alone. ``accepts_ref`` is True when any member accepts a reference set.
+    - a call with ``ref_emb``/``ref_labels`` is answered by the members with ``accepts_ref`` (and their
+      miners) alone; the others are skipped (they contribute 0), since a reference-set call compares the
+      batch with the reference set: a cross-batch memory objective, ``L(batch) + w·L(batch, memory)``,
+      counts a proxy member once, in its batch term. ``accepts_ref`` is True when any member accepts a
+      reference set. (A member's own miner mines the whole reference set, copies of the batch included.)
+
+    :func:`declared_attributes` gives ``tuple_kinds``/``accepts_ref`` of a configuration without building it.
 
     Members are an ``nn.ModuleList`` (``self.losses``), so their parameters are the combinator's.
     ``last_stats``: each member's statistics prefixed ``"{k}_{name}/"`` (its miner's under
@@ -147,14 +185,10 @@ class MultipleLosses(BaseLoss):
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         # instance attributes shadow the permissive class attributes (see the class docstring)
-        self.tuple_kinds = frozenset().union(  # type: ignore[misc]
-            *(
-                getattr(m, "tuple_kinds", frozenset())
-                for k, m in enumerate(members)
-                if str(k) not in self.miners
-            )
+        self.tuple_kinds, self.accepts_ref = _combined_attributes(  # type: ignore[misc]
+            [(m, str(k) in self.miners) for k, m in enumerate(members)]
         )
-        self.accepts_ref = any(getattr(m, "accepts_ref", False) for m in members)  # type: ignore[misc]
+        self._ran: list[int] = []
 
     def compute_loss(
         self,
@@ -166,9 +200,11 @@ class MultipleLosses(BaseLoss):
     ) -> torch.Tensor:
         kind = None if indices_tuple is None else tuple_kind(indices_tuple)
         total: torch.Tensor | None = None
+        self._ran = []
         for k, (loss, weight) in enumerate(zip(self.losses, self.weights, strict=True)):
-            use_ref = ref_emb is not None and getattr(loss, "accepts_ref", False)
-            ref = (ref_emb, ref_labels) if use_ref else (None, None)
+            if ref_emb is not None and not getattr(loss, "accepts_ref", False):
+                continue  # a reference-set call is for the members that compare with a reference set
+            ref = (ref_emb, ref_labels)
             if str(k) in self.miners:  # (nn.ModuleDict has no .get)
                 tuples = self.miners[str(k)](embeddings, labels, *ref)
             elif kind is not None and kind in getattr(loss, "tuple_kinds", frozenset()):
@@ -177,16 +213,19 @@ class MultipleLosses(BaseLoss):
                 tuples = None
             value = loss(embeddings, labels, tuples, *ref)
             self._stats[f"{self.names[k]}/loss"] = value.detach()
+            self._ran.append(k)
             term = value * weight
             total = term if total is None else total + term
-        assert total is not None  # at least one member (checked in __init__)
+        assert total is not None  # a member ran: accepts_ref is checked before a reference-set call
         return total
 
     @property
     def last_stats(self) -> dict[str, float]:
-        """Members' (and their miners') statistics, prefixed by ``"{index}_{name}/"``."""
+        """Statistics of the members (and their miners) that ran in the last call, prefixed by
+        ``"{index}_{name}/"``."""
         stats = super().last_stats
-        for k, loss in enumerate(self.losses):
+        for k in self._ran:
+            loss = self.losses[k]
             for key, val in (getattr(loss, "last_stats", None) or {}).items():
                 stats[f"{self.names[k]}/{key}"] = float(val)
             if str(k) in self.miners:
@@ -198,4 +237,4 @@ class MultipleLosses(BaseLoss):
         return f"weights={self.weights}"
 
 
-__all__ = ["MEMBER_KEYS", "MultipleLosses", "check_members"]
+__all__ = ["MEMBER_KEYS", "MultipleLosses", "check_members", "declared_attributes"]

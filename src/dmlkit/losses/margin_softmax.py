@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from dmlkit.losses.base import register
 from dmlkit.losses.proxy import ClassLoss, check_distance_among, check_positive_int, cosine_matrix
@@ -139,6 +140,7 @@ class _MarginCrossEntropy(torch.autograd.Function):
         return log_probs.gather(1, target).squeeze(1).neg()
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None, None]:
@@ -148,12 +150,6 @@ class _MarginCrossEntropy(torch.autograd.Function):
         grad_cos = torch.exp(log_probs).mul_(scaled.unsqueeze(1))
         grad_target = (grad_cos.gather(1, target).squeeze(1) - scaled) * slope
         return grad_cos.scatter_(1, target, grad_target.unsqueeze(1)), None, None, None, None
-
-
-def _sine(cos: torch.Tensor) -> torch.Tensor:
-    """``sin θ = √(1 − cos²θ)`` for ``θ ∈ [0, π]``; clamped at the dtype's eps so the gradient stays finite
-    at ``cos θ = ±1`` (where ``acos`` has an infinite derivative)."""
-    return torch.sqrt((1.0 - cos * cos).clamp_min(torch.finfo(cos.dtype).eps))
 
 
 @register("large_margin_softmax")
@@ -179,12 +175,11 @@ class LargeMarginSoftmaxLoss(MarginSoftmaxLoss):
         normalize_embeddings: bool = True,
         reduction: str = "mean",
     ) -> None:
-        who = type(self).__name__
+        int_margin = check_positive_int(margin, "margin", self.registry_name)
         super().__init__(
-            num_classes, embedding_size, check_positive_int(margin, "margin", who), scale, distance,
-            normalize_embeddings, reduction,
-        )  # fmt: skip
-        self.int_margin = int(margin)
+            num_classes, embedding_size, int_margin, scale, distance, normalize_embeddings, reduction
+        )
+        self.int_margin = int_margin
 
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
         m = self.int_margin
@@ -284,15 +279,16 @@ class ArcFaceLoss(MarginSoftmaxLoss):
     constant_scale = True
 
     def target_logit_and_slope(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # PML clamps cos to [−1, 1] before acos: outside, ψ is flat (zero slope)
-        inside = (cos >= -1) & (cos <= 1)
-        cos = cos.clamp(-1, 1)
-        sine = _sine(cos)
-        arc = cos >= self._threshold
-        psi = torch.where(arc, cos * self._cos_m - sine * self._sin_m, cos - self._fallback)
+        clamped = cos.clamp(-1.0, 1.0)
+        # sin θ, clamped at the dtype's eps so the slope stays finite at cos θ = ±1 (acos' is infinite there)
+        sine = (1.0 - clamped * clamped).clamp_min_(torch.finfo(cos.dtype).eps).sqrt_()
+        arc = clamped >= self._threshold
+        shifted = torch.add(clamped * self._cos_m, sine, alpha=-self._sin_m)  # cos θ cos m − sin θ sin m
+        psi = torch.where(arc, shifted, clamped - self._fallback)
         # d/dc [c cos m − √(1−c²) sin m] = cos m + c sin m / sin θ
-        slope = torch.where(arc, cos * (self._sin_m / sine) + self._cos_m, 1.0)
-        return psi, slope * inside
+        slope = torch.where(arc, clamped.div(sine).mul_(self._sin_m).add_(self._cos_m), 1.0)
+        # PML clamps cos θ to [−1, 1] before acos: outside (rounding), ψ is flat
+        return psi, slope.masked_fill_(clamped != cos, 0.0)
 
 
 @register("subcenter_arcface")

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from dmlkit.errors import ConfigError, DataError
 from dmlkit.losses.base import PAIRS_AND_TRIPLETS, BaseLoss, farther_by, register
@@ -89,7 +90,8 @@ class _CosineMatrix(torch.autograd.Function):
     Normalises the ``B × C`` product instead of the inputs, ``cos = (x w) ⊙ (a bᵀ)`` with ``a = 1/‖x_i‖``
     and ``b = 1/‖w_c‖`` (norms clamped at 1e-12 as in ``F.normalize``), and writes the gradient in closed
     form, ``∂L/∂x_i = a_i Σ_c g_ic b_c w_c − a_i² (Σ_c g_ic cos_ic) x_i`` (symmetrically for ``w``): two
-    ``addmm`` and a few ``B × C`` products instead of autograd's chain through both normalisations. The
+    matrix products and a few ``B × C`` products instead of autograd's chain through both normalisations
+    (first-order only: a double backward raises). The
     gradient of ``w`` is produced in ``w``'s own layout, so accumulating it into a parameter never takes
     a strided (slow) path.
     """
@@ -107,6 +109,7 @@ class _CosineMatrix(torch.autograd.Function):
         return cos
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
@@ -129,7 +132,9 @@ class _CosineMatrix(torch.autograd.Function):
 
 
 def _inverse_norm(t: torch.Tensor, dim: int) -> torch.Tensor:
-    # square-and-sum: vector_norm over a strided dimension (columns) is several times slower
+    if dim == t.ndim - 1 or t.shape[dim] == t.numel():  # contiguous reduction: no temporary
+        return torch.linalg.vector_norm(t, dim=dim).clamp_min(1e-12).reciprocal()
+    # vector_norm over a strided dimension (columns) is several times slower than square-and-sum
     return t.square().sum(dim).clamp_min(1e-24).rsqrt()
 
 
@@ -274,7 +279,7 @@ class ProxyAnchorLoss(ClassLoss):
     with ``δ = margin`` (for a distance the signs flip as in PML's ``distance.margin``). ``reduction``
     applies to each of the two per-proxy vectors: ``mean`` is the paper's (and PML's) normalisation above,
     ``sum`` drops the divisors, ``avg_non_zero`` divides by the proxies with a non-zero term. With a
-    miner's output, ``log wᵢ``-like offsets ``wᵢ − 1`` (PML's miner weights) are added to each exponent.
+    miner's output, PML's per-sample weights enter as offsets ``wᵢ − 1`` added to sample ``i``'s exponents.
     Proxies (``num_classes × embedding_size``) are initialised with Kaiming-normal, ``mode="fan_out"``
     (PML's default).
 
@@ -438,6 +443,7 @@ class _SoftTripleSimilarity(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor, None, None]:

