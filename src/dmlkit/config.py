@@ -263,7 +263,7 @@ def validate_names(config: TrainConfig) -> None:
                 raise ConfigError("loss 'multiple' needs loss_args {losses: [{name: ..., weight: ...}, ...]}")
             tuple_kinds, accepts_ref = declared_attributes(config.loss_args["losses"])
         if config.xbm_size is not None and not accepts_ref:
-            takes_ref = [n for n in losses.available() if getattr(losses.REGISTRY.get(n), "accepts_ref", False)]
+            takes_ref = [n for n in losses.available() if losses.REGISTRY.get(n).accepts_ref]
             raise ConfigError(
                 f"loss '{config.loss}' cannot take a reference set, so it cannot use a cross-batch memory "
                 f"(xbm_size={config.xbm_size}); losses that can: {', '.join(takes_ref)}"
@@ -273,8 +273,10 @@ def validate_names(config: TrainConfig) -> None:
             if config.loss == "multiple":
                 kind = miners.REGISTRY.get(config.miner).output_kind
                 if kind not in tuple_kinds:
-                    raise ConfigError(f"miner '{config.miner}' outputs {kind}, which no member of this "
-                                      f"'multiple' loss without its own miner can use")
+                    raise ConfigError(
+                        f"miner '{config.miner}' outputs {kind}, which no member of this "
+                        f"'multiple' loss without its own miner can use"
+                    )
             else:
                 miners.check_compatible(loss_cls, config.miner)
         elif config.miner_args:
