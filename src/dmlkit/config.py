@@ -171,7 +171,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_batch_shape(self) -> TrainConfig:
-        if self.sampler == "m_per_class" and self.batch_size % self.samples_per_class:
+        if _sampler_takes_k(self.sampler) and self.batch_size % self.samples_per_class:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by samples_per_class "
                 f"({self.samples_per_class})"
@@ -179,6 +179,13 @@ class TrainConfig(BaseModel):
         if self.select_metric.lower() not in self.metrics:
             raise ValueError(f"select_metric '{self.select_metric}' must be one of metrics {self.metrics}")
         return self
+
+
+def _sampler_takes_k(name: str) -> bool:
+    """Whether the sampler builds P×K batches (takes ``samples_per_class``)."""
+    from dmlkit import samplers
+
+    return name in samplers.REGISTRY and "samples_per_class" in samplers.REGISTRY.parameters(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +288,7 @@ def validate_names(config: TrainConfig) -> None:
                 miners.check_compatible(loss_cls, config.miner)
         elif config.miner_args:
             raise ConfigError(f"miner_args {config.miner_args} given but no miner is set")
-        sampler_extra = ("samples_per_class",) if config.sampler == "m_per_class" else ()
+        sampler_extra = ("samples_per_class",) if _sampler_takes_k(config.sampler) else ()
         samplers.REGISTRY.check_kwargs(
             config.sampler,
             list(config.sampler_args) + list(sampler_extra),

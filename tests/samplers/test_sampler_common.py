@@ -30,7 +30,16 @@ def make(name: str, labels: Any = LABELS, batch_size: int = 12, **kwargs: Any) -
 
 
 def test_available_and_registry() -> None:
-    assert samplers.available() == ["m_per_class", "random"]
+    assert samplers.available() == [
+        "class_random",
+        "d2_coreset",
+        "disthist_batchmatch",
+        "greedy_coreset",
+        "hierarchical",
+        "intra_class_uniform",
+        "m_per_class",
+        "random",
+    ]
     assert samplers.REGISTRY.available() == samplers.available()
     assert isinstance(make("m_per_class"), samplers.MPerClassSampler)
     assert isinstance(make("random"), samplers.RandomBatchSampler)

@@ -80,3 +80,36 @@ def test_run_directory_is_not_overwritten(tiny_config) -> None:
     Trainer(tiny_config(name="once", epochs=1)).run()
     with pytest.raises(ConfigError, match="--resume"):
         Trainer(tiny_config(name="once", epochs=1))
+
+
+@pytest.mark.parametrize(
+    "sampler", ["m_per_class", "class_random", "random", "intra_class_uniform", "greedy_coreset", "d2_coreset",
+                "disthist_batchmatch"],
+)  # fmt: skip
+def test_every_sampler_trains_and_resumes_exactly(tiny_config, sampler) -> None:
+    import os
+    import signal
+
+    def interrupt(trainer: Trainer, step: int) -> None:
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    straight = Trainer(tiny_config(name=f"{sampler}-a", sampler=sampler)).run()
+    config = tiny_config(name=f"{sampler}-b", sampler=sampler)
+    assert Trainer(config, step_hooks=[interrupt]).run().interrupted
+    resumed = Trainer(config, straight.run_dir.parent / f"{sampler}-b", resume=True).run()
+    a, b = weights(straight.run_dir), weights(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hierarchical_sampler_uses_super_classes_from_class_names(tiny_config) -> None:
+    from dmlkit.train.loop import super_labels_of
+
+    class Named:
+        class_names = ["a/x", "a/y", "b/z"]
+        labels = [0, 1, 2, 2, 0]
+
+    assert super_labels_of(Named(), None).tolist() == [0, 0, 1, 1, 0]
+    assert super_labels_of(Named(), {"a/x": "q", "a/y": "p", "b/z": "p"}).tolist() == [1, 0, 0, 0, 1]
+    with pytest.raises(ConfigError, match="super-class"):
+        Trainer(tiny_config(name="hier", sampler="hierarchical")).run()  # synthetic class names are flat

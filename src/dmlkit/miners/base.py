@@ -160,7 +160,7 @@ def _thin(indices: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     size = indices[0].numel()
     if size <= STATS_SAMPLE:
         return indices
-    keep = torch.linspace(0, size - 1, STATS_SAMPLE, device=indices[0].device).long()
+    keep = torch.arange(STATS_SAMPLE, device=indices[0].device) * size // STATS_SAMPLE
     return tuple(t[keep] for t in indices)
 
 

@@ -105,6 +105,30 @@ def dataset_kwargs(config: TrainConfig) -> dict[str, Any]:
     return kwargs
 
 
+def super_labels_of(dataset: Any, spec: dict[str, Any] | None) -> np.ndarray:
+    """Per-item super-class codes for hierarchical sampling.
+
+    ``spec`` maps class names to super-class names; without it, class names of the form
+    ``"super/class"`` (Omniglot's ``alphabet/character``, nested folders) give the part before the first
+    ``/``.
+    """
+    names = list(dataset.class_names)
+    if spec is not None:
+        missing = [n for n in names if n not in spec]
+        if missing:
+            raise ConfigError(f"sampler_args.super_labels has no super-class for class(es) {missing[:5]}")
+        supers = [str(spec[n]) for n in names]
+    elif all("/" in n for n in names):
+        supers = [n.split("/", 1)[0] for n in names]
+    else:
+        raise ConfigError(
+            "the hierarchical sampler needs super-classes: give sampler_args {super_labels: {class name: "
+            "super-class}} or use class names of the form 'super/class'"
+        )
+    _, super_codes = np.unique(np.asarray(supers), return_inverse=True)
+    return super_codes.astype(np.int64)[np.asarray(dataset.labels)]
+
+
 def new_run_dir(config: TrainConfig) -> Path:
     name = config.name or f"{config.dataset}-{config.loss}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.output_dir) / name
@@ -202,8 +226,13 @@ class Trainer:
         ).to(self.device)
 
         sampler_kwargs = dict(config.sampler_args)
-        if config.sampler == "m_per_class":
+        sampler_params = samplers.REGISTRY.parameters(config.sampler)
+        if "samples_per_class" in sampler_params:
             sampler_kwargs.setdefault("samples_per_class", config.samples_per_class)
+        if "super_labels" in sampler_params:
+            sampler_kwargs["super_labels"] = super_labels_of(
+                self.train_set, sampler_kwargs.get("super_labels")
+            )
         self.sampler = samplers.build(
             config.sampler,
             labels=self.train_set.labels,
@@ -461,6 +490,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, config.amp):
             embeddings = self.model(batch_images)
+        if getattr(self.sampler, "needs_embeddings", False):  # coreset samplers choose batches from these
+            self.sampler.update_embeddings(indices.cpu(), embeddings.detach().float().cpu())
         # The loss runs in float32: similarity exponentials overflow or lose precision in half precision.
         loss, stats = self.objective(embeddings.float(), labels, indices)
         value = float(loss.detach())
