@@ -71,6 +71,12 @@ class TrainConfig(BaseModel):
     loss_args: dict[str, Any] = _field({}, "loss hyperparameters, e.g. '{alpha: 2, beta: 50}'", "objective")
     miner: str | None = _field(None, "miner name, or none", "objective")
     miner_args: dict[str, Any] = _field({}, "miner hyperparameters", "objective")
+    miner_schedule: str | dict[str, Any] | None = _field(
+        None,
+        "progressive hard mining: anneal the miner's hardness knob per iteration, e.g. "
+        "'linear:start=0.5,end=0.1,from=0.1,until=0.8' (kinds linear, cosine, step; see docs/miners.md)",
+        "objective",
+    )
 
     # cross-batch memory
     xbm_size: int | float | None = _field(
@@ -288,6 +294,10 @@ def validate_names(config: TrainConfig) -> None:
                 miners.check_compatible(loss_cls, config.miner)
         elif config.miner_args:
             raise ConfigError(f"miner_args {config.miner_args} given but no miner is set")
+        if config.miner_schedule is not None:
+            if config.miner is None:
+                raise ConfigError(f"miner_schedule '{config.miner_schedule}' given but no miner is set")
+            miners.check_schedule(config.miner, config.miner_schedule)
         sampler_extra = ("samples_per_class",) if _sampler_takes_k(config.sampler) else ()
         samplers.REGISTRY.check_kwargs(
             config.sampler,

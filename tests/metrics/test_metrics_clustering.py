@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from dmlkit.errors import ConfigError, UnknownNameError
-from dmlkit.metrics import ami, clustering_scores, evaluate, kmeans, nmi
+from dmlkit.metrics import ami, clustering_scores, evaluate, f1, kmeans, nmi
 from dmlkit.metrics.clustering import faiss_available
 
 
@@ -30,7 +30,11 @@ def test_scores_of_known_assignments_match_sklearn():
     )
     assert ami(labels, assignment) == pytest.approx(adjusted_mutual_info_score(labels, assignment), rel=1e-12)
     scores = clustering_scores(labels, assignment)
-    assert scores == {"nmi": nmi(labels, assignment), "ami": ami(labels, assignment)}
+    assert scores == {
+        "nmi": nmi(labels, assignment),
+        "ami": ami(labels, assignment),
+        "f1": f1(labels, assignment),
+    }
     with pytest.raises(UnknownNameError, match="did you mean 'nmi'"):
         clustering_scores(labels, assignment, metrics=("nmii",))
 

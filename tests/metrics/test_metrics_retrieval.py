@@ -331,14 +331,33 @@ def test_empty_and_mismatched_inputs():
 
 
 def test_metric_names():
-    assert available() == ["ami", "map@r", "mrr", "nmi", "precision@K", "r_precision", "recall@K"]
+    assert available() == [
+        "ami",
+        "dists@inter",
+        "dists@intra",
+        "dists@intra_over_inter",
+        "f1",
+        "map@K",
+        "map@r",
+        "map_1000",
+        "map_c",
+        "map_lim",
+        "map_pml@K",
+        "mrr",
+        "mrr@K",
+        "nmi",
+        "precision@K",
+        "r_precision",
+        "recall@K",
+        "rho_spectrum@K",
+    ]
     x, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
     with pytest.raises(UnknownNameError, match="did you mean 'recall@5'"):
         evaluate(x, labels, metrics=("recal@5",))
     with pytest.raises(UnknownNameError, match="did you mean 'map@r'"):
         evaluate(x, labels, metrics=("map@R",))
-    with pytest.raises(UnknownNameError, match="unknown metric 'f1'"):
-        evaluate(x, labels, metrics=("f1",))
+    with pytest.raises(UnknownNameError, match="unknown metric 'f2'"):
+        evaluate(x, labels, metrics=("f2",))
     with pytest.raises(ConfigError, match="positive integer"):
         evaluate(x, labels, metrics=("recall@0",))
     with pytest.raises(UnknownNameError, match="did you mean 'recall@1'"):

@@ -82,10 +82,11 @@ def test_run_directory_is_not_overwritten(tiny_config) -> None:
         Trainer(tiny_config(name="once", epochs=1))
 
 
-@pytest.mark.parametrize(
-    "sampler", ["m_per_class", "class_random", "random", "intra_class_uniform", "greedy_coreset", "d2_coreset",
-                "disthist_batchmatch"],
-)  # fmt: skip
+SAMPLERS = ["m_per_class", "class_random", "random", "intra_class_uniform", "greedy_coreset", "d2_coreset",
+            "disthist_batchmatch"]  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_trains_and_resumes_exactly(tiny_config, sampler) -> None:
     import os
     import signal
@@ -106,10 +107,35 @@ def test_hierarchical_sampler_uses_super_classes_from_class_names(tiny_config) -
     from dmlkit.train.loop import super_labels_of
 
     class Named:
-        class_names = ["a/x", "a/y", "b/z"]
-        labels = [0, 1, 2, 2, 0]
+        class_names = ("a/x", "a/y", "b/z")
+        labels = (0, 1, 2, 2, 0)
 
     assert super_labels_of(Named(), None).tolist() == [0, 0, 1, 1, 0]
     assert super_labels_of(Named(), {"a/x": "q", "a/y": "p", "b/z": "p"}).tolist() == [1, 0, 0, 0, 1]
     with pytest.raises(ConfigError, match="super-class"):
         Trainer(tiny_config(name="hier", sampler="hierarchical")).run()  # synthetic class names are flat
+
+
+def test_progressive_mining_schedule_is_applied_and_logged(tiny_config) -> None:
+    config = tiny_config(
+        name="sched", loss="triplet", miner="triplet_margin", miner_args={"type_of_triplets": "semihard"},
+        miner_schedule="linear:start=0.5,end=0.1,from=0.0,until=1.0",
+    )  # fmt: skip
+    result = Trainer(config).run()
+    rows = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+    # margin at iteration t of 9: 0.5 - 0.4 t / 9; per-epoch means of iterations {0,1,2}, {3,4,5}, {6,7,8}
+    expected = [0.5 - 0.4 * (3 * e + 1) / 9 for e in range(3)]
+    assert [r["miner/schedule/margin"] for r in rows] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"miner_schedule": "linear:start=0.5,end=0.1"}, "no miner"),
+        ({"miner": "batch_hard", "miner_schedule": "linear:start=0.5,end=0.1"}, "batch_hard"),
+        ({"miner": "triplet_margin", "miner_schedule": "lineer:start=0.5,end=0.1"}, "lineer"),
+    ],
+)
+def test_bad_schedules_are_config_errors(tiny_config, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**overrides)

@@ -18,8 +18,8 @@ def poison_objective(monkeypatch, nan_calls: set[int]) -> None:
     """Make the objective return NaN on the given (0-based) training calls."""
     real_build = loop.build_objective
 
-    def build(config, num_classes, embedding_size):
-        objective = real_build(config, num_classes, embedding_size)
+    def build(*args, **kwargs):
+        objective = real_build(*args, **kwargs)
         real_forward = objective.forward
         calls = {"n": 0}
 

@@ -1,26 +1,55 @@
-"""Evaluation of embeddings for retrieval: exact chunked k-NN, Recall@K, MAP@R, MRR, NMI/AMI.
+"""Evaluation of embeddings for retrieval: chunked k-NN (torch or faiss), Recall@K, MAP@R, MAP@K, MRR,
+Roth et al.'s mAP variants, NMI/AMI/F1, embedding-space diagnostics, and landmark-retrieval protocols.
 
 ``evaluate(query, query_labels, gallery=None, gallery_labels=None, ...)`` returns a
-:class:`RetrievalResults`; ``available()`` lists the metric names; ``knn`` is the search it runs.
+:class:`RetrievalResults`; ``available()`` lists the metric names; ``knn`` is the search it runs;
+``revisited_map`` / ``gldv2_map`` score landmark retrieval (revisited Oxford/Paris, Google Landmarks v2).
 See ``docs/metrics.md`` for every formula and rule.
 """
 
-from dmlkit.metrics.clustering import ami, clustering_scores, kmeans, nmi
+from dmlkit.metrics.clustering import ami, clustering_scores, f1, kmeans, nmi
+from dmlkit.metrics.embedding_space import (
+    class_centroids,
+    distance_scores,
+    inter_class_distance,
+    intra_class_distance,
+    intra_class_distances,
+    intra_over_inter,
+    rho_spectrum,
+    singular_values,
+)
+from dmlkit.metrics.faiss_backend import BACKENDS
 from dmlkit.metrics.knn import knn
+from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
 from dmlkit.metrics.results import RetrievalResults
-from dmlkit.metrics.retrieval import DEFAULT_METRICS, available, evaluate, parse_metric
+from dmlkit.metrics.retrieval import DEFAULT_METRICS, available, evaluate, higher_is_better, parse_metric
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_METRICS",
+    "LandmarkResults",
     "RetrievalResults",
     "ami",
     "available",
+    "check_metric",
+    "class_centroids",
     "clustering_scores",
+    "distance_scores",
     "evaluate",
+    "f1",
+    "gldv2_map",
+    "higher_is_better",
+    "inter_class_distance",
+    "intra_class_distance",
+    "intra_class_distances",
+    "intra_over_inter",
     "kmeans",
     "knn",
     "nmi",
     "parse_metric",
+    "revisited_map",
+    "rho_spectrum",
+    "singular_values",
 ]
 
 

@@ -1,9 +1,10 @@
-"""Clustering quality of embeddings: k-means, then NMI / AMI against the class labels.
+"""Clustering quality of embeddings: k-means, then NMI / AMI / F1 against the class labels.
 
 Protocol (as in pytorch-metric-learning's ``AccuracyCalculator``): cluster the query embeddings with
 k-means into as many clusters as there are query classes, then score the assignment against the labels
 with scikit-learn's ``normalized_mutual_info_score`` (arithmetic normalisation) and
-``adjusted_mutual_info_score``.
+``adjusted_mutual_info_score``, and with the pair-counting F1 of Song et al. (CVPR 2016) used by Roth et
+al. (ICML 2020) (:func:`f1`).
 """
 
 from __future__ import annotations
@@ -94,13 +95,44 @@ def ami(labels: torch.Tensor | np.ndarray, assignments: torch.Tensor | np.ndarra
     return float(adjusted_mutual_info_score(y, c))
 
 
+def _pairs(counts: torch.Tensor) -> int:
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def f1(labels: torch.Tensor | np.ndarray, assignments: torch.Tensor | np.ndarray) -> float:
+    """Pair-counting clustering F1 (Song et al., "Deep Metric Learning via Lifted Structured Feature
+    Embedding", CVPR 2016; the ``f1`` of Roth et al., ICML 2020).
+
+    Over the unordered pairs of items: TP = pairs in the same class *and* the same cluster,
+    P = TP / (pairs in the same cluster), R = TP / (pairs in the same class), F1 = 2PR / (P + R)
+    = 2·TP / (same-cluster pairs + same-class pairs). When neither partition has a pair (every item alone
+    in its class and its cluster) the two partitions are identical and F1 = 1; when only one has pairs,
+    F1 = 0.
+    """
+    y = torch.from_numpy(_to_numpy_labels(labels, "labels").astype(np.int64))
+    c = torch.from_numpy(_to_numpy_labels(assignments, "assignments").astype(np.int64))
+    if len(y) != len(c):
+        raise DataError(f"labels ({len(y)}) and assignments ({len(c)}) differ in length")
+    if len(y) == 0:
+        raise DataError("f1 needs at least one item")
+    y_code = torch.unique(y, return_inverse=True)[1]
+    c_code = torch.unique(c, return_inverse=True)[1]
+    joint = torch.unique(y_code * (int(c_code.max()) + 1) + c_code, return_counts=True)[1]
+    true_positive = _pairs(joint)
+    same_class = _pairs(torch.bincount(y_code))
+    same_cluster = _pairs(torch.bincount(c_code))
+    if same_class + same_cluster == 0:
+        return 1.0
+    return 2.0 * true_positive / (same_class + same_cluster)
+
+
 def clustering_scores(
     labels: torch.Tensor | np.ndarray,
     assignments: torch.Tensor | np.ndarray,
-    metrics: tuple[str, ...] = ("nmi", "ami"),
+    metrics: tuple[str, ...] = ("nmi", "ami", "f1"),
 ) -> dict[str, float]:
-    """``{"nmi": ..., "ami": ...}`` (the requested subset) of a given cluster assignment."""
-    functions = {"nmi": nmi, "ami": ami}
+    """``{"nmi": ..., "ami": ..., "f1": ...}`` (the requested subset) of a given cluster assignment."""
+    functions = {"nmi": nmi, "ami": ami, "f1": f1}
     out: dict[str, float] = {}
     for name in metrics:
         if name not in functions:

@@ -223,6 +223,84 @@ def _check_length(values: torch.Tensor, n: int, name: str, of: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Counting gallery items by key, without a pass over (query, gallery) pairs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def count_matches(query_keys: Sequence[torch.Tensor], gallery_keys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """For every query row, the number of gallery rows whose key tuple equals the query's.
+
+    ``query_keys``/``gallery_keys`` are parallel lists of int64 columns (e.g. ``[labels]`` or ``[labels,
+    ids]``). O((n_query + n_gallery) log(n_query + n_gallery)): the tuples are densified column by column
+    with :func:`torch.unique`, so no ``n_query × n_gallery`` comparison is made and nothing overflows.
+    """
+    if len(query_keys) != len(gallery_keys) or not query_keys:
+        raise ValueError("count_matches needs the same (non-zero) number of query and gallery key columns")
+    n_query = len(query_keys[0])
+    code: torch.Tensor | None = None
+    for qk, gk in zip(query_keys, gallery_keys, strict=True):
+        column = torch.unique(torch.cat([qk.cpu(), gk.cpu()]), return_inverse=True)[1]
+        # Both codes are < n_query + n_gallery, so the mixed-radix key stays far below 2**63.
+        code = column if code is None else code * (int(column.max()) + 1) + column
+        code = torch.unique(code, return_inverse=True)[1]
+    assert code is not None
+    counts = torch.bincount(code[n_query:], minlength=int(code.max()) + 1 if len(code) else 0)
+    return counts[code[:n_query]]
+
+
+def count_relevant(
+    query_labels: torch.Tensor, gallery_labels: torch.Tensor, exclusion: Exclusion
+) -> torch.Tensor:
+    """R per query: gallery items with the query's label that are not excluded, by counting.
+
+    Equal to :func:`search`'s ``num_relevant`` whenever the exclusion holds no callable (ids and groups
+    only), by inclusion–exclusion: R = #L − #(L, id) − #(L, group) + #(L, id, group).
+    """
+    if exclusion.fn is not None:
+        raise ConfigError("counting relevant items needs id/group exclusions; a callable ignore needs a pass")
+    ql, gl = query_labels.cpu(), gallery_labels.cpu()
+    total = count_matches([ql], [gl])
+    ids = exclusion.query_ids is not None and exclusion.gallery_ids is not None
+    groups = exclusion.query_groups is not None and exclusion.gallery_groups is not None
+    if ids:
+        assert exclusion.query_ids is not None and exclusion.gallery_ids is not None
+        total = total - count_matches([ql, exclusion.query_ids], [gl, exclusion.gallery_ids])
+    if groups:
+        assert exclusion.query_groups is not None and exclusion.gallery_groups is not None
+        total = total - count_matches([ql, exclusion.query_groups], [gl, exclusion.gallery_groups])
+    if ids and groups:
+        assert exclusion.query_ids is not None and exclusion.gallery_ids is not None
+        assert exclusion.query_groups is not None and exclusion.gallery_groups is not None
+        total = total + count_matches(
+            [ql, exclusion.query_ids, exclusion.query_groups],
+            [gl, exclusion.gallery_ids, exclusion.gallery_groups],
+        )
+    return total
+
+
+def count_excluded(n_query: int, exclusion: Exclusion) -> torch.Tensor:
+    """Number of gallery items each query may not retrieve (ids and groups; no callable)."""
+    if exclusion.fn is not None:
+        raise ConfigError("counting excluded items needs id/group exclusions; a callable ignore needs a pass")
+    total = torch.zeros(n_query, dtype=torch.int64)
+    ids = exclusion.query_ids is not None and exclusion.gallery_ids is not None
+    groups = exclusion.query_groups is not None and exclusion.gallery_groups is not None
+    if ids:
+        assert exclusion.query_ids is not None and exclusion.gallery_ids is not None
+        total = total + count_matches([exclusion.query_ids], [exclusion.gallery_ids])
+    if groups:
+        assert exclusion.query_groups is not None and exclusion.gallery_groups is not None
+        total = total + count_matches([exclusion.query_groups], [exclusion.gallery_groups])
+    if ids and groups:
+        assert exclusion.query_ids is not None and exclusion.gallery_ids is not None
+        assert exclusion.query_groups is not None and exclusion.gallery_groups is not None
+        total = total - count_matches(
+            [exclusion.query_ids, exclusion.query_groups], [exclusion.gallery_ids, exclusion.gallery_groups]
+        )
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Search
 # ---------------------------------------------------------------------------------------------------------
 
@@ -384,8 +462,10 @@ def knn(
     ignore: IgnoreSpec = None,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
+    backend: str = "torch",
+    backend_options: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest gallery rows of every query row: ``(distances [nq, k], indices [nq, k])``.
+    """k nearest gallery rows of every query row: ``(distances [nq, k], indices [nq, k])``.
 
     ``distances`` are in the units of ``distance`` (``dmlkit.distances.pairwise``): a similarity for
     ``cosine``/``dot`` (sorted descending), a distance for ``euclidean``/``squared_euclidean`` (sorted
@@ -399,6 +479,8 @@ def knn(
     ``ignore(query_index[c], gallery_index[n_gallery]) -> bool[c, n_gallery]`` (True = excluded).
     ``chunk_size``: queries per block (default: blocks of at most :data:`MAX_BLOCK_ELEMENTS` scores).
     Outputs live on ``device`` (default: the query's device).
+    ``backend``: ``"torch"`` (exact, this module) or ``"faiss-flat"`` (exact), ``"faiss-ivf"``,
+    ``"faiss-hnsw"`` (approximate), see :mod:`dmlkit.metrics.faiss_backend`; faiss results are on the CPU.
     """
     q = as_embeddings(query, "query")
     g = as_embeddings(gallery, "gallery")
@@ -409,5 +491,11 @@ def knn(
     exclusion = build_exclusion(
         len(q), len(g), exclude_self_ids=exclude_self_ids, ignore=ignore, same_set=exclude_self_ids is True
     )
-    out = search(q, g, k, distance, exclusion, chunk_size=chunk_size, device=device)
+    from dmlkit.metrics import faiss_backend
+
+    faiss_backend.check_backend(backend)
+    if backend == "torch":
+        out = search(q, g, k, distance, exclusion, chunk_size=chunk_size, device=device)
+    else:
+        out = faiss_backend.search(q, g, k, distance, exclusion, backend=backend, options=backend_options)
     return out.distances, out.indices

@@ -37,6 +37,8 @@ class RetrievalResults:
       are original labels (strings if the labels were strings); classes without such queries are absent.
     - ``num_queries``: all queries; ``num_queries_without_relevant``: those with R = 0, excluded from
       every retrieval metric's average.
+    - ``backend``: the search that produced the neighbours (``torch``, ``faiss-flat``, ``faiss-ivf``,
+      ``faiss-hnsw``; the last two are approximate).
     """
 
     topk_indices: torch.Tensor
@@ -56,6 +58,7 @@ class RetrievalResults:
     label_values: list[str] | None = None
     id_values: list[str] | None = None
     cluster_assignments: torch.Tensor | None = None
+    backend: str = "torch"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, metric: str) -> float:
@@ -85,6 +88,7 @@ class RetrievalResults:
         """Summary as plain Python values; ``neighbors=True`` adds top-k indices/distances, labels, ids."""
         out: dict[str, Any] = {
             "distance": self.distance,
+            "backend": self.backend,
             "k": self.k,
             "leave_one_out": self.leave_one_out,
             "num_queries": self.num_queries,

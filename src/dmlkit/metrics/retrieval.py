@@ -1,15 +1,25 @@
-"""Retrieval evaluation: one exact chunked k-NN pass, then every metric from the top-k and R.
+"""Retrieval evaluation: one chunked k-NN pass, then every metric from the top-k and R.
 
 Definitions (see ``docs/metrics.md``). For a query q let rel(i) ∈ {0, 1} say whether the i-th retrieved
-gallery item (1-based, best first, excluded items skipped) has q's label, and R the number of retrievable
-gallery items with q's label.
+gallery item (1-based, best first, excluded items skipped) has q's label, P(i) = (1/i) Σ_{j≤i} rel(j),
+R the number of retrievable gallery items with q's label and N the number of gallery items with q's label
+before exclusions (Roth et al.'s class frequency; R + 1 in plain leave-one-out).
 
 - ``recall@K``    = 1[Σ_{i≤K} rel(i) ≥ 1]                      (DML Recall@K, Song et al. 2016)
 - ``precision@K`` = (1/K) Σ_{i≤K} rel(i)
 - ``r_precision`` = (1/R) Σ_{i≤R} rel(i)
-- ``map@r``       = (1/R) Σ_{i≤R} P(i)·rel(i), P(i) = (1/i) Σ_{j≤i} rel(j)   (Musgrave et al. 2020)
+- ``map@r``       = (1/R) Σ_{i≤R} P(i)·rel(i)                   (Musgrave et al. 2020)
+- ``map@K``       = (1/min(K, R)) Σ_{i≤K} P(i)·rel(i)           (AP@K; GLDv2's mAP@100 for K = 100)
+- ``map_pml@K``   = (1/R) Σ_{i≤K} P(i)·rel(i)                   (PML ``mean_average_precision``, k = K)
+- ``map_1000``    = (1/N) Σ_{i≤1000} P(i)·rel(i)                (Roth et al. 2020 ``mAP_1000``)
+- ``map_lim``     = (1/N) Σ_{i≤1023} P(i)·rel(i)                (Roth et al. 2020 ``mAP_lim``)
+- ``map_c``       = (1/N) Σ_{i≤N} P(i)·rel(i)                   (Roth et al. 2020 ``mAP_c``)
 - ``mrr``         = 1 / (rank of the first relevant item in the full ranking)
-- ``nmi``/``ami`` : k-means on the query embeddings (k = number of query classes) scored against labels.
+- ``mrr@K``       = 1 / (rank of the first relevant item) if it is ≤ K, else 0
+- ``nmi``/``ami``/``f1``: k-means on the query embeddings (k = number of query classes) scored against
+  the labels (:mod:`dmlkit.metrics.clustering`).
+- ``rho_spectrum@K``, ``dists@intra``, ``dists@inter``, ``dists@intra_over_inter``: diagnostics of the
+  query embeddings (:mod:`dmlkit.metrics.embedding_space`).
 
 Each retrieval metric is averaged over the queries with R > 0; queries with R = 0 are excluded from every
 average and counted in ``num_queries_without_relevant`` (the rule of PML's ``AccuracyCalculator``).
@@ -18,8 +28,9 @@ average and counted in ``num_queries_without_relevant`` (the rule of PML's ``Acc
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,31 +38,59 @@ import torch.nn.functional as F
 
 from dmlkit.distances import check_distance
 from dmlkit.errors import ConfigError, DataError, UnknownNameError, closest
-from dmlkit.metrics import clustering
-from dmlkit.metrics.knn import ArrayLike, IgnoreSpec, as_embeddings, build_exclusion, encode_pair, search
+from dmlkit.metrics import clustering, embedding_space, faiss_backend
+from dmlkit.metrics.knn import (
+    ArrayLike,
+    IgnoreSpec,
+    as_embeddings,
+    build_exclusion,
+    count_matches,
+    encode_pair,
+    search,
+)
 from dmlkit.metrics.results import Label, RetrievalResults
 from dmlkit.registry import Registry
 
 DEFAULT_METRICS: tuple[str, ...] = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
 
+#: Truncation depths of Roth et al.'s ``mAP_1000`` and ``mAP_lim`` (1023: faiss-GPU's former k limit).
+ROTH_MAP_1000_DEPTH = 1000
+ROTH_MAP_LIM_DEPTH = 1023
+#: Per-query metric values are computed on row blocks of at most this many top-k entries.
+METRIC_BLOCK_ELEMENTS = 2**22
+
 
 @dataclass
 class RetrievalContext:
-    """What a retrieval metric sees: relevance of the top-k, R per query, rank of the first relevant."""
+    """What a retrieval metric sees for a block of queries: relevance of the top-k, R, N, first rank."""
 
     relevant: torch.Tensor  # bool [nq, k]
-    num_relevant: torch.Tensor  # int64 [nq]
+    num_relevant: torch.Tensor  # int64 [nq]: R
     first_relevant_rank: torch.Tensor | None  # int64 [nq] (only when "mrr" was requested)
+    class_size: torch.Tensor | None = None  # int64 [nq]: N, gallery items with the query's label
 
 
 RetrievalMetric = Callable[[RetrievalContext, int | None], torch.Tensor]
 
-#: Retrieval metrics: ``fn(context, K) -> float64 [nq]`` per-query values (K is None for fixed names).
+#: Every metric name. Retrieval metrics: ``fn(context, K) -> float64 [nq]`` per-query values (K is None
+#: for fixed names); clustering metrics: ``fn(labels, assignments) -> float``; embedding metrics:
+#: ``fn(embeddings, labels, distance, K) -> float``.
 METRICS: Registry[torch.Tensor | float] = Registry("metric")
 #: Names whose value comes from clustering, not from the k-NN ranking.
-CLUSTERING_METRICS: tuple[str, ...] = ("nmi", "ami")
+CLUSTERING_METRICS: tuple[str, ...] = ("nmi", "ami", "f1")
+#: Names computed from the query embeddings alone (no ranking, no per-class values).
+EMBEDDING_METRICS: tuple[str, ...] = (
+    "rho_spectrum@K",
+    "dists@intra",
+    "dists@inter",
+    "dists@intra_over_inter",
+)
 #: Metrics that need every relevant item in the top-k (k ≥ R).
 NEEDS_ALL_RELEVANT: tuple[str, ...] = ("r_precision", "map@r")
+#: Patterns whose K may be negative (Roth et al.'s ``rho_spectrum@-1`` is KL(p ‖ u)).
+SIGNED_K: tuple[str, ...] = ("rho_spectrum@K",)
+#: Names where a smaller value is better (everything else: larger is better).
+LOWER_IS_BETTER: tuple[str, ...] = ("rho_spectrum@K", "dists@intra", "dists@intra_over_inter")
 
 _AT_K = re.compile(r"^([a-z_]+)@(-?\d+)$")
 
@@ -69,26 +108,77 @@ def precision_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
     return ctx.relevant[:, :K].sum(dim=1).double() / K
 
 
-def _within_r(ctx: RetrievalContext) -> torch.Tensor:
-    k = ctx.relevant.shape[1]
-    first_r = torch.arange(k, device=ctx.relevant.device)[None, :] < ctx.num_relevant[:, None]
-    return ctx.relevant & first_r
+def _within(relevant: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """``relevant`` with every column ≥ ``limit[row]`` cleared."""
+    columns = torch.arange(relevant.shape[1], device=relevant.device)
+    return relevant & (columns[None, :] < limit[:, None])
+
+
+def precision_sum(relevant: torch.Tensor, limit: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_{i ≤ limit} P(i)·rel(i) per row (float64), P(i) = (1/i) Σ_{j≤i} rel(j); ``limit`` an int, a
+    per-row int64 tensor, or None (every column)."""
+    if isinstance(limit, torch.Tensor):
+        rel = _within(relevant, limit)
+    else:
+        rel = relevant if limit is None else relevant[:, :limit]
+    ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
+    precision = rel.cumsum(dim=1).double() / ranks
+    return (precision * rel).sum(dim=1)
 
 
 @METRICS.register("r_precision")
 def r_precision(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
     """(1/R) Σ_{i≤R} rel(i)."""
-    return _within_r(ctx).sum(dim=1).double() / ctx.num_relevant.clamp_min(1).double()
+    hits = _within(ctx.relevant, ctx.num_relevant).sum(dim=1).double()
+    return hits / ctx.num_relevant.clamp_min(1).double()
 
 
 @METRICS.register("map@r")
 def map_at_r(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
     """MAP@R (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", ECCV 2020):
     (1/R) Σ_{i≤R} P(i)·rel(i) with P(i) the precision of the top i."""
-    rel = _within_r(ctx)
-    ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
-    precision = rel.cumsum(dim=1).double() / ranks
-    return (precision * rel).sum(dim=1) / ctx.num_relevant.clamp_min(1).double()
+    return precision_sum(ctx.relevant, ctx.num_relevant) / ctx.num_relevant.clamp_min(1).double()
+
+
+@METRICS.register("map@K")
+def map_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
+    """AP@K = (1/min(K, R)) Σ_{i≤K} P(i)·rel(i): 1 when the top K holds min(K, R) relevant items first
+    (the mAP@100 of Google Landmarks v2, Weyand et al. CVPR 2020, for K = 100)."""
+    assert K is not None
+    return precision_sum(ctx.relevant, K) / ctx.num_relevant.clamp(1, K).double()
+
+
+@METRICS.register("map_pml@K")
+def map_pml_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
+    """(1/R) Σ_{i≤K} P(i)·rel(i): pytorch-metric-learning's ``mean_average_precision`` with k = K, whose
+    denominator is R even when K < R (so at most K/R)."""
+    assert K is not None
+    return precision_sum(ctx.relevant, K) / ctx.num_relevant.clamp_min(1).double()
+
+
+def _roth_denominator(ctx: RetrievalContext) -> torch.Tensor:
+    assert ctx.class_size is not None
+    return ctx.class_size.clamp_min(1).double()
+
+
+@METRICS.register("map_1000")
+def map_1000(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
+    """Roth et al. 2020 ``mAP_1000``: (1/N) Σ_{i≤1000} P(i)·rel(i), N = gallery items with the query's
+    label before exclusions (the class size in leave-one-out, so a perfect ranking scores R/(R+1))."""
+    return precision_sum(ctx.relevant, ROTH_MAP_1000_DEPTH) / _roth_denominator(ctx)
+
+
+@METRICS.register("map_lim")
+def map_lim(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
+    """Roth et al. 2020 ``mAP_lim``: (1/N) Σ_{i≤1023} P(i)·rel(i) (N as for ``map_1000``)."""
+    return precision_sum(ctx.relevant, ROTH_MAP_LIM_DEPTH) / _roth_denominator(ctx)
+
+
+@METRICS.register("map_c")
+def map_c(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
+    """Roth et al. 2020 ``mAP_c``: (1/N) Σ_{i≤N} P(i)·rel(i) (N as for ``map_1000``)."""
+    assert ctx.class_size is not None
+    return precision_sum(ctx.relevant, ctx.class_size) / _roth_denominator(ctx)
 
 
 @METRICS.register("mrr")
@@ -96,6 +186,14 @@ def mean_reciprocal_rank(ctx: RetrievalContext, K: int | None = None) -> torch.T
     """1 / rank of the first relevant item in the full ranking (not truncated at k)."""
     assert ctx.first_relevant_rank is not None
     return 1.0 / ctx.first_relevant_rank.clamp_min(1).double()
+
+
+@METRICS.register("mrr@K")
+def mean_reciprocal_rank_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
+    """1 / rank of the first relevant item if it is within the top K, else 0 (PML's MRR with k = K)."""
+    rel = ctx.relevant[:, :K]
+    first = rel.to(torch.uint8).argmax(dim=1) + 1
+    return torch.where(rel.any(dim=1), 1.0 / first.double(), torch.zeros_like(first, dtype=torch.float64))
 
 
 @METRICS.register("nmi")
@@ -108,8 +206,35 @@ def _ami(labels: torch.Tensor, assignments: torch.Tensor) -> float:
     return clustering.ami(labels, assignments)
 
 
+@METRICS.register("f1")
+def _f1(labels: torch.Tensor, assignments: torch.Tensor) -> float:
+    return clustering.f1(labels, assignments)
+
+
+@METRICS.register("rho_spectrum@K")
+def _rho(embeddings: torch.Tensor, labels: torch.Tensor, distance: str, K: int | None) -> float:
+    assert K is not None
+    return embedding_space.rho_spectrum(embeddings, K)
+
+
+@METRICS.register("dists@intra")
+def _intra(embeddings: torch.Tensor, labels: torch.Tensor, distance: str, K: int | None = None) -> float:
+    return embedding_space.intra_class_distance(embeddings, labels, distance)
+
+
+@METRICS.register("dists@inter")
+def _inter(embeddings: torch.Tensor, labels: torch.Tensor, distance: str, K: int | None = None) -> float:
+    return embedding_space.inter_class_distance(embeddings, labels, distance)
+
+
+@METRICS.register("dists@intra_over_inter")
+def _ratio(embeddings: torch.Tensor, labels: torch.Tensor, distance: str, K: int | None = None) -> float:
+    return embedding_space.intra_over_inter(embeddings, labels, distance)
+
+
 def available() -> list[str]:
-    """Metric names accepted by :func:`evaluate`; ``K`` stands for a positive integer (``recall@5``)."""
+    """Metric names accepted by :func:`evaluate`; ``K`` stands for a positive integer (``recall@5``;
+    ``rho_spectrum@K`` also takes a negative one)."""
     return METRICS.available()
 
 
@@ -121,11 +246,23 @@ def parse_metric(name: str) -> tuple[str, int | None]:
         return name, None
     match = _AT_K.match(name)
     if match and f"{match.group(1)}@K" in METRICS:
-        K = int(match.group(2))
-        if K < 1:
+        pattern, K = f"{match.group(1)}@K", int(match.group(2))
+        if pattern in SIGNED_K:
+            if K == 0:
+                raise ConfigError(
+                    f"metric '{name}': K must be a non-zero integer (K = 0 is Roth et al.'s whole "
+                    "spectrum, not a number: use dmlkit.metrics.singular_values)"
+                )
+        elif K < 1:
             raise ConfigError(f"metric '{name}': K must be a positive integer, got {K}")
-        return f"{match.group(1)}@K", K
+        return pattern, K
     raise UnknownNameError(_unknown_metric_message(name))
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether a larger value of metric ``name`` is better (False for ``rho_spectrum@K``, ``dists@intra``
+    and ``dists@intra_over_inter``); unknown names raise."""
+    return parse_metric(name)[0] not in LOWER_IS_BETTER
 
 
 def _unknown_metric_message(name: str) -> str:
@@ -136,6 +273,21 @@ def _unknown_metric_message(name: str) -> str:
     suggestion = closest(name, concrete) or closest(name.lower(), concrete)
     hint = f"; did you mean '{suggestion}'?" if suggestion else ""
     return f"unknown metric '{name}'{hint} Valid metrics: {', '.join(patterns)} (K a positive integer)"
+
+
+def _required_k(base: str, K: int | None, n_gallery: int, largest_class: int) -> int:
+    """Neighbours metric ``base`` needs (r_precision/map@r are checked against R separately); the fixed
+    depths of Roth et al.'s metrics are capped at ``n_gallery`` (the most a query can retrieve)."""
+    if base in ("recall@K", "precision@K", "map@K", "map_pml@K", "mrr@K"):
+        assert K is not None
+        return K
+    if base == "map_1000":
+        return min(ROTH_MAP_1000_DEPTH, n_gallery)
+    if base == "map_lim":
+        return min(ROTH_MAP_LIM_DEPTH, n_gallery)
+    if base == "map_c":
+        return min(largest_class, n_gallery)
+    return 0
 
 
 def evaluate(
@@ -153,6 +305,8 @@ def evaluate(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
+    backend: str = "torch",
+    backend_options: Mapping[str, Any] | None = None,
 ) -> RetrievalResults:
     """Retrieve every query's nearest gallery items and compute ``metrics`` (see module docstring).
 
@@ -163,13 +317,19 @@ def evaluate(
     - ``ignore``: ``(query_groups, gallery_groups)``, pairs with equal group are excluded; in leave-one-out
       a single group array; or a callable ``ignore(query_index[c], gallery_index[n_gallery]) -> bool[c,
       n_gallery]`` (True = excluded). Excluded items are never retrieved and never relevant.
-    - ``k``: neighbours kept; default max(largest K asked, largest R if ``r_precision``/``map@r`` asked).
+    - ``k``: neighbours kept; default: the largest depth any asked metric needs (its K, 1000/1023 for
+      ``map_1000``/``map_lim``, the largest class for ``map_c``, the largest R for ``r_precision``/``map@r``).
     - ``chunk_size``: queries per block (default: ≤ 2**24 scores per block); ``device``: where to search
-      (default: the query's device); ``seed``: k-means seed for ``nmi``/``ami``.
+      (default: the query's device); ``seed``: k-means seed for ``nmi``/``ami``/``f1``.
+    - ``backend``: ``"torch"`` (exact, default), ``"faiss-flat"`` (exact), ``"faiss-ivf"`` or
+      ``"faiss-hnsw"`` (approximate), with ``backend_options`` (see :mod:`dmlkit.metrics.faiss_backend`).
     """
     check_distance(distance)
+    faiss_backend.check_backend(backend)
     names = _dedupe([metrics] if isinstance(metrics, str) else list(metrics))
     parsed = [(name, *parse_metric(name)) for name in names]
+    if any(base.startswith("dists@") for _, base, _ in parsed):
+        embedding_space.check_dist_distance(distance)
 
     q = as_embeddings(query, "query")
     if len(q) == 0:
@@ -206,8 +366,13 @@ def evaluate(
         same_set=leave_one_out,
     )
 
-    retrieval = [(name, base, K) for name, base, K in parsed if base not in CLUSTERING_METRICS]
-    largest_k = max((K for _, _, K in retrieval if K is not None), default=0)
+    retrieval = [(name, base, K) for name, base, K in parsed if _is_retrieval(base)]
+    # N: gallery items with the query's label before exclusions (Roth et al.'s class frequency).
+    class_size = count_matches([q_lab], [g_lab])
+    largest_class = int(class_size.max())
+    retrievable = len(g) - int(leave_one_out)  # an upper bound of the items a query can retrieve
+    needed = {name: _required_k(base, K, retrievable, largest_class) for name, base, K in retrieval}
+    largest_k = max(needed.values(), default=0)
     needs_all = any(base in NEEDS_ALL_RELEVANT for _, base, _ in retrieval)
     if k is None:
         k = largest_k
@@ -216,20 +381,41 @@ def evaluate(
     elif not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer or None, got {k!r}")
     elif k < largest_k:
-        raise ConfigError(f"k={k} is smaller than the largest K asked ({largest_k})")
+        worst = max(needed, key=lambda name: needed[name])
+        raise ConfigError(
+            f"k={k} is smaller than the largest K asked: '{worst}' needs {needed[worst]} neighbours"
+        )
 
-    out = search(
-        q,
-        g,
-        k,
-        distance,
-        exclusion,
-        query_labels=q_lab,
-        gallery_labels=g_lab,
-        first_relevant=any(base == "mrr" for _, base, _ in retrieval),
-        chunk_size=chunk_size,
-        device=device,
-    )
+    wants_mrr = any(base == "mrr" for _, base, _ in retrieval)
+    if backend == "torch":
+        if backend_options:
+            raise ConfigError(f"backend 'torch' takes no backend_options, got {sorted(backend_options)}")
+        out = search(
+            q,
+            g,
+            k,
+            distance,
+            exclusion,
+            query_labels=q_lab,
+            gallery_labels=g_lab,
+            first_relevant=wants_mrr,
+            chunk_size=chunk_size,
+            device=device,
+        )
+    else:
+        out = faiss_backend.search(
+            q,
+            g,
+            k,
+            distance,
+            exclusion,
+            backend=backend,
+            options=dict(backend_options or {}),
+            query_labels=q_lab,
+            gallery_labels=g_lab,
+            first_relevant=wants_mrr,
+            device=device,
+        )
     indices = out.indices.cpu()
     distances = out.distances.cpu()
     assert out.num_relevant is not None
@@ -239,29 +425,30 @@ def evaluate(
             f"k={k} is smaller than the largest number of relevant items R={int(num_relevant.max())}; "
             "r_precision and map@r need k ≥ R (leave k=None to choose it automatically)"
         )
-
-    valid = indices >= 0
-    relevant = valid & (g_lab[indices.clamp_min(0)] == q_lab[:, None])
-    ctx = RetrievalContext(
-        relevant=relevant,
-        num_relevant=num_relevant,
-        first_relevant_rank=None if out.first_relevant_rank is None else out.first_relevant_rank.cpu(),
-    )
+    first_rank = None if out.first_relevant_rank is None else out.first_relevant_rank.cpu()
     has_relevant = num_relevant > 0
+    per_query = _per_query_values(
+        retrieval, indices, q_lab, g_lab, num_relevant, first_rank, class_size, has_relevant
+    )
+
     values: dict[str, float] = {}
     per_class: dict[str, dict[Label, float]] = {}
     assignments = None
+    embeddings = F.normalize(q, dim=1) if distance == "cosine" else q
     for name, base, K in parsed:
         if base in CLUSTERING_METRICS:
             if assignments is None:
-                embeddings = F.normalize(q, dim=1) if distance == "cosine" else q
                 num_classes = int(torch.unique(q_lab).numel())
                 assignments = clustering.kmeans(embeddings, num_classes, seed=seed)
             values[name] = METRICS.get(base)(q_lab, assignments)
-            continue
-        per_query = METRICS.get(base)(ctx, K)[has_relevant]
-        values[name] = float(per_query.mean()) if len(per_query) else float("nan")
-        per_class[name] = _per_class_mean(per_query, q_lab[has_relevant], label_values)
+        elif base in EMBEDDING_METRICS:
+            # dists@* normalise themselves for cosine; ρ sees what the clustering sees.
+            x = q if base.startswith("dists@") else embeddings
+            values[name] = METRICS.get(base)(x, q_lab, distance, K)
+        else:
+            kept = per_query[name]
+            values[name] = float(kept.mean()) if len(kept) else float("nan")
+            per_class[name] = _per_class_mean(kept, q_lab[has_relevant], label_values)
 
     return RetrievalResults(
         topk_indices=indices,
@@ -281,7 +468,45 @@ def evaluate(
         label_values=label_values,
         id_values=id_values,
         cluster_assignments=assignments,
+        backend=backend,
     )
+
+
+def _is_retrieval(base: str) -> bool:
+    return base not in CLUSTERING_METRICS and base not in EMBEDDING_METRICS
+
+
+def _per_query_values(
+    retrieval: list[tuple[str, str, int | None]],
+    indices: torch.Tensor,
+    q_lab: torch.Tensor,
+    g_lab: torch.Tensor,
+    num_relevant: torch.Tensor,
+    first_rank: torch.Tensor | None,
+    class_size: torch.Tensor,
+    has_relevant: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Per-query value of every retrieval metric, for the queries with R > 0 only, computed on row
+    blocks so that the float64 temporaries stay O(block · k)."""
+    out: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in retrieval}
+    if not retrieval:
+        return {}
+    n, k = indices.shape
+    rows = max(1, METRIC_BLOCK_ELEMENTS // max(k, 1))
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        keep = has_relevant[start:end]
+        idx = indices[start:end][keep]
+        relevant = (idx >= 0) & (g_lab[idx.clamp_min(0)] == q_lab[start:end][keep][:, None])
+        ctx = RetrievalContext(
+            relevant=relevant,
+            num_relevant=num_relevant[start:end][keep],
+            first_relevant_rank=None if first_rank is None else first_rank[start:end][keep],
+            class_size=class_size[start:end][keep],
+        )
+        for name, base, K in retrieval:
+            out[name].append(METRICS.get(base)(ctx, K))
+    return {name: torch.cat(parts) for name, parts in out.items()}
 
 
 def _dedupe(names: list[str]) -> list[str]:

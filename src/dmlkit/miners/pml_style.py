@@ -21,7 +21,6 @@ from dmlkit.miners.tuples import (
     Pairs,
     Triplets,
     all_pairs,
-    empty_pairs,
     empty_triplets,
     label_masks,
     upcast,
@@ -149,7 +148,6 @@ def _check_range(value: tuple[float, float] | None, name: str) -> tuple[float, f
 
 def _in_range(mat: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     return (mat >= bounds[0]) & (mat <= bounds[1])
-
 
 
 # ---------------------------------------------------------------------------------------------- randomness
@@ -373,7 +371,9 @@ class AngularMiner(BaseMiner):
     hardness_knob = "angle"
     knob_ranges: ClassVar[dict[str, tuple[float, float]]] = {"angle": (0.0, 90.0)}
 
-    def __init__(self, angle: float = 20.0, distance: str = "euclidean", normalize_embeddings: bool = True) -> None:
+    def __init__(
+        self, angle: float = 20.0, distance: str = "euclidean", normalize_embeddings: bool = True
+    ) -> None:
         super().__init__(distance, normalize_embeddings)
         if distance != "euclidean" or not normalize_embeddings:
             raise ConfigError(
@@ -494,7 +494,7 @@ class HDCMiner(BaseMiner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if anchors.numel() == 0:
             return anchors, others
-        k = int(math.ceil(self.filter_percentage * anchors.numel()))  # PML's rounding
+        k = math.ceil(self.filter_percentage * anchors.numel())  # PML's rounding
         _, idx = torch.topk(mat[anchors, others], k=k, largest=largest)
         return anchors[idx], others[idx]
 

@@ -378,7 +378,9 @@ class RandomMiner(StochasticMiner):
         return a, pos_cols[a, p_rank], neg_cols[a, n_rank]
 
 
-def _distinct_below(total: int, count: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _distinct_below(
+    total: int, count: int, gen: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     """``count`` distinct integers drawn uniformly from ``range(total)`` (a uniform random subset)."""
     if total <= max(1 << 20, 4 * count):
         return torch.randperm(total, generator=gen, device=device)[:count]

@@ -13,7 +13,8 @@ With ``t = clip((progress − from) / (until − from), 0, 1)`` (``t = [progress
 - ``linear``: ``start + (end − start) · t``
 - ``cosine``: ``start + (end − start) · (1 − cos(π t)) / 2``
 - ``step``: ``start + (end − start) · floor(steps · t) / steps``: ``steps`` equal jumps, at
-  ``from + k (until − from) / steps`` for ``k = 1 … steps``, the last one to ``end`` at ``until``.
+  ``from + k (until − from) / steps`` for ``k = 1 … steps``, the last one to ``end`` at ``until`` (with
+  a 1e-9 tolerance on ``steps · t``, so that exact boundaries are not lost to rounding).
 
 Text form (``--miner-schedule``): ``"linear:start=0.0,end=1.0,from=0.1,until=0.8"``, optionally with
 ``knob=<attribute>`` and (``step`` only) ``steps=<int>``; ``from`` defaults to 0 and ``until`` to 1.
@@ -191,7 +192,8 @@ class MinerSchedule:
         elif self.kind == "cosine":
             f = (1.0 - math.cos(math.pi * t)) / 2.0
         else:
-            f = math.floor(self.steps * t) / self.steps
+            # the tolerance puts progress = from + k·(until − from)/steps, up to rounding, on step k
+            f = math.floor(self.steps * t + 1e-9) / self.steps
         if f >= 1.0:  # exactly `end` at and after `until`, whatever the rounding
             return self.end
         return self.start + (self.end - self.start) * f
@@ -262,7 +264,9 @@ def float_hyperparameters(cls: type) -> list[str]:
     """Constructor keywords of ``cls`` whose default is a float: the attributes a schedule may set."""
     params = inspect.signature(cls).parameters.values()
     return sorted(
-        p.name for p in params if isinstance(p.default, float) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        p.name
+        for p in params
+        if isinstance(p.default, float) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
 
 

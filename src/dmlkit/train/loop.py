@@ -488,6 +488,7 @@ class Trainer:
     ) -> tuple[float | None, dict[str, float]]:
         config = self.config
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.set_progress(self.global_step / max(1, config.epochs * self.steps_per_epoch))
         with autocast(self.device, config.amp):
             embeddings = self.model(batch_images)
         if getattr(self.sampler, "needs_embeddings", False):  # coreset samplers choose batches from these

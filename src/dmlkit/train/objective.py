@@ -42,8 +42,11 @@ class Objective(nn.Module):
         memory: CrossBatchMemory | None = None,
         memory_weight: float = 1.0,
         memory_start: int = 0,
+        miner_schedule: miners.MinerSchedule | None = None,
     ) -> None:
         super().__init__()
+        self.miner_schedule = miner_schedule
+        self._schedule_stats: dict[str, float] = {}
         self.loss = loss
         self.miner = miner
         self.memory = memory
@@ -51,6 +54,12 @@ class Objective(nn.Module):
         self.memory_start = int(memory_start)
         self._loss_takes_exclude = "ref_exclude" in inspect.signature(loss.forward).parameters
         self._stats: dict[str, float] = {}
+
+    def set_progress(self, progress: float) -> None:
+        """Tell the objective how far training is (0 → 1); anneals the miner's hardness knob if scheduled."""
+        if self.miner_schedule is not None and self.miner is not None:
+            value = self.miner_schedule.apply(self.miner, progress)
+            self._schedule_stats = {f"miner/schedule/{self.miner_schedule.knob_for(self.miner)}": value}
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None
@@ -62,6 +71,7 @@ class Objective(nn.Module):
         indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
         value = self.loss(embeddings, labels, indices_tuple)
         stats = self._collect("", self.loss, self.miner)
+        stats.update(self._schedule_stats)
         if self.memory is not None:
             if indices is None:
                 raise ConfigError("a cross-batch memory needs the dataset indices of the batch")
@@ -157,4 +167,5 @@ def build_objective(
         if train_size is None:
             raise ConfigError("a cross-batch memory sized as a ratio needs the training-set size")
         memory = CrossBatchMemory(resolve_size(config.xbm_size, train_size), embedding_size, config.xbm_dtype)
-    return Objective(loss, miner, memory, config.xbm_weight, config.xbm_start)
+    schedule = miners.check_schedule(config.miner, config.miner_schedule) if config.miner else None
+    return Objective(loss, miner, memory, config.xbm_weight, config.xbm_start, schedule)
