@@ -9,6 +9,7 @@ median of the per-round ratios (each ratio comes from two adjacent blocks).
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import resource
@@ -26,18 +27,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_block(fn: Callable[[], object], number: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` over ``number`` back-to-back calls (garbage collector paused)."""
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_block(fn: Callable[[], object], number: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per call of ``fn`` over ``number`` back-to-back calls (garbage collector paused).
+
+    ``clock``: ``wall`` (``time.perf_counter``) or ``cpu`` (``time.process_time``: CPU time of this
+    process, all threads; insensitive to other processes' load with one thread, but it also counts
+    the busy-waiting of idle OpenMP threads with several).
+    """
+    timer = CLOCKS[clock]
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
         synchronize(device)
-        start = time.perf_counter()
+        start = timer()
         for _ in range(number):
             fn()
         synchronize(device)
-        return (time.perf_counter() - start) / number
+        return (timer() - start) / number
     finally:
         if enabled:
             gc.enable()
@@ -45,11 +55,17 @@ def time_block(fn: Callable[[], object], number: int, device: torch.device) -> f
 
 @dataclass
 class Comparison:
-    """Per-call block times (seconds) of each callable, one entry per round."""
+    """Per-call block times (seconds) of each callable, one entry per kept round."""
 
     names: Sequence[str]
     times: dict[str, list[float]] = field(default_factory=dict)
     number: int = 1
+    #: CPU cores used by other processes during each kept round (None where /proc/stat is unreadable)
+    foreign: list[float | None] = field(default_factory=list)
+    #: rounds discarded because other processes were busy
+    discarded: int = 0
+    #: True when too few quiet rounds were found and the least-loaded busy ones were kept
+    noisy: bool = False
 
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
@@ -67,6 +83,40 @@ class Comparison:
         return (q[2] - q[0]) / statistics.median(values)
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (all processes, all cores) since boot, from
+    ``/proc/stat``; None where unavailable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:9]] + [0] * 8
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+class ForeignLoad:
+    """Measures how many cores *other* processes kept busy between :meth:`start` and :meth:`stop`:
+    the machine's busy CPU time (``/proc/stat``) minus this process's own CPU time, per elapsed second.
+    Resolution is a clock tick per core (10 ms), so intervals should last a few tenths of a second."""
+
+    def start(self) -> None:
+        self._busy, self._own, self._wall = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+
+    def stop(self) -> float | None:
+        busy = busy_cpu_seconds()
+        if busy is None or self._busy is None:
+            return None
+        wall = max(time.perf_counter() - self._wall, 1e-9)
+        return max(0.0, (busy - self._busy) - (time.process_time() - self._own)) / wall
+
+
 def compare(
     fns: dict[str, Callable[[], object]],
     device: torch.device,
@@ -75,30 +125,58 @@ def compare(
     budget_s: float = 4.0,
     min_rounds: int = 7,
     max_rounds: int = 31,
+    clock: str = "wall",
+    max_foreign: float | None = None,
+    max_wait_s: float = 300.0,
 ) -> Comparison:
     """Time every callable of ``fns`` in interleaved blocks and return the per-round block times.
 
-    Each callable is warmed up ``warmup`` times, then a single call of each estimates the cost. A block
-    repeats a call ``number`` times, enough for ``min_block_s`` for the slowest callable, so that
-    every side runs the same count per block. The number of rounds fits ``budget_s`` (clamped to
-    ``[min_rounds, max_rounds]``); the order of the callables alternates from round to round.
+    Each callable is warmed up ``warmup`` times, then the fastest of three single calls estimates its
+    cost. A block repeats a call ``number`` times: enough for the fastest callable to run
+    ``min_block_s``, but at most ``max(4 · min_block_s, slowest call)`` for the slowest; every callable
+    runs the same count per block. A round runs one block of each callable, in alternating order from
+    round to round; the number of rounds fits ``budget_s`` (clamped to ``[min_rounds, max_rounds]``).
+
+    On a shared machine a round during which other processes kept more than ``max_foreign`` cores busy
+    (see :class:`ForeignLoad`) is discarded and repeated after a pause, for at most ``max_wait_s``
+    seconds; if too few quiet rounds were found by then, the least-loaded ones are kept and the result is
+    marked ``noisy``. ``max_foreign=None`` (the default) keeps every round.
     """
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    estimate = {name: time_block(fns[name], 1, device) for name in names}
-    number = max(1, int(min_block_s / max(min(estimate.values()), 1e-9)))
-    # cap the calls per block so a slow side does not take forever
-    slowest = max(estimate.values())
-    number = max(1, min(number, int(max(min_block_s, 4 * slowest) / slowest)))
+    estimate = {name: min(time_block(fns[name], 1, device, clock) for _ in range(3)) for name in names}
+    fastest, slowest = max(min(estimate.values()), 1e-9), max(max(estimate.values()), 1e-9)
+    number = max(1, min(math.ceil(min_block_s / fastest), int(max(4 * min_block_s, slowest) / slowest)))
     per_round = number * sum(estimate.values())
     rounds = int(min(max_rounds, max(min_rounds, budget_s / max(per_round, 1e-9))))
     result = Comparison(names=names, times={name: [] for name in names}, number=number)
-    for r in range(rounds):
+    recorded: list[tuple[float, dict[str, float]]] = []  # (foreign load, times) of every round run
+    meter = ForeignLoad()
+    deadline = time.perf_counter() + max_wait_s
+    r = 0
+    while True:
         order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            result.times[name].append(time_block(fns[name], number, device))
+        r += 1
+        meter.start()
+        times = {name: time_block(fns[name], number, device, clock) for name in order}
+        load = meter.stop()
+        recorded.append((-1.0 if load is None else load, times))
+        quiet = [t for t in recorded if max_foreign is None or t[0] <= max_foreign]
+        if len(quiet) >= rounds:
+            break
+        if time.perf_counter() > deadline and len(recorded) >= rounds:
+            result.noisy = True
+            quiet = sorted(recorded, key=lambda t: t[0])[:rounds]
+            break
+        if load is not None and max_foreign is not None and load > max_foreign:
+            time.sleep(min(1.0, 2 * per_round))  # let the other process's burst pass
+    result.discarded = len(recorded) - len(quiet)
+    for load, times in quiet:
+        result.foreign.append(None if load < 0 else load)
+        for name in names:
+            result.times[name].append(times[name])
     return result
 
 
@@ -163,7 +241,7 @@ def replace_section(path: str, heading: str, body: str) -> None:
     if start is None:
         while lines and not lines[-1].strip():
             lines.pop()
-        new = lines + ["", *section.splitlines()]
+        new = [*lines, "", *section.splitlines()]
     else:
         end = len(lines)
         fenced = False
@@ -178,6 +256,6 @@ def replace_section(path: str, heading: str, body: str) -> None:
                 end = i
                 break
         tail = lines[end:]
-        new = lines[:start] + section.splitlines() + ([""] + tail if tail else [])
+        new = lines[:start] + section.splitlines() + (["", *tail] if tail else [])
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(new).rstrip("\n") + "\n")

@@ -3,36 +3,41 @@
 For every loss, on the same inputs and with PML's default hyperparameters on both sides::
 
     python benchmarks/losses.py                       # CPU, 2 threads, every row; prints a Markdown table
-    python benchmarks/losses.py --write BENCHMARKS.md # also writes the table into BENCHMARKS.md
+    python benchmarks/losses.py --write BENCHMARKS.md # also writes it into BENCHMARKS.md (own section)
+    python benchmarks/losses.py --threads 1 --clock cpu   # CPU time: robust on a busy shared machine
     python benchmarks/losses.py --device cuda --threads 8
     python benchmarks/losses.py --losses circle supcon --shapes b112 --budget 2
 
 Shapes: ``b112`` (B=112, D=128), ``b256`` (B=256, D=512), both with B/4 classes of 4 samples drawn
 from 100 classes, and ``ref`` (B=112, D=128 against a 60,000 × 128 reference set with 1,000 classes of
-60: the cross-batch-memory case; the batch's 28 classes are among the reference set's). Embeddings are
-standard normal, seeded. Proxy/classification losses use ``num_classes=100``; PML's initialised
-parameters are copied into ours, and they take no reference set (row marked ``n/a``).
+60: the cross-batch-memory case; the batch's 28 classes are among the reference set's, the reference
+set gets no gradient). Embeddings are standard normal, seeded. Proxy/classification losses use
+``num_classes=100``; PML's initialised parameters are copied into ours, and they take no reference set
+(row marked ``n/a``).
 
 Before timing, each row checks that both sides compute the same thing: the loss value and the gradient
 of the embeddings (and of the loss's parameters) must agree (``torch.testing.assert_close``); a row
 that disagrees aborts the run. One timed call is ``loss(...)`` then ``backward()``, gradients reset
 to None before each call on both sides. The two sides run in interleaved blocks (see
 ``benchmarks/common.py``); the table gives the median time per call of each side and the median over
-rounds of the PML/ours ratio of adjacent blocks.
+rounds of the PML/ours ratio of adjacent blocks. With ``--clock wall`` (default) rounds during which
+other processes kept more than ``--max-foreign`` cores busy are discarded and repeated.
 
 The semi-hard rows use ``dmlkit.miners.build("triplet_margin", type_of_triplets="semihard")`` and PML's
 ``TripletMarginMiner(type_of_triplets="semihard")`` (margin 0.2, the default of both) with the default
 triplet loss (margin 0.05): "miner + loss" times mining and the loss together, "loss on mined
 triplets" times the loss alone on one fixed set of mined triplets given to both sides.
 
-The process's data segment is capped (``--mem-limit-gb``) so that a computation that would need more
-memory than the (shared) machine has fails cleanly; such a side is reported as out of memory.
+The process's data segment is capped (``--mem-limit-gb``, CPU only) so that a computation that would
+need more memory than the (shared) machine has fails cleanly; such a side is reported as out of memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import os
 import shlex
 import sys
 import traceback
@@ -45,11 +50,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, is_out_of_memory, limit_memory, machine_description, replace_section  # noqa: E402
+from common import compare, is_out_of_memory, limit_memory, machine_description
 
-import dmlkit  # noqa: E402
-from dmlkit import losses as dml_losses  # noqa: E402
-from dmlkit import miners as dml_miners  # noqa: E402
+from dmlkit import losses as dml_losses
+from dmlkit import miners as dml_miners
 
 try:
     import pytorch_metric_learning
@@ -224,8 +228,9 @@ def check_same(ours: Side, theirs: Side, v_ours: torch.Tensor, v_theirs: torch.T
     for g_ours, g_theirs, name in pairs:
         assert g_ours is not None and g_theirs is not None, f"{what}: no gradient for the {name}"
         scale = float(g_theirs.abs().max()) or 1.0
+        where = f"{what}: {name} gradient"
         torch.testing.assert_close(
-            g_ours, g_theirs, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{what}: {name} gradient: {m}"
+            g_ours, g_theirs, rtol=1e-3, atol=1e-4 * scale, msg=lambda m, where=where: f"{where}: {m}"
         )
 
 
@@ -238,6 +243,42 @@ def same_triplets(a: tuple, b: tuple) -> bool:
 
     ka, kb = keys(a), keys(b)
     return ka.shape == kb.shape and bool(torch.equal(ka, kb))
+
+
+def _try(miner: nn.Module, inputs: dict[str, Any]) -> tuple[tuple | None, str]:
+    """Mine once; on an allocation failure return ``(None, reason)`` (after the exception is released, so
+    whatever it held is freed)."""
+    reason = ""
+    try:
+        return miner(inputs["emb"], inputs["labels"], inputs["ref_emb"], inputs["ref_labels"]), ""
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        reason = failure(e)
+    gc.collect()
+    return None, reason
+
+
+def count_semihard(inputs: dict[str, Any], margin: float = 0.2) -> int:
+    """How many triplets the semi-hard miner selects (``0 < d(a,n) − d(a,p) ≤ margin``), counted per
+    anchor from its sorted negative distances without listing them (for the notes of rows where the
+    list itself does not fit in memory)."""
+    x = torch.nn.functional.normalize(inputs["emb"].detach(), dim=1)
+    ref = x if inputs["ref_emb"] is None else torch.nn.functional.normalize(inputs["ref_emb"], dim=1)
+    ref_labels = inputs["labels"] if inputs["ref_labels"] is None else inputs["ref_labels"]
+    dist = torch.cdist(x, ref)  # the miners' distances
+    total = 0
+    for i in range(x.shape[0]):
+        d, label = dist[i], inputs["labels"][i]
+        pos_mask = ref_labels == label
+        if inputs["ref_emb"] is None:
+            pos_mask[i] = False
+        neg = torch.sort(d[ref_labels != label]).values
+        pos = d[pos_mask]
+        lo = torch.searchsorted(neg, pos, right=True)  # d(a,n) ≤ d(a,p): not semi-hard
+        hi = torch.searchsorted(neg, pos + margin, right=True)
+        total += int((hi - lo).sum())
+    return total
 
 
 def failure(error: BaseException) -> str:
@@ -257,6 +298,8 @@ class Result:
     spread: str = ""
     number: int = 0
     rounds: int = 0
+    discarded: int = 0
+    noisy: bool = False
 
 
 def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.device) -> Result:
@@ -279,27 +322,34 @@ def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.devi
     indices = None
     notes: list[str] = []
     if row.mining == "given":
-        miner_ref = (inputs["ref_emb"], inputs["ref_labels"])
-        try:
-            indices = _semihard_pml()(inputs["emb"], inputs["labels"], *miner_ref)
-        except (RuntimeError, MemoryError) as e:
-            if not is_out_of_memory(e):
-                raise
-            indices = _semihard_ours()(inputs["emb"], inputs["labels"], *miner_ref)
-            notes.append("triplets mined by dmlkit's miner (PML's miner runs out of memory)")
+        # the same triplets for both sides: PML's miner's, or dmlkit's (same set) where PML's fails
+        indices, error = _try(_semihard_pml(), inputs)
+        if indices is None:
+            indices, error_ours = _try(_semihard_ours(), inputs)
+            if indices is None:
+                result.note = (
+                    f"{count_semihard(inputs):,} semi-hard triplets (counted, not listed); mining them runs "
+                    "out of memory "
+                    f"(PML: {error}; dmlkit: {error_ours})"
+                )
+                return result
+            notes.append(f"triplets from dmlkit's miner (PML's: {error})")
         notes.append(f"{indices[0].numel():,} triplets")
 
     if row.mining == "miner+loss":
-        miner_ref = (inputs["ref_emb"], inputs["ref_labels"])
-        try:
-            mined_theirs = _semihard_pml()(inputs["emb"], inputs["labels"], *miner_ref)
-            mined_ours = _semihard_ours()(inputs["emb"], inputs["labels"], *miner_ref)
-            if not same_triplets(mined_ours, mined_theirs):
-                raise AssertionError(f"{row.label} / {shape.label}: the miners return different triplets")
+        mined_theirs, _ = _try(_semihard_pml(), inputs)
+        mined_ours, _ = _try(_semihard_ours(), inputs)
+        if mined_ours is not None:
             notes.append(f"{mined_ours[0].numel():,} triplets")
-        except (RuntimeError, MemoryError) as e:
-            if not is_out_of_memory(e):
-                raise
+        else:
+            notes.append(f"{count_semihard(inputs):,} semi-hard triplets (counted, not listed)")
+        if (
+            mined_ours is not None
+            and mined_theirs is not None
+            and not same_triplets(mined_ours, mined_theirs)
+        ):
+            raise AssertionError(f"{row.label} / {shape.label}: the miners return different triplets")
+        del mined_theirs, mined_ours
 
     # one call each: checks and warm-up; a side that fails is reported, not timed
     errors: dict[str, str] = {}
@@ -311,9 +361,12 @@ def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.devi
             if args.verbose:
                 traceback.print_exc()
             errors[name] = failure(e)
+        if name in errors:
             side.emb.grad = None
+            gc.collect()
     if "ours" in errors:
-        result.note = "; ".join([f"dmlkit: {errors['ours']}"] + ([f"PML: {errors['pml']}"] if "pml" in errors else []))
+        failures = [f"dmlkit: {errors['ours']}"] + ([f"PML: {errors['pml']}"] if "pml" in errors else [])
+        result.note = "; ".join(notes + failures)
         return result
     if "pml" not in errors:
         check_same(ours, theirs, values["ours"], values["pml"], f"{row.label} / {shape.label}")
@@ -321,7 +374,18 @@ def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.devi
     fns = {"ours": lambda: ours.step(inputs, indices)}
     if "pml" not in errors:
         fns["pml"] = lambda: theirs.step(inputs, indices)
-    comparison = compare(fns, device, warmup=args.warmup, min_block_s=args.min_block, budget_s=args.budget)
+    comparison = compare(
+        fns,
+        device,
+        warmup=args.warmup,
+        min_block_s=args.min_block,
+        budget_s=args.budget,
+        clock=args.clock,
+        max_foreign=None if args.max_foreign < 0 else args.max_foreign,  # resolved in main()
+        max_wait_s=args.max_wait,
+    )
+    result.discarded = comparison.discarded
+    result.noisy = comparison.noisy
     result.ours_ms = 1e3 * comparison.median("ours")
     result.number = comparison.number
     result.rounds = len(comparison.times["ours"])
@@ -358,8 +422,95 @@ def table(results: list[Result]) -> str:
             speed = "PML fails"
         else:
             speed = "—"
-        lines.append(f"| {r.row} | {r.shape} | {fmt_ms(r.ours_ms)} | {fmt_ms(r.pml_ms)} | {speed} | {r.note} |")
+        note = (r.note + ("; measured under load (too few quiet rounds)" if r.noisy else "")).strip("; ")
+        ours, pml = fmt_ms(r.ours_ms), fmt_ms(r.pml_ms)
+        lines.append(f"| {r.row} | {r.shape} | {ours} | {pml} | {speed} | {note} |")
     return "\n".join(lines)
+
+
+INTRO = """\
+`benchmarks/losses.py` times one forward + backward pass of each dmlkit loss and of its
+pytorch-metric-learning (PML) counterpart, PML's default hyperparameters on both sides, on the same
+inputs: standard-normal embeddings, B/4 classes of 4 samples (drawn from 100 classes) for the batch
+shapes; for the reference-set shape (a cross-batch memory), B = 112 queries from 28 classes against
+60,000 × 128 reference embeddings of 1,000 classes × 60 (no gradient to the reference set). Proxy and
+classification losses use `num_classes=100` with PML's initial parameters copied into ours; they take
+no reference set. The semi-hard rows use `dmlkit.miners.build("triplet_margin",
+type_of_triplets="semihard")` and PML's `TripletMarginMiner(type_of_triplets="semihard")` (margin 0.2)
+with the default triplet loss: "miner + loss" times both, "on semihard triplets" the loss alone on one
+fixed set of mined triplets given to both (the two miners are checked to return the same set).
+
+Before timing, every row asserts that both sides compute the same thing: the loss value and the
+gradients of the embeddings (and of the loss's parameters) must agree (`torch.testing.assert_close`,
+float32). One timed call is the loss then `backward()`, gradients reset to None before each call. The
+two sides run in alternating blocks (ours, PML, PML, ours, ...), each block long enough (≥ 0.1 s) to
+average many calls; the table gives the median time per call of each side over the rounds and the
+median over rounds of the PML/ours ratio of the two adjacent blocks of a round. With wall-clock timing
+(the default) rounds during which other processes kept more than 0.3 cores busy (from `/proc/stat`)
+are discarded and repeated; `--clock cpu` counts this process's CPU time instead. On CPU the process's
+data segment is capped (`--mem-limit-gb`, default 8 GB) so that a computation needing more fails
+cleanly; it is reported as out of memory. On a shared machine whose cores are kept busy by other jobs,
+two-thread wall-clock times are dominated by thread scheduling (each parallel region waits for a core
+for the second OpenMP thread: calls become 10–100× slower, erratically); there, `--threads 1 --clock
+cpu` gives reproducible figures of the work done.
+Target (issue 3): ours ≥ 1.5× faster than PML on every row, never slower."""
+
+
+def write_report(path: str, sub_heading: str, body: str) -> None:
+    """Put :data:`INTRO` under :data:`SECTION` in ``path`` and ``body`` under ``sub_heading`` (a level-3
+    heading for this configuration) inside that section, replacing earlier versions of both; the rest of
+    the file is left as it is."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = "# Benchmarks\n"
+    lines = text.splitlines()
+    section_start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    runs: dict[str, list[str]] = {}
+    order: list[str] = []
+    if section_start is not None:
+        section_end = _next_heading(lines, section_start, 2)
+        current = None
+        fenced = False
+        for line in lines[section_start + 1 : section_end]:
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            if not fenced and line.startswith("### "):
+                current = line.strip()
+                order.append(current)
+                runs[current] = []
+            elif current is not None:
+                runs[current].append(line)
+        before, after = lines[:section_start], lines[section_end:]
+    else:
+        before, after = lines, []
+    if sub_heading not in runs:
+        order.append(sub_heading)
+    runs[sub_heading] = ["", *body.strip("\n").splitlines(), ""]
+    section = [SECTION, "", *INTRO.splitlines(), ""]
+    for heading in order:
+        section += [heading, *runs[heading]]
+    while section and not section[-1].strip():
+        section.pop()
+    while before and not before[-1].strip():
+        before.pop()
+    new = [*before, "", *section] + (["", *after] if after else [])
+    Path(path).write_text("\n".join(new).strip("\n") + "\n", encoding="utf-8")
+
+
+def _next_heading(lines: list[str], start: int, level: int) -> int:
+    """Index of the first heading of ``level`` or higher after ``start`` (outside code fences), or the end."""
+    fenced = False
+    for i in range(start + 1, len(lines)):
+        stripped = lines[i].lstrip()
+        if stripped.startswith("```"):
+            fenced = not fenced
+        if fenced:
+            continue
+        hashes = len(stripped) - len(stripped.lstrip("#"))
+        if 0 < hashes <= level and stripped[hashes : hashes + 1] == " ":
+            return i
+    return len(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -369,11 +520,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--losses", nargs="+", choices=list(ROW_KEYS), default=list(ROW_KEYS))
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing per row (both sides)")
-    parser.add_argument("--min-block", type=float, default=0.05, help="minimum seconds per timed block")
+    parser.add_argument("--min-block", type=float, default=0.1, help="minimum seconds per timed block")
+    parser.add_argument(
+        "--max-foreign",
+        type=float,
+        default=None,
+        help="discard and repeat rounds during which other processes kept more than this many cores busy "
+        "(negative: keep every round; default 0.3 with --clock wall, every round with --clock cpu)",
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=300.0, help="seconds per row to wait for quiet rounds (default 300)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per side before timing")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time (robust to load with --threads 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--mem-limit-gb", type=float, default=8.0, help="cap on the process's data segment (0: none)"
+        "--mem-limit-gb",
+        type=float,
+        default=None,
+        help="cap on the process's data segment in GB (0: none; default 8 on CPU, none with --device cuda)",
     )
     parser.add_argument("--write", metavar="MARKDOWN", help="write the table into this file's section")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing sides")
@@ -386,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     torch.set_num_threads(args.threads)
+    if args.max_foreign is None:
+        args.max_foreign = 0.3 if args.clock == "wall" else -1.0
+    if args.mem_limit_gb is None:
+        args.mem_limit_gb = 8.0 if device.type == "cpu" else 0.0
     limit_memory(args.mem_limit_gb)
     command = "python benchmarks/losses.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
     results: list[Result] = []
@@ -398,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"# {row.label:<30} {shape.label:<26} ours {fmt_ms(result.ours_ms):>8} ms  "
                 f"PML {fmt_ms(result.pml_ms):>8} ms  {speed:>7}  [{result.number}x{result.rounds}; "
-                f"{result.spread}] {result.note}",
+                f"{result.spread}; {result.discarded} busy rounds discarded"
+                f"{'; NOISY' if result.noisy else ''}] "
+                f"{result.note}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -406,22 +582,31 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if args.write:
         misses = [r for r in results if r.speedup is not None and r.speedup < TARGET]
+        clock = "wall-clock time" if args.clock == "wall" else "CPU time of the process (`--clock cpu`)"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         body = "\n".join(
             [
                 f"Command: `{command}`",
                 "",
-                f"- Machine: {machine_description(device, args.threads)}, device `{device}`",
-                f"- torch {torch.__version__}, pytorch-metric-learning {pytorch_metric_learning.__version__}, "
-                f"dmlkit {getattr(dmlkit, '__version__', 'dev')}, Python {sys.version.split()[0]}",
-                f"- Date: {datetime.date.today().isoformat()}",
+                f"- Machine: {machine_description(device, args.threads)}; device `{device}`; {clock}",
+                f"- torch {torch.__version__}, pytorch-metric-learning "
+                f"{pytorch_metric_learning.__version__}, Python {sys.version.split()[0]}",
+                f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} (1-minute load average at "
+                f"the end: {load:.1f}; busy rounds discarded: {sum(r.discarded for r in results)})",
                 "",
                 markdown,
                 "",
-                f"Target: ours ≥ {TARGET}× faster than PML on every row"
-                + (f"; {len(misses)} row(s) below it." if misses else "; met on every row that PML can run."),
+                (
+                    f"{len(misses)} row(s) below the 1.5× target: "
+                    + ", ".join(f"{r.row} ({r.shape})" for r in misses)
+                    if misses
+                    else "Every row that PML can run meets the 1.5× target."
+                ),
             ]
         )
-        replace_section(args.write, SECTION, body)
+        heading = f"### {device.type.upper()}, {args.threads} thread{'s' if args.threads > 1 else ''}, "
+        heading += "wall clock" if args.clock == "wall" else "CPU time"
+        write_report(args.write, heading, body)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 

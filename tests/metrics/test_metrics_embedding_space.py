@@ -12,6 +12,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import entropy
 
 from dmlkit.errors import ConfigError
+from dmlkit.metrics import embedding_space as es
 from dmlkit.metrics import (
     evaluate,
     inter_class_distance,
@@ -20,7 +21,6 @@ from dmlkit.metrics import (
     rho_spectrum,
     singular_values,
 )
-from dmlkit.metrics import embedding_space as es
 
 SCIPY = {"cosine": "cosine", "euclidean": "euclidean", "squared_euclidean": "sqeuclidean"}
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from dmlkit.distances import check_distance, is_similarity
 from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
@@ -119,6 +120,119 @@ def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, add_one: bool = True) 
     return out.masked_fill(~mask.any(dim=1), 0.0)
 
 
+# ------------------------------------------------------------------------------------------ fused distance
+
+_NORM_EPS = 1e-12  # F.normalize's eps
+
+
+def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.normalize(x, dim=1)`` (same arithmetic, same bits) and the clamped norms it divided by."""
+    denom = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    return x / denom, denom
+
+
+def _unit_rows_backward(
+    grad: torch.Tensor, unit: torch.Tensor, denom: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """Gradient through ``F.normalize`` of ``scale · grad``: ``scale (g − x̂ ⟨x̂, g⟩) / ‖x‖``, or
+    ``scale · g / eps`` where the norm was clamped."""
+    dot = (unit * grad).sum(1, keepdim=True).masked_fill_(denom <= _NORM_EPS, 0.0)
+    factor = denom.reciprocal() if scale == 1.0 else scale / denom
+    return grad.addcmul(unit, dot, value=-1.0).mul_(factor)
+
+
+class _DistanceMatrix(torch.autograd.Function):
+    """The ``B × R`` matrix of :func:`dmlkit.miners.tuples.distance_matrix` with a fused backward pass.
+
+    Same forward arithmetic (L2 normalisation as ``F.normalize``, ``‖x‖² + ‖y‖² − 2⟨x, y⟩`` clamped at 0,
+    square root whose gradient is 0 at 0; for ``dot``, optionally times ``scale``, folded into the
+    product), but the backward pass is written in closed form: one matrix product for a batch-vs-batch
+    matrix (``(A + Aᵀ) x``) instead of autograd's two, and no chain of temporaries through the
+    normalisation, the norms, the clamp and the square root. First-order only.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, ref: torch.Tensor | None, kind: str, normalize: bool, scale: float
+    ) -> torch.Tensor:
+        gram = ref is None
+        xn, x_denom = _unit_rows(x) if normalize else (x, None)
+        if gram:
+            yn, y_denom = xn, x_denom
+        else:
+            yn, y_denom = _unit_rows(ref) if normalize else (ref, None)  # type: ignore[arg-type]
+        if kind == "dot":
+            mat = xn @ yn.T if scale == 1.0 else torch.addmm(xn.new_zeros(()), xn, yn.T, beta=0, alpha=scale)
+        else:
+            x_sq = xn.pow(2).sum(1)
+            y_sq = x_sq if gram else yn.pow(2).sum(1)
+            mat = torch.addmm(x_sq.unsqueeze(1) + y_sq.unsqueeze(0), xn, yn.T, alpha=-2.0).clamp_min_(0.0)
+            if kind == "euclidean":
+                mat.sqrt_()
+        ctx.kind, ctx.gram, ctx.normalize, ctx.scale = kind, gram, normalize, scale
+        ctx.save_for_backward(xn, yn, x_denom, y_denom, None if kind == "dot" else mat)
+        return mat
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xn, yn, x_denom, y_denom, mat = ctx.saved_tensors
+        need_x, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not ctx.gram
+        if ctx.kind == "dot":
+            # mat = scale·⟨x, y⟩
+            coef, norm_coef, mat_grad = ctx.scale, 0.0, grad
+        else:
+            # ∂/∂(squared distance) up to the factor `half` (d√s/ds = 1/(2√s)): the clamp and √· pass
+            # nothing where the distance is 0. squared distance = ‖x‖² + ‖y‖² − 2⟨x, y⟩.
+            half = 0.5 if ctx.kind == "euclidean" else 1.0
+            mat_grad = grad.div(mat) if ctx.kind == "euclidean" else grad.clone()
+            mat_grad.masked_fill_(mat == 0, 0.0)
+            coef, norm_coef = -2.0 * half, 2.0 * half
+        # grad_x = coef·A y + norm_coef·x ⊙ rowsum(A) (A + Aᵀ and x for the batch against itself); on unit
+        # rows the ‖·‖² term is parallel to the rows and vanishes through the normalisation: left out
+        norm_terms = norm_coef != 0.0 and not ctx.normalize
+        if ctx.gram:
+            mat_grad = mat_grad + mat_grad.T
+        grads: list[torch.Tensor | None] = [None, None]
+        for i, (needed, rows, other, other_grad, denom) in enumerate(
+            [(need_x, xn, yn, mat_grad, x_denom), (need_ref, yn, xn, mat_grad.T, y_denom)]
+        ):
+            if not needed:
+                continue
+            if ctx.normalize:
+                grads[i] = _unit_rows_backward(other_grad @ other, rows, denom, coef)
+            elif norm_terms:
+                grads[i] = torch.addmm(
+                    rows * (norm_coef * other_grad.sum(1, keepdim=True)), other_grad, other, alpha=coef
+                )
+            else:
+                grads[i] = torch.addmm(rows.new_zeros(()), other_grad, other, beta=0, alpha=coef)
+        return grads[0], grads[1], None, None, None
+
+
+def fused_distance_matrix(
+    embeddings: torch.Tensor,
+    ref_emb: torch.Tensor | None,
+    distance: str,
+    normalize_embeddings: bool,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """:func:`dmlkit.miners.tuples.distance_matrix` (same values) with a fused, first-order backward pass;
+    ``scale`` (similarities only) multiplies the matrix inside the product.
+
+    Falls back to autograd for mixed dtypes. Inputs are expected upcast already (the loss calling
+    convention does it).
+    """
+    check_distance(distance)
+    kind = "dot" if distance in ("cosine", "dot") else distance
+    if scale != 1.0 and kind != "dot":
+        raise ValueError("fused_distance_matrix: scale applies to similarities only")
+    if ref_emb is not None and ref_emb.dtype != embeddings.dtype:
+        return distance_matrix(embeddings, ref_emb, distance, normalize_embeddings) * scale
+    normalize = normalize_embeddings or distance == "cosine"
+    return _DistanceMatrix.apply(embeddings, ref_emb, kind, normalize, scale)  # type: ignore[no-any-return]
+
+
 # ---------------------------------------------------------------------------------------------- base class
 
 
@@ -211,6 +325,12 @@ class BaseLoss(nn.Module):
         if self.distance is None:
             raise NotImplementedError(f"{type(self).__name__} has no distance")
         return distance_matrix(embeddings, ref_emb, self.distance, self.normalize_embeddings)
+
+    def fused_distance_matrix(self, embeddings: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`distance_matrix` with a fused first-order backward pass (:func:`fused_distance_matrix`)."""
+        if self.distance is None:
+            raise NotImplementedError(f"{type(self).__name__} has no distance")
+        return fused_distance_matrix(embeddings, ref_emb, self.distance, self.normalize_embeddings)
 
     def reduce(self, losses: torch.Tensor) -> torch.Tensor:
         """Reduce with the configured ``reduction``."""

@@ -8,11 +8,12 @@ pair-based losses) or with gathered entries (mined triplets). Nothing loops over
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from dmlkit.errors import ConfigError
 from dmlkit.losses.base import (
@@ -65,6 +66,125 @@ class ContrastiveLoss(PairLoss):
             F.relu(farther_by(self.neg_margin, neg, sim)),
         )
 
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: IndicesTuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if indices_tuple is not None:  # mined pairs: gathered values (a pair mined twice counts twice)
+            return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # All pairs: the negative pairs are every entry of the matrix but the same-label ones, which are
+        # few (found from sorted labels): dense passes for the negatives, gathers for the rest.
+        mat = self.fused_distance_matrix(embeddings, ref_emb)
+        rows, cols = same_label_entries(labels, ref_labels)
+        loss, active = _AllPairsHinge.apply(
+            mat,
+            rows,
+            cols,
+            ref_labels is None,
+            self.is_similarity,
+            self.pos_margin,
+            self.neg_margin,
+            self.reduction,
+        )
+        num_pos = rows.numel() - (mat.shape[0] if ref_labels is None else 0)
+        self.record(
+            num_pos_pairs=num_pos,
+            num_neg_pairs=mat.numel() - rows.numel(),
+            num_active_pos_pairs=active[0],
+            num_active_neg_pairs=active[1],
+        )
+        return loss  # type: ignore[no-any-return]
+
+
+# Below this many matrix entries a label comparison and nonzero find the same-label entries fastest.
+_SMALL_MATRIX = 1 << 16
+
+
+def same_label_entries(
+    labels: torch.Tensor, ref_labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of every same-label entry of the ``query × reference`` matrix, in row-major
+    order (the diagonal included when the reference set is the batch, ``ref_labels=None``).
+
+    For a large matrix, from the sorted reference labels without a ``B × R`` mask: each query's class is
+    a contiguous run of them.
+    """
+    ref_l = labels if ref_labels is None else ref_labels
+    if labels.numel() * ref_l.numel() <= _SMALL_MATRIX:
+        rows, cols = torch.nonzero(labels.unsqueeze(1) == ref_l.unsqueeze(0), as_tuple=True)
+        return rows, cols
+    sorted_l, order = torch.sort(ref_l, stable=True)
+    start = torch.searchsorted(sorted_l, labels)
+    size = torch.searchsorted(sorted_l, labels, right=True) - start
+    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), size)
+    first = torch.cumsum(size, 0) - size
+    offsets = torch.arange(rows.numel(), device=labels.device) - first[rows]
+    return rows, order[start[rows] + offsets]
+
+
+class _AllPairsHinge(torch.autograd.Function):
+    """Contrastive loss over all pairs of a ``B × R`` matrix ``m``, fused: ``reduce [farther_by(m, m⁺)]₊``
+    over the positive pairs plus ``reduce [farther_by(m⁻, m)]₊`` over the negative ones.
+
+    ``(rows, cols)``: the same-label entries (:func:`same_label_entries`), positives but for the diagonal
+    when ``batch``; every other entry is a negative pair. Reductions as
+    :func:`dmlkit.losses.base.reduce` on the pair lists (``mean``, ``avg_non_zero``, ``sum``). The
+    gradient of ``m`` is ``±1/divisor`` on the active pairs: two dense passes in the backward instead of
+    autograd's chain of gathers, masks and reductions. Also returns the int64 numbers of active positive
+    and negative pairs.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        mat: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        batch: bool,
+        sim: bool,
+        pos_margin: float,
+        neg_margin: float,
+        reduction: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pos_h = farther_by(mat[rows, cols], pos_margin, sim).clamp_min_(0.0)
+        if batch:
+            pos_h.masked_fill_(rows == cols, 0.0)  # self pairs are no positives
+        neg_h = farther_by(neg_margin, mat, sim)
+        neg_h[rows, cols] = 0.0  # same-label pairs are no negatives
+        neg_h.clamp_min_(0.0)
+        active = torch.stack([torch.count_nonzero(pos_h), torch.count_nonzero(neg_h)])
+        sums = torch.stack([pos_h.sum(), neg_h.sum()])
+        if reduction == "avg_non_zero":
+            divisors = active.clamp_min(1).to(mat.dtype)
+        elif reduction == "mean":
+            num_pos = rows.numel() - (mat.shape[0] if batch else 0)
+            divisors = mat.new_tensor([max(num_pos, 1), max(mat.numel() - rows.numel(), 1)])
+        elif reduction == "sum":
+            divisors = mat.new_ones(2)
+        else:
+            raise ValueError(f"unknown reduction {reduction!r}")
+        loss = sums.div_(divisors).sum()
+        ctx.save_for_backward(rows, cols, pos_h, neg_h, divisors)
+        ctx.sim = sim
+        ctx.mark_non_differentiable(active)
+        return loss, active
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, cols, pos_h, neg_h, divisors = ctx.saved_tensors
+        # ∂/∂m of farther_by(m, m⁺) is +1 for a distance, −1 for a similarity; of farther_by(m⁻, m) the
+        # opposite
+        step = (-grad if ctx.sim else grad) / divisors
+        zero = step.new_zeros(())
+        grad_mat = torch.where(neg_h > 0, -step[1], zero)
+        grad_mat[rows, cols] = torch.where(pos_h > 0, step[0], zero)
+        return grad_mat, None, None, None, None, None, None, None
+
 
 @register("triplet")
 class TripletMarginLoss(TripletLoss):
@@ -99,10 +219,21 @@ class TripletMarginLoss(TripletLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a, p, n = self.triplets(indices_tuple, labels, ref_labels)
-        mat = self.distance_matrix(embeddings, ref_emb)
-        ap, an = mat[a, p], mat[a, n]
+        mat = self.fused_distance_matrix(embeddings, ref_emb)
         sim = self.is_similarity
+        plain = not self.swap and not self.smooth_loss and self.reduction in ("mean", "avg_non_zero", "sum")
+        if plain and indices_tuple is None and self.triplets_per_anchor == "all":
+            # every triplet, never listed: hinge sums from each anchor's positives and negatives
+            c, x, num_triplets = _anchor_hinge_operands(mat, labels, ref_labels, sim, self.margin)
+            loss, active = _AllTripletsHinge.apply(c, x, num_triplets, self.reduction)
+            self.record(num_triplets=num_triplets, num_active_triplets=active)
+            return loss  # type: ignore[no-any-return]
+        a, p, n = self.triplets(indices_tuple, labels, ref_labels)
+        if plain:
+            loss, active = _ListedTripletsHinge.apply(mat, a, p, n, sim, self.margin, self.reduction)
+            self.record(num_triplets=a.numel(), num_active_triplets=active)
+            return loss  # type: ignore[no-any-return]
+        ap, an = mat[a, p], mat[a, n]
         if self.swap:
             # p and n index the reference set, so d(p, n) is a reference-to-reference distance; PML
             # reads mat[p, n], which is only right when the reference set is the batch.
@@ -113,8 +244,153 @@ class TripletMarginLoss(TripletLoss):
             an = torch.maximum(an, pn) if sim else torch.minimum(an, pn)
         violation = farther_by(ap, an, sim) + self.margin
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
-        self.record(num_triplets=a.numel(), num_active_triplets=(losses > 0).sum())
+        self.record(num_triplets=a.numel(), num_active_triplets=torch.count_nonzero(losses))
         return self.reduce(losses)
+
+
+def _hinge_divisor(
+    active: torch.Tensor, count: int, reduction: str, like: torch.Tensor
+) -> torch.Tensor | float:
+    """Divisor of a hinge sum: the active terms (``avg_non_zero``), all ``count`` terms (``mean``) or 1."""
+    if reduction == "avg_non_zero":
+        return active.clamp_min(1).to(like.dtype)
+    if reduction == "mean":
+        return float(max(count, 1))
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+class _ListedTripletsHinge(torch.autograd.Function):
+    """``reduce [farther_by(m[a,p], m[a,n]) + margin]₊`` over listed triplets, fused.
+
+    The two values of a triplet are read from the flattened matrix; the backward pass adds ``±1/divisor``
+    of the active triplets into a zero matrix with two ``index_add_`` (no autograd chain of advanced
+    indexing, masks and reductions). Also returns the number of active triplets (int64).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        mat: torch.Tensor,
+        a: torch.Tensor,
+        p: torch.Tensor,
+        n: torch.Tensor,
+        sim: bool,
+        margin: float,
+        reduction: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = mat.reshape(-1)
+        row = a * mat.shape[1]
+        at_p, at_n = row + p, row + n
+        ap, an = flat.index_select(0, at_p), flat.index_select(0, at_n)
+        hinge = (an - ap if sim else ap - an).add_(margin).clamp_min_(0.0)
+        active = torch.count_nonzero(hinge)
+        divisor = _hinge_divisor(active, a.numel(), reduction, mat)
+        loss = hinge.sum() / divisor
+        tensor_divisor = isinstance(divisor, torch.Tensor)
+        ctx.save_for_backward(at_p, at_n, hinge, divisor if tensor_divisor else None)
+        ctx.divisor, ctx.sim, ctx.shape = None if tensor_divisor else divisor, sim, mat.shape
+        ctx.mark_non_differentiable(active)
+        return loss, active
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        at_p, at_n, hinge, divisor = ctx.saved_tensors
+        step = grad / (ctx.divisor if divisor is None else divisor)
+        # ∂/∂m[a,p] = +1 and ∂/∂m[a,n] = −1 for a distance (the opposite for a similarity)
+        weights = (hinge > 0).to(hinge.dtype).mul_(-step if ctx.sim else step)
+        grad_flat = hinge.new_zeros(ctx.shape[0] * ctx.shape[1])
+        grad_flat.index_add_(0, at_p, weights).index_add_(0, at_n, weights, alpha=-1)
+        return grad_flat.view(ctx.shape), None, None, None, None, None, None
+
+
+def _anchor_hinge_operands(
+    mat: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None, sim: bool, margin: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Operands of the all-triplets hinge ``[c[a,k] − x[a,n]]₊`` (differentiable in ``mat``) and the number
+    of triplets.
+
+    ``c`` (``B × P``, P the most positives of an anchor): ``m[a,p] + margin`` (``margin − s[a,p]`` for a
+    similarity) for each positive, ``−inf`` padding; ``x`` (``B × R``): ``m[a,n]`` (``−s[a,n]``) for each
+    negative, ``+inf`` for same-label entries. Then ``c − x`` is the triplet's violation and padding
+    never counts.
+    """
+    num_rows = mat.shape[0]
+    rows, cols = same_label_entries(labels, ref_labels)
+    same_per_row = torch.bincount(rows, minlength=num_rows)
+    if ref_labels is None:  # the anchor itself is no positive
+        keep = rows != cols
+        p_rows, p_cols = rows[keep], cols[keep]
+        pos_per_row = same_per_row - 1
+    else:
+        p_rows, p_cols, pos_per_row = rows, cols, same_per_row
+    neg_per_row = mat.shape[1] - same_per_row
+    num_triplets = int((pos_per_row * neg_per_row).sum())
+    slot = (
+        torch.arange(p_rows.numel(), device=mat.device) - (torch.cumsum(pos_per_row, 0) - pos_per_row)[p_rows]
+    )
+    width = int(pos_per_row.max()) if num_rows else 0
+    pos = mat[p_rows, p_cols]
+    c = mat.new_full((num_rows, width), -torch.inf).index_put(
+        (p_rows, slot), margin - pos if sim else pos + margin
+    )
+    x = (-mat if sim else mat).index_put((rows, cols), mat.new_tensor(torch.inf))
+    return c, x, num_triplets
+
+
+# Above this many (anchor, positive, reference) combinations, _AllTripletsHinge counts with a binary search.
+_DENSE_TRIPLETS = 1 << 22
+
+
+class _AllTripletsHinge(torch.autograd.Function):
+    """``reduce_{a,k,n} [c[a,k] − x[a,n]]₊`` over every combination (``B × P × R`` hinge terms), fused.
+
+    The gradient needs only how many active terms each ``c[a,k]`` and each ``x[a,n]`` is in (its value
+    is ``±count/divisor``), so the forward pass keeps those counts instead of any ``B × P × R`` tensor:
+    up to :data:`_DENSE_TRIPLETS` terms they come from the dense hinge tensor; above, from each anchor's
+    sorted ``c`` (a batched binary search of every ``x``, a histogram of the results, a cumulative sum),
+    and the hinge sum is ``Σ c·count_c − Σ x·count_x`` accumulated in float64. Returns the reduced loss
+    and the number of active terms. ``num_triplets`` (the finite terms) divides for ``mean``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, c: torch.Tensor, x: torch.Tensor, num_triplets: int, reduction: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_rows, width = c.shape
+        if num_rows * width * x.shape[1] <= _DENSE_TRIPLETS:
+            hinge = (c.unsqueeze(2) - x.unsqueeze(1)).clamp_min_(0.0)
+            total = hinge.sum()
+            act = hinge > 0
+            count_c, count_x = torch.count_nonzero(act, dim=2), torch.count_nonzero(act, dim=1)
+        else:
+            c_sorted, order = torch.sort(c, dim=1)
+            # k = #{c ≤ x}: x is in the active terms of the sorted c[k:], c[j] in those of the x with k ≤ j
+            k = torch.searchsorted(c_sorted, x.contiguous(), right=True)
+            count_x = width - k
+            hist = torch.zeros(num_rows, width + 1, dtype=torch.long, device=c.device)
+            hist.scatter_add_(1, k, torch.ones_like(k))
+            count_c = torch.empty_like(order).scatter_(1, order, torch.cumsum(hist[:, :width], 1))
+            acc = torch.float64 if c.dtype in (torch.float32, torch.float16, torch.bfloat16) else c.dtype
+            c_sum = (torch.where(count_c > 0, c, 0.0).to(acc) * count_c).sum()
+            x_sum = (torch.where(count_x > 0, x, 0.0).to(acc) * count_x).sum()
+            total = (c_sum - x_sum).to(c.dtype)
+        active = count_c.sum()
+        divisor = _hinge_divisor(active, num_triplets, reduction, c)
+        tensor_divisor = isinstance(divisor, torch.Tensor)
+        ctx.save_for_backward(count_c, count_x, divisor if tensor_divisor else None)
+        ctx.divisor = None if tensor_divisor else divisor
+        ctx.mark_non_differentiable(active)
+        return total / divisor, active
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        count_c, count_x, divisor = ctx.saved_tensors
+        step = grad / (ctx.divisor if divisor is None else divisor)
+        return count_c * step, count_x * -step, None, None
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from dmlkit.errors import ConfigError
 from dmlkit.losses.base import (
@@ -14,6 +15,7 @@ from dmlkit.losses.base import (
     BaseLoss,
     MatrixPairLoss,
     farther_by,
+    fused_distance_matrix,
     masked_logsumexp,
     reduce,
     register,
@@ -77,6 +79,44 @@ class _LogSumExpExcluding(torch.autograd.Function):
         return prob * grad.unsqueeze(1), None
 
 
+class _SupConRows(torch.autograd.Function):
+    """Per-anchor SupCon terms ``log Σ_{j kept} exp(z_ij) − mean_{j∈P_i} z_ij`` (0 − 0 for a row without
+    positives, to be masked by the caller) and ``|P_i|`` (int64), fused: the backward pass is
+    ``softmax_kept(z_i) − [j∈P_i]/|P_i|`` times the row's gradient. ``excluded``: entries left out of the
+    denominator (None: none); positives must be kept entries.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, excluded: torch.Tensor | None, pos_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = x if excluded is None else x.masked_fill(excluded, float("-inf"))
+        row_max = kept.amax(dim=1, keepdim=True)
+        nonempty = row_max > float("-inf")
+        row_max.masked_fill_(~nonempty, 0.0)
+        # softmax over the kept entries; exp never sees an excluded or underflowing value
+        prob = (x - row_max).clamp_(-_EXP_FLOOR, 0.0).exp_()
+        if excluded is not None:
+            prob.masked_fill_(excluded, 0.0)
+        total = prob.sum(dim=1, keepdim=True)
+        prob.div_(total.masked_fill_(~nonempty, 1.0))
+        lse = (row_max + total.log_()).squeeze(1)
+        num_pos = torch.count_nonzero(pos_mask, dim=1)
+        inv_num_pos = num_pos.clamp_min(1).to(x.dtype).reciprocal_()
+        losses = lse - torch.where(pos_mask, x, 0.0).sum(dim=1) * inv_num_pos
+        ctx.save_for_backward(prob, pos_mask, inv_num_pos)
+        ctx.mark_non_differentiable(num_pos)
+        return losses, num_pos
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        prob, pos_mask, inv_num_pos = ctx.saved_tensors
+        grad_x = prob * grad.unsqueeze(1)  # not in place: the saved tensor serves a retained graph again
+        grad_x.sub_(pos_mask * (grad * inv_num_pos).unsqueeze(1))
+        return grad_x, None, None
+
+
 def logsumexp_excluding(x: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise ``log Σ_{j: ¬excluded[i,j]} exp(x[i,j])`` and a ``(B,)`` flag "the row kept an entry".
 
@@ -87,46 +127,19 @@ def logsumexp_excluding(x: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.
     return _LogSumExpExcluding.apply(x, excluded)
 
 
-class _ScaledProduct(torch.autograd.Function):
-    """``scale · x refᵀ`` (``scale · x xᵀ`` when ``ref`` is None) with the scale folded into the GEMM.
-
-    For the Gram case the backward is the single product ``scale · (G + Gᵀ) x`` instead of autograd's two.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, ref: torch.Tensor | None, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        ctx.gram = ref is None
-        other = x if ref is None else ref
-        ctx.save_for_backward(x, other)
-        return torch.addmm(x.new_zeros(()), x, other.T, beta=0, alpha=scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, other = ctx.saved_tensors
-        zero = grad.new_zeros(())
-        if ctx.gram:
-            return torch.addmm(zero, grad + grad.T, x, beta=0, alpha=ctx.scale), None, None
-        grad_x = torch.addmm(zero, grad, other, beta=0, alpha=ctx.scale) if ctx.needs_input_grad[0] else None
-        grad_ref = torch.addmm(zero, grad.T, x, beta=0, alpha=ctx.scale) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_ref, None
-
-
 def scaled_logits(
     loss: BaseLoss, embeddings: torch.Tensor, ref_emb: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """``scale · s`` for a similarity, ``−scale · d`` for a distance: the logits of softmax-type losses.
 
-    For a similarity the scale is folded into the matrix product (no extra pass over the ``B × R``
-    matrix, forward or backward), and a batch-vs-batch product needs one GEMM in the backward, not two.
+    For a similarity the scale is folded into the matrix product and the normalisation into the fused
+    backward pass of :func:`dmlkit.losses.base.fused_distance_matrix` (no extra pass over the ``B × R``
+    matrix, and a batch-vs-batch product needs one GEMM in the backward, not two).
     """
-    if loss.is_similarity and (ref_emb is None or ref_emb.dtype == embeddings.dtype):
-        normalize = loss.normalize_embeddings or loss.distance == "cosine"
-        x = F.normalize(embeddings, p=2, dim=1) if normalize else embeddings
-        ref = None if ref_emb is None else (F.normalize(ref_emb, p=2, dim=1) if normalize else ref_emb)
-        return _ScaledProduct.apply(x, ref, scale)
+    if loss.is_similarity:
+        return fused_distance_matrix(embeddings, ref_emb, loss.distance, loss.normalize_embeddings, scale)  # type: ignore[arg-type]
     mat = loss.distance_matrix(embeddings, ref_emb)
-    return mat * (scale if loss.is_similarity else -scale)
+    return mat * -scale
 
 
 def _fill_masks(
@@ -328,25 +341,21 @@ class SupConLoss(BaseLoss):
             pos_mask = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
             if ref_emb is None:
                 pos_mask.fill_diagonal_(False)
-                eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-                denominator = logsumexp_excluding(logits, eye)[0]
+                excluded = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
                 num_pairs = logits.shape[0] * (logits.shape[0] - 1)
             else:
-                denominator = torch.logsumexp(logits, dim=1)
+                excluded = None
                 num_pairs = logits.numel()
-            num_pos = pos_mask.sum(dim=1)
+            losses, num_pos = _SupConRows.apply(logits, excluded, pos_mask)
             total_pos = num_pos.sum()
             self.record(num_pos_pairs=total_pos, num_neg_pairs=num_pairs - total_pos)
         else:
             pairs = to_pairs(indices_tuple, labels, ref_labels)
             pos_mask, neg_mask = pair_masks(pairs, tuple(logits.shape), logits.device)
-            denominator = logsumexp_excluding(logits, ~(pos_mask | neg_mask))[0]
-            num_pos = pos_mask.sum(dim=1)
+            losses, num_pos = _SupConRows.apply(logits, ~(pos_mask | neg_mask), pos_mask)
             any_neg = neg_mask.any()
-            self.record(num_pos_pairs=num_pos.sum(), num_neg_pairs=neg_mask.sum())
+            self.record(num_pos_pairs=num_pos.sum(), num_neg_pairs=torch.count_nonzero(neg_mask))
         has_pos = num_pos > 0
-        pos_sum = (logits * pos_mask).sum(dim=1)
-        losses = denominator - pos_sum / num_pos.clamp_min(1).to(logits.dtype)
         # Rows without positives are 0, and so is everything when no pair is negative (PML); no sync.
         return self.reduce(losses.masked_fill(~(has_pos & has_pos.any() & any_neg), 0.0))
 

@@ -42,7 +42,7 @@ FAISS_BACKENDS: tuple[str, ...] = ("faiss-flat", "faiss-ivf", "faiss-hnsw")
 
 #: Options each faiss backend accepts (``backend_options``) and their defaults (None: chosen from the data).
 #: ``batch_size``: queries per faiss call (bounds faiss's temporaries); ``seed``: IVF training sample and
-#: k-means; ``train_size``: IVF training points (default min(n_gallery, 256 · nlist)).
+#: k-means; ``train_size``: IVF training points (default min(n_gallery, 64 · nlist)).
 OPTIONS: dict[str, dict[str, Any]] = {
     "faiss-flat": {"batch_size": 16384},
     "faiss-ivf": {"nlist": None, "nprobe": None, "train_size": None, "seed": 0, "batch_size": 16384},
@@ -93,7 +93,7 @@ def resolve_options(backend: str, options: dict[str, Any] | None, n_gallery: int
             out["nprobe"] = max(1, math.ceil(out["nlist"] / 16))
         out["nprobe"] = min(out["nprobe"], out["nlist"])
         if out["train_size"] is None:
-            out["train_size"] = min(n_gallery, 256 * out["nlist"])
+            out["train_size"] = min(n_gallery, 64 * out["nlist"])
     if backend == "faiss-hnsw":
         out["ef_search"] = max(out["ef_search"] or 128, k)
     return out

@@ -1,38 +1,47 @@
-"""Exact, chunked k-nearest-neighbour search in torch.
+"""Exact, blocked k-nearest-neighbour search in torch.
 
-The query side is processed in chunks so that only one ``chunk × n_gallery`` block of scores exists at a
-time: memory is O(chunk·n_gallery + n_query·k), never O(n_query·n_gallery). Within a block the top-k is
-found with :func:`torch.topk`; exact ties are broken by gallery index (lower first), whatever the chunk
-size or top-k implementation. (The scores themselves come from a matrix product whose last bit can depend on
-the block shape BLAS is given, so values that differ by a rounding error may rank differently across chunk
-sizes or devices; on continuous data the neighbours are the same and distances agree to rounding.)
+Queries are processed in chunks and the gallery in tiles (:data:`GALLERY_TILE` items; a smaller gallery is
+one tile), so only one ``chunk × tile`` block of scores exists at a time and each query's running top-k is
+merged tile by tile: memory is O(block + n_query·k), never O(n_query·n_gallery). Within a block the top-k is
+found with :func:`torch.topk`; exact ties are broken by gallery index (lower first), whatever the chunk or
+tile size. (The scores themselves come from a matrix product whose last bit can depend on the block shape
+BLAS is given, so values that differ by a rounding error may rank differently across chunk sizes or
+devices; on continuous data the neighbours are the same and distances agree to rounding.)
 
 Items a query must not retrieve are *excluded*: the query itself (matched by id, see ``exclude_self_ids``)
 and pairs rejected by ``ignore`` (equal group ids, or a callable). An excluded item never appears in the
 top-k and never counts as relevant. When fewer than ``k`` gallery items remain for a query, the missing
 slots hold index ``-1`` and distance ``+inf`` (``-inf`` for similarities).
+
+R, the number of relevant (same-label, not excluded) gallery items per query, is counted from labels, ids
+and groups (:func:`count_relevant`) rather than during the pass, unless a callable ``ignore`` makes that
+impossible.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmlkit.distances import check_distance, is_similarity, pairwise
+from dmlkit.distances import check_distance, is_similarity
 from dmlkit.errors import ConfigError, DataError
 
 ArrayLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[Any]
 IgnoreFn: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 IgnoreSpec: TypeAlias = IgnoreFn | tuple[ArrayLike, ArrayLike] | ArrayLike | None
 
-#: Largest number of entries of one ``chunk × n_gallery`` score block. 2**24 float32 scores are 64 MiB;
-#: with the boolean masks and the top-k temporaries a block peaks at roughly 256 MB.
+#: Largest number of entries of one ``queries × gallery tile`` score block. 2**24 float32 scores are
+#: 64 MiB; with the boolean masks and the top-k temporaries a block peaks at roughly 256 MB.
 MAX_BLOCK_ELEMENTS = 2**24
+#: Gallery items per tile: galleries up to this size are scored in one tile (queries × whole gallery);
+#: larger ones in tiles of this width, merging each query's running top-k (256 × 65,536 blocks).
+GALLERY_TILE = 2**16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +141,7 @@ class Exclusion:
 
     ``query_ids``/``gallery_ids``: pairs with equal id are excluded (the query itself).
     ``query_groups``/``gallery_groups``: pairs with equal group are excluded.
-    ``fn``: ``fn(query_index[c], gallery_index[n_gallery]) -> bool[c, n_gallery]``, True = excluded.
+    ``fn``: ``fn(query_index[c], gallery_index[g]) -> bool[c, g]``, True = excluded.
     """
 
     query_ids: torch.Tensor | None = None
@@ -140,6 +149,29 @@ class Exclusion:
     query_groups: torch.Tensor | None = None
     gallery_groups: torch.Tensor | None = None
     fn: IgnoreFn | None = None
+    _sorted_ids: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def id_pairs(
+        self, query_index: torch.Tensor, g_start: int, g_end: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row in ``query_index``, column in ``g_start:g_end``) of every pair with equal ids, or None
+        without ids. Such pairs are sparse (usually the query itself), so they are found by binary search
+        in the sorted gallery ids instead of an equality mask over the block."""
+        if self.query_ids is None or self.gallery_ids is None:
+            return None
+        if self._sorted_ids is None:
+            self._sorted_ids = torch.sort(self.gallery_ids)
+        ordered, order = self._sorted_ids
+        ids = self.query_ids[query_index]
+        low = torch.searchsorted(ordered, ids)
+        counts = torch.searchsorted(ordered, ids, right=True) - low
+        rows = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), counts)
+        offsets = torch.arange(len(rows), device=ids.device) - torch.repeat_interleave(
+            counts.cumsum(0) - counts, counts
+        )
+        columns = order[torch.repeat_interleave(low, counts) + offsets]
+        inside = (columns >= g_start) & (columns < g_end)
+        return rows[inside], columns[inside] - g_start
 
     def to(self, device: torch.device) -> Exclusion:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -153,21 +185,25 @@ class Exclusion:
             self.fn,
         )
 
-    def mask(self, start: int, end: int, n_gallery: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean ``(end − start) × n_gallery`` block, True where excluded; None when nothing is."""
+    def mask(
+        self, query_index: torch.Tensor, g_start: int, g_end: int, device: torch.device, ids: bool = True
+    ) -> torch.Tensor | None:
+        """Boolean ``len(query_index) × (g_end − g_start)`` block of the queries ``query_index`` (int64
+        positions) against gallery items ``g_start:g_end``, True where excluded; None when nothing is.
+        ``ids=False`` leaves the id exclusion out (the caller applies it another way)."""
         mask: torch.Tensor | None = None
-        if self.query_ids is not None and self.gallery_ids is not None:
-            mask = self.query_ids[start:end, None] == self.gallery_ids[None, :]
+        if ids and self.query_ids is not None and self.gallery_ids is not None:
+            mask = self.query_ids[query_index, None] == self.gallery_ids[None, g_start:g_end]
         if self.query_groups is not None and self.gallery_groups is not None:
-            same_group = self.query_groups[start:end, None] == self.gallery_groups[None, :]
+            same_group = self.query_groups[query_index, None] == self.gallery_groups[None, g_start:g_end]
             mask = same_group if mask is None else mask | same_group
         if self.fn is not None:
-            query_index = torch.arange(start, end, device=device)
-            gallery_index = torch.arange(n_gallery, device=device)
+            gallery_index = torch.arange(g_start, g_end, device=device)
             custom = torch.as_tensor(self.fn(query_index, gallery_index), device=device)
-            if custom.dtype != torch.bool or custom.shape != (end - start, n_gallery):
+            shape = (len(query_index), g_end - g_start)
+            if custom.dtype != torch.bool or custom.shape != shape:
                 raise ConfigError(
-                    f"ignore callable must return a bool tensor of shape {(end - start, n_gallery)}, "
+                    f"ignore callable must return a bool tensor of shape {shape}, "
                     f"got {custom.dtype} {tuple(custom.shape)}"
                 )
             mask = custom if mask is None else mask | custom
@@ -319,21 +355,25 @@ def topk_stable(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """Top-``k`` of each row of ``score`` (larger is better), best first, ties broken by lower column index.
 
     :func:`torch.topk` does not specify which of several equal values it returns, so rows where the k-th
-    value is tied beyond the boundary are re-selected: every value above the k-th, then the tied values in
-    column order. The k selected entries are then ordered by (value descending, column ascending).
+    value is tied beyond the boundary (the (k+1)-th largest equals the k-th) are re-selected: every value
+    above the k-th, then the tied values in column order. The k selected entries are then ordered by
+    (value descending, column ascending).
     """
-    values, indices = torch.topk(score, k, dim=1, largest=True, sorted=True)
-    kth = values[:, -1:]
-    straddling = (score >= kth).sum(dim=1) > k
-    if bool(straddling.any()):
-        rows = straddling.nonzero().squeeze(1)
-        sub, sub_kth = score[rows], kth[rows]
-        above = sub > sub_kth
-        tied = sub == sub_kth
-        room = k - above.sum(dim=1, keepdim=True)
-        take = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
-        # Every row of ``take`` has exactly k True entries, so nonzero() (row-major) reshapes cleanly.
-        indices[rows] = take.nonzero()[:, 1].view(len(rows), k)
+    width = score.shape[1]
+    values, indices = torch.topk(score, min(k + 1, width), dim=1, largest=True, sorted=True)
+    if width > k:
+        # Asking for one more than k finds the rows whose boundary is tied without a pass over the row.
+        straddling = values[:, k] == values[:, k - 1]
+        values, indices = values[:, :k], indices[:, :k]
+        if bool(straddling.any()):
+            rows = straddling.nonzero().squeeze(1)
+            sub, sub_kth = score[rows], values[rows, -1:]
+            above = sub > sub_kth
+            tied = sub == sub_kth
+            room = k - above.sum(dim=1, keepdim=True)
+            take = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
+            # Every row of ``take`` has exactly k True entries, so nonzero() (row-major) reshapes cleanly.
+            indices[rows] = take.nonzero()[:, 1].view(len(rows), k)
     indices, _ = indices.sort(dim=1)
     values = score.gather(1, indices)
     values, order = values.sort(dim=1, descending=True, stable=True)
@@ -341,8 +381,30 @@ def topk_stable(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def auto_chunk_size(n_query: int, n_gallery: int) -> int:
-    """Queries per block so that one block holds at most :data:`MAX_BLOCK_ELEMENTS` scores."""
-    return max(1, min(max(n_query, 1), MAX_BLOCK_ELEMENTS // max(n_gallery, 1)))
+    """Queries per block so that one block (queries × one gallery tile) holds at most
+    :data:`MAX_BLOCK_ELEMENTS` scores."""
+    tile = min(max(n_gallery, 1), GALLERY_TILE)
+    return max(1, min(max(n_query, 1), MAX_BLOCK_ELEMENTS // tile))
+
+
+def _merge_topk(
+    values: torch.Tensor | None,
+    indices: torch.Tensor | None,
+    new_values: torch.Tensor,
+    new_indices: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the union of a running top-k and a tile's top-k, order (value desc, index asc).
+
+    The running entries come from earlier tiles, so they have lower gallery indices: placing them first
+    makes :func:`topk_stable`'s column tie-break the gallery-index tie-break.
+    """
+    if values is None or indices is None:
+        return new_values, new_indices
+    both_values = torch.cat([values, new_values], dim=1)
+    both_indices = torch.cat([indices, new_indices], dim=1)
+    top_values, columns = topk_stable(both_values, min(k, both_values.shape[1]))
+    return top_values, both_indices.gather(1, columns)
 
 
 def search(
@@ -357,12 +419,25 @@ def search(
     first_relevant: bool = False,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
+    gallery_tile: int | None = None,
 ) -> SearchOutput:
-    """One chunked pass over the gallery: exact top-``k`` plus, given labels, per-query relevance counts.
+    """One blocked pass over the gallery: exact top-``k`` plus, given labels, per-query relevance counts.
 
-    ``num_relevant[q]`` = |{g : label(g) = label(q), (q, g) not excluded}|, and with ``first_relevant``
-    the 1-based rank of the best relevant item in the full ranking (1 + number of non-excluded items
-    ordered before it, ties by gallery index) — exact, without materialising the ranking.
+    Blocks are ``chunk_size`` queries × ``gallery_tile`` gallery items (default: the whole gallery up to
+    :data:`GALLERY_TILE` items, and as many queries as fit in :data:`MAX_BLOCK_ELEMENTS` scores); with
+    several tiles the running top-k of each query is merged tile by tile, so memory stays
+    O(block + n_query · k) and a large gallery is streamed through wide, BLAS-friendly blocks.
+
+    Scores are ranked in a form that costs one matrix product: ⟨q, g⟩ for ``dot``/``cosine`` (rows
+    normalised once) and 2⟨q, g⟩ − ‖g‖² for ``euclidean``/``squared_euclidean`` (= ‖q‖² − ‖q − g‖²: the
+    same order; both sides centred on the gallery mean when the data sit far from the origin); only the k
+    kept values are turned into distances.
+
+    ``num_relevant[q]`` = |{g : label(g) = label(q), (q, g) not excluded}| (counted from labels, ids and
+    groups; during the pass only when a callable ``ignore`` is given), and with ``first_relevant`` the
+    1-based rank of the best relevant item in the full ranking (1 + number of non-excluded items ordered
+    before it, ties by gallery index) — exact, without materialising the ranking: read from the top-k when
+    a relevant item is in it, else found by two more passes over those queries only.
     """
     check_distance(distance)
     if k < 0:
@@ -373,83 +448,233 @@ def search(
         )
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if gallery_tile is not None and (not isinstance(gallery_tile, int) or gallery_tile < 1):
+        raise ConfigError(f"gallery_tile must be a positive integer or None, got {gallery_tile!r}")
     dev = torch.device(device) if device is not None else query.device
     dtype = torch.promote_types(query.dtype, gallery.dtype)
     n_query, n_gallery = len(query), len(gallery)
     k_found = min(k, n_gallery)
     with_labels = query_labels is not None and gallery_labels is not None
-    chunk = chunk_size or auto_chunk_size(n_query, n_gallery)
-
-    similarity = is_similarity(distance)
-    mode = distance
-    g = gallery.to(dev, dtype)
-    if distance == "cosine":
-        # Normalise once instead of once per chunk; cosine is then the dot product.
-        g, mode = F.normalize(g, dim=1), "dot"
-    exclusion = exclusion.to(dev)
+    tile = min(gallery_tile or GALLERY_TILE, max(n_gallery, 1))
+    chunk = chunk_size or max(1, min(max(n_query, 1), MAX_BLOCK_ELEMENTS // tile))
+    block = _BlockScorer(query, gallery, distance, exclusion, dev, dtype)
+    count_in_pass = with_labels and exclusion.fn is not None
+    q_lab = g_lab = None
     if with_labels:
         assert query_labels is not None and gallery_labels is not None
         q_lab, g_lab = query_labels.to(dev), gallery_labels.to(dev)
-    gallery_index = torch.arange(n_gallery, device=dev)
 
-    values_out, indices_out, relevant_out, rank_out = [], [], [], []
+    # Filled in place (a list of blocks and a torch.cat would hold the top-k twice at the end).
+    empty = float("-inf") if is_similarity(distance) else float("inf")
+    distances = torch.full((n_query, k), empty, dtype=dtype, device=dev)
+    indices = torch.full((n_query, k), -1, dtype=torch.long, device=dev)
+    relevant_out = []
     with torch.no_grad():
         for start in range(0, n_query, chunk):
             end = min(start + chunk, n_query)
-            q = query[start:end].to(dev, dtype)
-            if distance == "cosine":
-                q = F.normalize(q, dim=1)
-            score = pairwise(q, g, mode)
-            if not similarity:
-                score = score.neg_()
-            excluded = exclusion.mask(start, end, n_gallery, dev)
-            if excluded is not None:
-                score = score.masked_fill_(excluded, float("-inf"))
-            if with_labels:
-                relevant = q_lab[start:end, None] == g_lab[None, :]
-                if excluded is not None:
-                    relevant &= ~excluded
+            rows = torch.arange(start, end, device=dev)
+            q = block.queries(rows)
+            top_values = top_indices = None
+            count = torch.zeros(end - start, dtype=torch.long, device=dev)
+            for g_start in range(0, n_gallery, tile):
+                g_end = min(g_start + tile, n_gallery)
+                score, excluded = block(rows, q, g_start, g_end, want_mask=count_in_pass)
+                if count_in_pass:
+                    assert q_lab is not None and g_lab is not None
+                    relevant = q_lab[start:end, None] == g_lab[None, g_start:g_end]
+                    if excluded is not None:
+                        relevant &= ~excluded
+                    count += relevant.sum(dim=1)
+                    del relevant
                 del excluded
-                count = relevant.sum(dim=1)
+                if k_found > 0:
+                    values, columns = topk_stable(score, min(k_found, g_end - g_start))
+                    top_values, top_indices = _merge_topk(
+                        top_values, top_indices, values, columns + g_start, k_found
+                    )
+                del score
+            if count_in_pass:
                 relevant_out.append(count)
-                if first_relevant:
-                    rank_out.append(_first_relevant_rank(score, relevant, count, gallery_index))
-                del relevant
             if k_found > 0:
-                values, indices = topk_stable(score, k_found)
-                indices = indices.masked_fill_(values == float("-inf"), -1)
-                values_out.append(values)
-                indices_out.append(indices)
-            del score
+                assert top_values is not None and top_indices is not None
+                top_indices = top_indices.masked_fill_(top_values == float("-inf"), -1)
+                top_values, top_indices = block.finish(rows, q, top_values, top_indices)
+                distances[start:end, :k_found] = top_values
+                indices[start:end, :k_found] = top_indices
+                del top_values, top_indices
 
-    distances = torch.cat(values_out) if values_out else torch.zeros(n_query, 0, dtype=dtype, device=dev)
-    indices = torch.cat(indices_out) if indices_out else torch.zeros(n_query, 0, dtype=torch.long, device=dev)
-    if k > k_found:
-        pad = k - k_found
-        distances = torch.cat([distances, distances.new_full((n_query, pad), float("-inf"))], dim=1)
-        indices = torch.cat([indices, indices.new_full((n_query, pad), -1)], dim=1)
-    if not similarity:
-        distances = distances.neg()
-    num_relevant = torch.cat(relevant_out) if with_labels and relevant_out else None
-    if with_labels and num_relevant is None:
-        num_relevant = torch.zeros(n_query, dtype=torch.long, device=dev)
+    num_relevant = None
+    if with_labels:
+        assert q_lab is not None and g_lab is not None
+        if count_in_pass:
+            num_relevant = torch.cat(relevant_out) if relevant_out else torch.zeros(0, dtype=torch.long)
+            num_relevant = num_relevant.to(dev)
+        else:
+            num_relevant = count_relevant(q_lab, g_lab, exclusion).to(dev)
     first_rank = None
     if with_labels and first_relevant:
-        first_rank = torch.cat(rank_out) if rank_out else torch.zeros(n_query, dtype=torch.long, device=dev)
+        assert num_relevant is not None and q_lab is not None and g_lab is not None
+        first_rank = _first_relevant_rank(indices, q_lab, g_lab, num_relevant, block, chunk, tile)
     return SearchOutput(distances, indices, num_relevant, first_rank)
 
 
+class _BlockScorer:
+    """Scores of query rows against a gallery tile (larger = better; excluded pairs −inf)."""
+
+    def __init__(
+        self,
+        query: torch.Tensor,
+        gallery: torch.Tensor,
+        distance: str,
+        exclusion: Exclusion,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.query, self.distance, self.device, self.dtype = query, distance, device, dtype
+        self.similarity = is_similarity(distance)
+        g = gallery.to(device, dtype)
+        if distance == "cosine":
+            g = F.normalize(g, dim=1)  # once, instead of once per block
+        self.center: torch.Tensor | None = None
+        if not self.similarity and len(g):
+            # Distances do not change under translation, but the rounding error of ‖q‖² − 2⟨q, g⟩ + ‖g‖²
+            # grows with ‖g‖²: when the data sit far from the origin (offset larger than spread), centre
+            # both sides on the gallery mean. (Data near the origin, e.g. small integers, are left as is.)
+            total = torch.zeros(g.shape[1], dtype=torch.float64, device=device)
+            square = torch.zeros((), dtype=torch.float64, device=device)
+            for a in range(0, len(g), 65536):
+                part = g[a : a + 65536].double()
+                total += part.sum(dim=0)
+                square += part.pow(2).sum()
+            mean = total / len(g)
+            offset = float(mean.pow(2).sum())
+            if offset > float(square / len(g)) - offset:
+                self.center = mean.to(dtype)
+                g = g - self.center
+        self.gallery = g
+        self.gallery_sq = None if self.similarity else g.pow(2).sum(dim=1)
+        self.exclusion = exclusion.to(device)
+
+    def queries(self, rows: torch.Tensor) -> torch.Tensor:
+        q = self.query[rows.cpu() if self.query.device.type == "cpu" else rows].to(self.device, self.dtype)
+        if self.center is not None:
+            q = q - self.center
+        return F.normalize(q, dim=1) if self.distance == "cosine" else q
+
+    def __call__(
+        self, rows: torch.Tensor, q: torch.Tensor, g_start: int, g_end: int, want_mask: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores, exclusion mask or None); ``want_mask=False`` may skip building the mask."""
+        tile = self.gallery[g_start:g_end].T
+        if self.similarity:
+            score = q @ tile
+        else:
+            # 2⟨q, g⟩ − ‖g‖² = ‖q‖² − ‖q − g‖²: ordered like −distance, in one fused product.
+            assert self.gallery_sq is not None
+            score = torch.addmm(-self.gallery_sq[None, g_start:g_end], q, tile, alpha=2)
+        excluded = self.exclusion.mask(rows, g_start, g_end, self.device, ids=False)
+        if excluded is not None:
+            score = score.masked_fill_(excluded, float("-inf"))
+        pairs = self.exclusion.id_pairs(rows, g_start, g_end)
+        if pairs is not None:
+            score[pairs] = float("-inf")
+            if want_mask:
+                if excluded is None:
+                    excluded = torch.zeros_like(score, dtype=torch.bool)
+                excluded[pairs] = True
+        return score, excluded
+
+    def finish(
+        self, rows: torch.Tensor, q: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept top-k in the distance's own units, best first.
+
+        Similarities are the scores themselves. A squared distance is ‖q‖² − score, which loses precision
+        when it is small against ‖q‖² + ‖g‖² (near-duplicates); those entries (d² < 30·√eps·(‖q‖² + ‖g‖²))
+        are recomputed from the vectors, and only their rows re-sorted by (distance, index), so a duplicate
+        of the query is at distance 0 and distances ascend. Elsewhere ‖q‖² − score is monotone in the score,
+        so the order is unchanged.
+        """
+        if self.similarity:
+            return values, indices
+        assert self.gallery_sq is not None
+        valid = indices >= 0
+        safe = indices.clamp_min(0)
+        q_sq = q.pow(2).sum(dim=1, keepdim=True)
+        squared = (q_sq - values).clamp_min_(0)  # +inf in empty slots (score −inf)
+        tolerance = 30 * math.sqrt(torch.finfo(squared.dtype).eps)
+        imprecise = valid & (squared < tolerance * (q_sq + self.gallery_sq[safe]))
+        if bool(imprecise.any()):
+            r, c = imprecise.nonzero(as_tuple=True)
+            part = max(1, MAX_BLOCK_ELEMENTS // 4 // max(q.shape[1], 1))
+            for a in range(0, len(r), part):
+                ra, ca = r[a : a + part], c[a : a + part]
+                squared[ra, ca] = (q[ra] - self.gallery[safe[ra, ca]]).pow(2).sum(dim=1)
+            changed = torch.unique(r)
+            sub_d, sub_i = squared[changed], indices[changed]
+            by_index = torch.where(sub_i < 0, len(self.gallery), sub_i).argsort(dim=1)
+            sub_d, sub_i = sub_d.gather(1, by_index), sub_i.gather(1, by_index)
+            order = sub_d.argsort(dim=1, stable=True)
+            squared[changed], indices[changed] = sub_d.gather(1, order), sub_i.gather(1, order)
+        return (squared if self.distance == "squared_euclidean" else squared.sqrt_()), indices
+
+
 def _first_relevant_rank(
-    score: torch.Tensor, relevant: torch.Tensor, count: torch.Tensor, gallery_index: torch.Tensor
+    indices: torch.Tensor,
+    q_lab: torch.Tensor,
+    g_lab: torch.Tensor,
+    num_relevant: torch.Tensor,
+    block: _BlockScorer,
+    chunk: int,
+    tile: int,
 ) -> torch.Tensor:
-    """1-based rank of the best relevant column of each row under (score desc, index asc); 0 if none."""
-    best = score.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
-    # argmax returns the first maximal position: the lowest-index relevant item with the best score.
-    best_index = (relevant & (score == best)).to(torch.uint8).argmax(dim=1, keepdim=True)
-    # Excluded columns hold -inf and a relevant score is finite, so they never count as "before".
-    before = (score > best) | ((score == best) & (gallery_index < best_index))
-    rank = before.sum(dim=1) + 1
-    return torch.where(count > 0, rank, torch.zeros_like(rank))
+    """1-based rank of the best relevant item under (score desc, index asc); 0 for queries with R = 0.
+
+    The top-k is an exact prefix of the ranking, so a relevant item in it is the first one. For the other
+    queries with R > 0, one pass finds the best relevant item (score s*, lowest index i* among equals) and
+    a second counts the items ordered before it: 1 + |{j : s_j > s*} ∪ {j : s_j = s*, j < i*}| (excluded
+    items score −inf and never count). Both passes score the same blocks, so s* is compared bit for bit.
+    """
+    dev = indices.device
+    n_gallery = len(g_lab)
+    rank = torch.zeros_like(num_relevant)
+    in_top = torch.zeros_like(num_relevant, dtype=torch.bool)
+    if indices.shape[1] > 0:
+        step = max(1, MAX_BLOCK_ELEMENTS // 4 // indices.shape[1])  # row blocks: no n_query × k temporaries
+        for a in range(0, len(indices), step):
+            idx = indices[a : a + step]
+            relevant_top = (idx >= 0) & (g_lab[idx.clamp_min(0)] == q_lab[a : a + step, None])
+            found = relevant_top.any(dim=1)
+            in_top[a : a + step] = found
+            first = relevant_top.to(torch.uint8).argmax(dim=1) + 1
+            rank[a : a + step] = torch.where(found, first, rank[a : a + step])
+    pending = ((num_relevant > 0) & ~in_top).nonzero().squeeze(1)
+    with torch.no_grad():
+        for part in range(0, len(pending), chunk):
+            rows = pending[part : part + chunk]
+            q = block.queries(rows)
+            best = torch.full((len(rows), 1), float("-inf"), dtype=block.dtype, device=dev)
+            best_index = torch.full((len(rows), 1), n_gallery, dtype=torch.long, device=dev)
+            for g_start in range(0, n_gallery, tile):
+                g_end = min(g_start + tile, n_gallery)
+                score, excluded = block(rows, q, g_start, g_end)
+                relevant = q_lab[rows, None] == g_lab[None, g_start:g_end]
+                if excluded is not None:
+                    relevant &= ~excluded
+                tile_best = score.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
+                first = (relevant & (score == tile_best)).to(torch.uint8).argmax(dim=1, keepdim=True)
+                # Tiles come in index order: a later tile wins only with a strictly larger score.
+                better = tile_best > best
+                best = torch.where(better, tile_best, best)
+                best_index = torch.where(better, first + g_start, best_index)
+            before = torch.zeros(len(rows), dtype=torch.long, device=dev)
+            for g_start in range(0, n_gallery, tile):
+                g_end = min(g_start + tile, n_gallery)
+                score, _ = block(rows, q, g_start, g_end, want_mask=False)
+                columns = torch.arange(g_start, g_end, device=dev)[None, :]
+                before += ((score > best) | ((score == best) & (columns < best_index))).sum(dim=1)
+            rank[rows] = before + 1
+    return rank
 
 
 def knn(
@@ -476,7 +701,7 @@ def knn(
     ``(query_ids, gallery_ids)`` pair: pairs with equal ids are never returned.
     ``ignore``: ``(query_groups, gallery_groups)`` (pairs with equal group are never returned), a single
     group array when ``exclude_self_ids is True`` (same set), or a callable
-    ``ignore(query_index[c], gallery_index[n_gallery]) -> bool[c, n_gallery]`` (True = excluded).
+    ``ignore(query_index[c], gallery_index[g]) -> bool[c, g]`` (True = excluded).
     ``chunk_size``: queries per block (default: blocks of at most :data:`MAX_BLOCK_ELEMENTS` scores).
     Outputs live on ``device`` (default: the query's device).
     ``backend``: ``"torch"`` (exact, this module) or ``"faiss-flat"`` (exact), ``"faiss-ivf"``,
@@ -497,5 +722,7 @@ def knn(
     if backend == "torch":
         out = search(q, g, k, distance, exclusion, chunk_size=chunk_size, device=device)
     else:
-        out = faiss_backend.search(q, g, k, distance, exclusion, backend=backend, options=backend_options)
+        out = faiss_backend.search(
+            q, g, k, distance, exclusion, backend=backend, options=backend_options, device=device
+        )
     return out.distances, out.indices

@@ -263,7 +263,8 @@ def _revisited_block(
     # 0-based position after removing ignored items, and 0-based index among the positives.
     position = kept.cumsum(dim=1) - 1
     before = is_positive.cumsum(dim=1) - 1
-    p, j = position.double(), before.double()
+    # Clamped so that entries before the first kept item (position −1) stay finite; only positives count.
+    p, j = position.clamp_min(0).double(), before.clamp_min(0).double()
     upper = (j + 1) / (p + 1)
     if ap == "trapezoid":
         lower = torch.where(position == 0, torch.ones_like(p), j / p.clamp_min(1))
@@ -271,7 +272,7 @@ def _revisited_block(
     else:
         term = upper
     npos = n_positive[rows].double()
-    average_precision = (term * is_positive).sum(dim=1) / npos.clamp_min(1)
+    average_precision = torch.where(is_positive, term, 0.0).sum(dim=1) / npos.clamp_min(1)
 
     found = is_positive.sum(dim=1)
     missing = found < n_positive[rows]
@@ -432,6 +433,8 @@ def gldv2_map(
         if len(q) != n_query:
             raise DataError(f"query has {len(q)} rows but relevant has {n_query} entries")
         n_gallery = len(as_embeddings(gallery, "gallery"))
+        if n_gallery == 0:
+            raise DataError("gallery is empty: there is nothing to retrieve")
         largest = max((int(x[-1]) for x in lists if len(x)), default=-1)
         if largest >= n_gallery:
             raise DataError(f"relevant lists gallery index {largest} but the gallery has {n_gallery} items")

@@ -315,8 +315,8 @@ def evaluate(
     - With a ``gallery``: ids exclude pairs only when both ``query_ids`` and ``gallery_ids`` are given
       (e.g. a gallery that contains the queries).
     - ``ignore``: ``(query_groups, gallery_groups)``, pairs with equal group are excluded; in leave-one-out
-      a single group array; or a callable ``ignore(query_index[c], gallery_index[n_gallery]) -> bool[c,
-      n_gallery]`` (True = excluded). Excluded items are never retrieved and never relevant.
+      a single group array; or a callable ``ignore(query_index[c], gallery_index[g]) -> bool[c, g]``
+      (True = excluded; called per block). Excluded items are never retrieved and never relevant.
     - ``k``: neighbours kept; default: the largest depth any asked metric needs (its K, 1000/1023 for
       ``map_1000``/``map_lim``, the largest class for ``map_c``, the largest R for ``r_precision``/``map@r``).
     - ``chunk_size``: queries per block (default: ≤ 2**24 scores per block); ``device``: where to search
@@ -434,16 +434,23 @@ def evaluate(
     values: dict[str, float] = {}
     per_class: dict[str, dict[Label, float]] = {}
     assignments = None
-    embeddings = F.normalize(q, dim=1) if distance == "cosine" else q
+    embedded: list[torch.Tensor] = []
+
+    def embeddings() -> torch.Tensor:
+        """The query embeddings as clustering and ρ see them (L2-normalised for cosine), made once."""
+        if not embedded:
+            embedded.append(F.normalize(q, dim=1) if distance == "cosine" else q)
+        return embedded[0]
+
     for name, base, K in parsed:
         if base in CLUSTERING_METRICS:
             if assignments is None:
                 num_classes = int(torch.unique(q_lab).numel())
-                assignments = clustering.kmeans(embeddings, num_classes, seed=seed)
+                assignments = clustering.kmeans(embeddings(), num_classes, seed=seed)
             values[name] = METRICS.get(base)(q_lab, assignments)
         elif base in EMBEDDING_METRICS:
             # dists@* normalise themselves for cosine; ρ sees what the clustering sees.
-            x = q if base.startswith("dists@") else embeddings
+            x = q if base.startswith("dists@") else embeddings()
             values[name] = METRICS.get(base)(x, q_lab, distance, K)
         else:
             kept = per_query[name]
