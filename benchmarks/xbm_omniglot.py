@@ -26,7 +26,10 @@ from dmlkit.config import make_config
 from dmlkit.train.loop import Trainer
 
 # The XBM paper's contrastive loss: cosine similarity, positives pulled to 1, negatives pushed below 0.5.
-CONTRASTIVE = {"loss": "contrastive", "loss_args": {"pos_margin": 1.0, "neg_margin": 0.5, "distance": "cosine"}}
+CONTRASTIVE = {
+    "loss": "contrastive",
+    "loss_args": {"pos_margin": 1.0, "neg_margin": 0.5, "distance": "cosine"},
+}
 MULTISIMILARITY = {"loss": "multisimilarity", "loss_args": {}}
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -42,7 +45,7 @@ def run_one(name: str, overrides: dict[str, Any], seed: int, args: argparse.Name
     batches_per_epoch = args.iterations // args.epochs
     config = make_config(
         {
-            "name": f"{name.replace(' ', '_').replace('(', '').replace(')', '').replace('+', 'plus')}-s{seed}",
+            "name": f"{''.join(c if c.isalnum() else '_' for c in name)}-s{seed}",
             "output_dir": str(workdir),
             "dataset": "omniglot",
             "data_root": args.data,
@@ -79,11 +82,13 @@ def run_one(name: str, overrides: dict[str, Any], seed: int, args: argparse.Name
         "iterations": trainer.global_step,
         "ms_per_iteration": 1000 * train_seconds / max(trainer.global_step, 1),
         "memory_items": len(memory) if memory is not None else 0,
-        "memory_mib": (memory.embeddings.numel() * memory.embeddings.element_size() / 2**20) if memory else 0.0,
-        "valid_neg_pairs_batch": statistics.fmean(r.get("xbm/valid_neg_pairs_batch", float("nan")) for r in rows),
-        "valid_neg_pairs_memory": statistics.fmean(
-            r.get("xbm/valid_neg_pairs_memory", 0.0) for r in rows
+        "memory_mib": (memory.embeddings.numel() * memory.embeddings.element_size() / 2**20)
+        if memory
+        else 0.0,
+        "valid_neg_pairs_batch": statistics.fmean(
+            r.get("xbm/valid_neg_pairs_batch", float("nan")) for r in rows
         ),
+        "valid_neg_pairs_memory": statistics.fmean(r.get("xbm/valid_neg_pairs_memory", 0.0) for r in rows),
         "wall_s": time.perf_counter() - started,
     }
 
@@ -95,7 +100,8 @@ def summarise(runs: list[dict]) -> str:
         return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
     lines = [
-        "| configuration | R@1 | MAP@R | ms / iteration | memory items (MiB) | valid neg. pairs / it. (batch · memory) |",
+        "| configuration | R@1 | MAP@R | ms / iteration | memory items (MiB) "
+        "| valid neg. pairs / it. (batch · memory) |",
         "|---|---|---|---|---|---|",
     ]
     for name in CONFIGS:
@@ -103,7 +109,8 @@ def summarise(runs: list[dict]) -> str:
         if not group:
             continue
         lines.append(
-            f"| {name} | {mean_std([r['recall@1'] for r in group])} | {mean_std([r['map@r'] for r in group])} | "
+            f"| {name} | {mean_std([r['recall@1'] for r in group])} | "
+            f"{mean_std([r['map@r'] for r in group])} | "
             f"{statistics.fmean(r['ms_per_iteration'] for r in group):.1f} | "
             f"{group[0]['memory_items']} ({group[0]['memory_mib']:.2f}) | "
             f"{statistics.fmean(r['valid_neg_pairs_batch'] for r in group):.0f} · "
@@ -113,7 +120,9 @@ def summarise(runs: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="omniglot28.npz")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=1000)
