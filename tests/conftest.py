@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from dmlkit.config import TrainConfig, make_config
-
-TINY_DATA = {"num_classes": 16, "samples_per_class": 8, "image_size": 16, "test_fraction": 0.5}
+from tests_support import TINY_DATA
 
 
 def tiny_config_dict(output_dir: Path, **overrides: Any) -> dict[str, Any]:

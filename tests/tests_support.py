@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import TINY_DATA
+#: The synthetic dataset of the tiny configuration (tests/conftest.py ``tiny_config``).
+TINY_DATA = {"num_classes": 16, "samples_per_class": 8, "image_size": 16, "test_fraction": 0.5}
 
 
 def tiny_argv(output_dir: Path, name: str = "tiny", epochs: int = 3) -> list[str]:

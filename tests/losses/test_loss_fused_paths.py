@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dmlkit.losses.pair as pair
+import dmlkit.miners.tuples as tuples_module
 from dmlkit import losses
 from dmlkit.losses.base import PairLoss, farther_by, fused_distance_matrix
 from dmlkit.miners.tuples import distance_matrix, to_triplets
@@ -91,7 +92,7 @@ def test_fused_similarity_scale(scale: float) -> None:
 def test_contrastive_all_pairs_matches_pair_lists(
     monkeypatch, small_matrix: int, kwargs: dict, ref: bool
 ) -> None:
-    monkeypatch.setattr(pair, "_SMALL_MATRIX", small_matrix)
+    monkeypatch.setattr(tuples_module, "_SMALL_MATRIX", small_matrix)
     loss = losses.build("contrastive", **kwargs)
     x, labels, r, rl = batch(30, ref)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

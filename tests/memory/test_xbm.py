@@ -80,7 +80,9 @@ def reference_memory_loss(loss, emb, labels, indices, mem_emb, mem_labels, mem_i
     return loss(emb, labels, pairs, mem_emb, mem_labels)
 
 
-@pytest.mark.parametrize("name", ["contrastive", "multisimilarity", "triplet"])
+@pytest.mark.parametrize(
+    "name", ["contrastive", "multisimilarity", "triplet", "ntxent", "circle", "supcon", "lifted", "margin"]
+)
 def test_own_copies_are_excluded_by_dataset_index(name: str) -> None:
     torch.manual_seed(0)
     loss = losses.build(name)
@@ -106,7 +108,7 @@ def test_own_copies_are_excluded_by_dataset_index(name: str) -> None:
     assert memory.ordered()[2][-12:].tolist() == indices.tolist()
 
 
-def test_mined_tuples_drop_own_copies() -> None:
+def test_mined_tuples_never_pair_an_anchor_with_its_own_copy() -> None:
     torch.manual_seed(1)
     loss = losses.build("contrastive")
     miner = miners.build("batch_hard")
@@ -116,20 +118,30 @@ def test_mined_tuples_drop_own_copies() -> None:
     labels = indices // 4
     emb = torch.randn(16, 4)
     memory.enqueue(emb.clone(), labels, indices)  # the memory holds exact copies of the batch
-    stored_indices = memory.contents()[2].clone()
+    stored_emb, stored_labels, stored_indices = (t.clone() for t in memory.contents())
     seen: list[tuple[torch.Tensor, ...]] = []
     real_forward = loss.forward
 
-    def spy(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def spy(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, ref_exclude=None):
         if ref_emb is not None:
-            seen.append(indices_tuple)
-        return real_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            seen.append((indices_tuple, ref_exclude))
+        return real_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_exclude)
 
     loss.forward = spy
     objective(emb, labels, indices)
-    ((a, p, _n),) = seen
+    (((a, p, _n), exclude),) = seen
     assert len(a) > 0
     assert not torch.any(stored_indices[p] == indices[a])  # no anchor is paired with its own copy
+    # the exclusion is by dataset index
+    torch.testing.assert_close(exclude, indices[:, None] == stored_indices[None, :])
+    # batch_hard then takes the hardest *other* positive: the same as mining each anchor alone against
+    # the memory without its copy
+    for i in range(len(indices)):
+        keep = stored_indices != indices[i]
+        _, p_i, n_i = miner(emb[i : i + 1], labels[i : i + 1], stored_emb[keep], stored_labels[keep])
+        row = a == i
+        assert stored_indices[p[row]].tolist() == stored_indices[keep][p_i].tolist()
+        assert stored_indices[_n[row]].tolist() == stored_indices[keep][n_i].tolist()
 
 
 def test_warm_up_delays_filling_and_use() -> None:

@@ -8,8 +8,10 @@ A loss is the composition of four orthogonal choices, as in pytorch-metric-learn
 - a **reduction** of the per-element losses to a scalar (``mean``, ``avg_non_zero``, ``sum``);
 - the **loss formula** itself, the only thing a concrete loss writes.
 
-Every loss is called as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``
-and returns a scalar. Class attributes tell the trainer how to use it: :attr:`BaseLoss.tuple_kinds`,
+Every loss is called as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None,
+ref_exclude=None)`` and returns a scalar; ``ref_exclude`` (a boolean ``batch × reference`` mask) names
+pairs that are neither positives nor negatives, e.g. an anchor and its own copy in a cross-batch
+memory. Class attributes tell the trainer how to use it: :attr:`BaseLoss.tuple_kinds`,
 :attr:`BaseLoss.accepts_ref`, :attr:`BaseLoss.needs`; trainable parameters (proxies, class centres)
 are ordinary ``nn.Parameter`` attributes, so ``loss.parameters()`` yields them.
 """
@@ -33,10 +35,13 @@ from dmlkit.miners.tuples import (
     Pairs,
     Triplets,
     check_batch,
+    check_exclude,
     check_indices_tuple,
     distance_matrix,
+    drop_excluded,
     label_masks,
     pair_masks,
+    same_label_entries,
     to_pairs,
     to_triplets,
     upcast,
@@ -266,6 +271,8 @@ class BaseLoss(nn.Module):
         self.normalize_embeddings = bool(normalize_embeddings)
         self.reduction = reduction
         self._stats: dict[str, torch.Tensor | float] = {}
+        # The current call's ref_exclude, read by the mask helpers below; reset after every call.
+        self._exclude: torch.Tensor | None = None
 
     # -- calling convention ------------------------------------------------------------------------------
 
@@ -276,11 +283,14 @@ class BaseLoss(nn.Module):
         indices_tuple: IndicesTuple | None = None,
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
+        ref_exclude: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scalar loss of ``embeddings`` (B × d) with int64 ``labels`` (B,).
 
         ``indices_tuple``: a miner's output, triplets ``(a, p, n)`` or pairs ``(a1, p, a2, n)``; anchors
         index ``embeddings``, positives/negatives index ``ref_emb`` (the batch when not given).
+        ``ref_exclude``: boolean ``B × R`` mask (R the reference set's size) of pairs to leave out, as
+        positives and as negatives; mined tuples that use such a pair are dropped.
         Half-precision embeddings are computed on in float32 with autocast disabled.
         """
         name = self.registry_name or type(self).__name__
@@ -292,15 +302,26 @@ class BaseLoss(nn.Module):
             if kind not in self.tuple_kinds:
                 takes = " or ".join(sorted(self.tuple_kinds)) or "no miner output"
                 raise ConfigError(f"loss '{name}' cannot use an indices_tuple of {kind}; it takes {takes}")
+        if ref_exclude is not None:
+            if ref_emb is None:
+                raise ConfigError(f"loss '{name}': ref_exclude needs ref_emb/ref_labels")
+            check_exclude(ref_exclude, len(embeddings), len(ref_emb), name)
+            ref_exclude = ref_exclude.to(embeddings.device)
+            if indices_tuple is not None:
+                indices_tuple = drop_excluded(indices_tuple, ref_exclude)
         self._stats = {}
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self.compute_loss(
-                upcast(embeddings),
-                labels,
-                indices_tuple,
-                None if ref_emb is None else upcast(ref_emb),
-                ref_labels,
-            )
+        self._exclude = ref_exclude
+        try:
+            with torch.autocast(device_type=embeddings.device.type, enabled=False):
+                return self.compute_loss(
+                    upcast(embeddings),
+                    labels,
+                    indices_tuple,
+                    None if ref_emb is None else upcast(ref_emb),
+                    ref_labels,
+                )
+        finally:
+            self._exclude = None
 
     def compute_loss(
         self,
@@ -314,6 +335,48 @@ class BaseLoss(nn.Module):
         raise NotImplementedError
 
     # -- helpers for subclasses --------------------------------------------------------------------------
+    # The tuple helpers below apply the current call's ``ref_exclude``; losses use them rather than the
+    # module functions of :mod:`dmlkit.miners.tuples` so that every loss honours it.
+
+    def label_masks(
+        self, labels: torch.Tensor, ref_labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`dmlkit.miners.tuples.label_masks` without the excluded pairs."""
+        return label_masks(labels, ref_labels, self._exclude)
+
+    def to_pairs(
+        self, indices_tuple: IndicesTuple | None, labels: torch.Tensor, ref_labels: torch.Tensor | None
+    ) -> Pairs:
+        """:func:`dmlkit.miners.tuples.to_pairs` without the excluded pairs."""
+        return to_pairs(indices_tuple, labels, ref_labels, self._exclude)
+
+    def to_triplets(
+        self,
+        indices_tuple: IndicesTuple | None,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+        per_anchor: int | Literal["all"] = "all",
+    ) -> Triplets:
+        """:func:`dmlkit.miners.tuples.to_triplets` without the excluded pairs."""
+        return to_triplets(indices_tuple, labels, ref_labels, per_anchor, self._exclude)
+
+    def same_label_entries(
+        self, labels: torch.Tensor, ref_labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, is_pos)``: every same-label entry of the ``batch × reference`` matrix in row-major
+        order (:func:`dmlkit.miners.tuples.same_label_entries`), and whether it is a positive pair (not
+        the diagonal of the batch against itself, not excluded). Entries not listed are negative pairs
+        unless excluded (see :attr:`excluded`)."""
+        rows, cols = same_label_entries(labels, ref_labels)
+        is_pos = rows != cols if ref_labels is None else torch.ones_like(rows, dtype=torch.bool)
+        if self._exclude is not None:
+            is_pos &= ~self._exclude[rows, cols]
+        return rows, cols, is_pos
+
+    @property
+    def excluded(self) -> torch.Tensor | None:
+        """The current call's ``ref_exclude`` mask (None outside a call or when not given)."""
+        return self._exclude
 
     @property
     def is_similarity(self) -> bool:
@@ -382,7 +445,7 @@ class PairLoss(BaseLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
         mat = self.distance_matrix(embeddings, ref_emb)
         pos_loss, neg_loss = self.pair_losses(mat[a1, p], mat[a2, n])
         self.record(
@@ -419,8 +482,8 @@ class MatrixPairLoss(BaseLoss):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks from labels (no miner) or from the mined pairs."""
         if indices_tuple is None:
-            return label_masks(labels, ref_labels)
-        return pair_masks(to_pairs(indices_tuple, labels, ref_labels), tuple(mat.shape), mat.device)
+            return self.label_masks(labels, ref_labels)
+        return pair_masks(self.to_pairs(indices_tuple, labels, ref_labels), tuple(mat.shape), mat.device)
 
     def compute_loss(
         self,
@@ -468,7 +531,7 @@ class TripletLoss(BaseLoss):
     def triplets(
         self, indices_tuple: IndicesTuple | None, labels: torch.Tensor, ref_labels: torch.Tensor | None
     ) -> Triplets:
-        return to_triplets(indices_tuple, labels, ref_labels, self.triplets_per_anchor)
+        return self.to_triplets(indices_tuple, labels, ref_labels, self.triplets_per_anchor)
 
 
 __all__ = [

@@ -206,12 +206,12 @@ class MultipleLosses(BaseLoss):
                 continue  # a reference-set call is for the members that compare with a reference set
             ref = (ref_emb, ref_labels)
             if str(k) in self.miners:  # (nn.ModuleDict has no .get)
-                tuples = self.miners[str(k)](embeddings, labels, *ref)
+                tuples = self.miners[str(k)](embeddings, labels, *ref, ref_exclude=self.excluded)
             elif kind is not None and kind in getattr(loss, "tuple_kinds", frozenset()):
                 tuples = indices_tuple
             else:
                 tuples = None
-            value = loss(embeddings, labels, tuples, *ref)
+            value = loss(embeddings, labels, tuples, *ref, ref_exclude=self.excluded)
             self._stats[f"{self.names[k]}/loss"] = value.detach()
             self._ran.append(k)
             term = value * weight

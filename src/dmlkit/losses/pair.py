@@ -33,7 +33,6 @@ from dmlkit.miners.tuples import (
     label_masks,
     paired_distance,
     to_pairs,
-    to_triplets,
     tuple_kind,
 )
 
@@ -79,63 +78,40 @@ class ContrastiveLoss(PairLoss):
         # All pairs: the negative pairs are every entry of the matrix but the same-label ones, which are
         # few (found from sorted labels): dense passes for the negatives, gathers for the rest.
         mat = self.fused_distance_matrix(embeddings, ref_emb)
-        rows, cols = same_label_entries(labels, ref_labels)
+        rows, cols, is_pos = self.same_label_entries(labels, ref_labels)
         loss, active = _AllPairsHinge.apply(
             mat,
             rows,
             cols,
-            ref_labels is None,
+            is_pos,
+            self.excluded,
             self.is_similarity,
             self.pos_margin,
             self.neg_margin,
             self.reduction,
         )
-        num_pos = rows.numel() - (mat.shape[0] if ref_labels is None else 0)
+        num_excluded_neg = 0
+        if self.excluded is not None:
+            num_excluded_neg = self.excluded.sum() - self.excluded[rows, cols].sum()
         self.record(
-            num_pos_pairs=num_pos,
-            num_neg_pairs=mat.numel() - rows.numel(),
+            num_pos_pairs=is_pos.sum(),
+            num_neg_pairs=mat.numel() - rows.numel() - num_excluded_neg,
             num_active_pos_pairs=active[0],
             num_active_neg_pairs=active[1],
         )
         return loss  # type: ignore[no-any-return]
 
 
-# Below this many matrix entries a label comparison and nonzero find the same-label entries fastest.
-_SMALL_MATRIX = 1 << 16
-
-
-def same_label_entries(
-    labels: torch.Tensor, ref_labels: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of every same-label entry of the ``query × reference`` matrix, in row-major
-    order (the diagonal included when the reference set is the batch, ``ref_labels=None``).
-
-    For a large matrix, from the sorted reference labels without a ``B × R`` mask: each query's class is
-    a contiguous run of them.
-    """
-    ref_l = labels if ref_labels is None else ref_labels
-    if labels.numel() * ref_l.numel() <= _SMALL_MATRIX:
-        rows, cols = torch.nonzero(labels.unsqueeze(1) == ref_l.unsqueeze(0), as_tuple=True)
-        return rows, cols
-    sorted_l, order = torch.sort(ref_l, stable=True)
-    start = torch.searchsorted(sorted_l, labels)
-    size = torch.searchsorted(sorted_l, labels, right=True) - start
-    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), size)
-    first = torch.cumsum(size, 0) - size
-    offsets = torch.arange(rows.numel(), device=labels.device) - first[rows]
-    return rows, order[start[rows] + offsets]
-
-
 class _AllPairsHinge(torch.autograd.Function):
     """Contrastive loss over all pairs of a ``B × R`` matrix ``m``, fused: ``reduce [farther_by(m, m⁺)]₊``
     over the positive pairs plus ``reduce [farther_by(m⁻, m)]₊`` over the negative ones.
 
-    ``(rows, cols)``: the same-label entries (:func:`same_label_entries`), positives but for the diagonal
-    when ``batch``; every other entry is a negative pair. Reductions as
-    :func:`dmlkit.losses.base.reduce` on the pair lists (``mean``, ``avg_non_zero``, ``sum``). The
-    gradient of ``m`` is ``±1/divisor`` on the active pairs: two dense passes in the backward instead of
-    autograd's chain of gathers, masks and reductions. Also returns the int64 numbers of active positive
-    and negative pairs.
+    ``(rows, cols)``: the same-label entries (:func:`~dmlkit.miners.tuples.same_label_entries`), positives
+    where ``is_pos``; every other entry is a negative pair unless ``excluded`` (a boolean mask or None).
+    Reductions as :func:`dmlkit.losses.base.reduce` on the pair lists (``mean``, ``avg_non_zero``, ``sum``).
+    The gradient of ``m`` is ``±1/divisor`` on the active pairs: two dense passes in the backward instead of
+    autograd's chain of gathers, masks and reductions. Also returns the int64 numbers of active positive and
+    negative pairs.
     """
 
     @staticmethod
@@ -144,25 +120,29 @@ class _AllPairsHinge(torch.autograd.Function):
         mat: torch.Tensor,
         rows: torch.Tensor,
         cols: torch.Tensor,
-        batch: bool,
+        is_pos: torch.Tensor,
+        excluded: torch.Tensor | None,
         sim: bool,
         pos_margin: float,
         neg_margin: float,
         reduction: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pos_h = farther_by(mat[rows, cols], pos_margin, sim).clamp_min_(0.0)
-        if batch:
-            pos_h.masked_fill_(rows == cols, 0.0)  # self pairs are no positives
+        pos_h.masked_fill_(~is_pos, 0.0)  # self pairs and excluded pairs are no positives
         neg_h = farther_by(neg_margin, mat, sim)
         neg_h[rows, cols] = 0.0  # same-label pairs are no negatives
+        if excluded is not None:
+            neg_h.masked_fill_(excluded, 0.0)
         neg_h.clamp_min_(0.0)
         active = torch.stack([torch.count_nonzero(pos_h), torch.count_nonzero(neg_h)])
         sums = torch.stack([pos_h.sum(), neg_h.sum()])
         if reduction == "avg_non_zero":
             divisors = active.clamp_min(1).to(mat.dtype)
         elif reduction == "mean":
-            num_pos = rows.numel() - (mat.shape[0] if batch else 0)
-            divisors = mat.new_tensor([max(num_pos, 1), max(mat.numel() - rows.numel(), 1)])
+            num_neg = mat.numel() - rows.numel()
+            if excluded is not None:
+                num_neg -= int(excluded.sum()) - int(excluded[rows, cols].sum())
+            divisors = mat.new_tensor([max(int(is_pos.sum()), 1), max(num_neg, 1)])
         elif reduction == "sum":
             divisors = mat.new_ones(2)
         else:
@@ -183,7 +163,7 @@ class _AllPairsHinge(torch.autograd.Function):
         zero = step.new_zeros(())
         grad_mat = torch.where(neg_h > 0, -step[1], zero)
         grad_mat[rows, cols] = torch.where(pos_h > 0, step[0], zero)
-        return grad_mat, None, None, None, None, None, None, None
+        return grad_mat, None, None, None, None, None, None, None, None
 
 
 @register("triplet")
@@ -224,7 +204,10 @@ class TripletMarginLoss(TripletLoss):
         plain = not self.swap and not self.smooth_loss and self.reduction in ("mean", "avg_non_zero", "sum")
         if plain and indices_tuple is None and self.triplets_per_anchor == "all":
             # every triplet, never listed: hinge sums from each anchor's positives and negatives
-            c, x, num_triplets = _anchor_hinge_operands(mat, labels, ref_labels, sim, self.margin)
+            rows, cols, is_pos = self.same_label_entries(labels, ref_labels)
+            c, x, num_triplets = _anchor_hinge_operands(
+                mat, rows, cols, is_pos, self.excluded, sim, self.margin
+            )
             loss, active = _AllTripletsHinge.apply(c, x, num_triplets, self.reduction)
             self.record(num_triplets=num_triplets, num_active_triplets=active)
             return loss  # type: ignore[no-any-return]
@@ -307,26 +290,31 @@ class _ListedTripletsHinge(torch.autograd.Function):
 
 
 def _anchor_hinge_operands(
-    mat: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None, sim: bool, margin: float
+    mat: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    is_pos: torch.Tensor,
+    excluded: torch.Tensor | None,
+    sim: bool,
+    margin: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Operands of the all-triplets hinge ``[c[a,k] − x[a,n]]₊`` (differentiable in ``mat``) and the number
     of triplets.
 
-    ``c`` (``B × P``, P the most positives of an anchor): ``m[a,p] + margin`` (``margin − s[a,p]`` for a
-    similarity) for each positive, ``−inf`` padding; ``x`` (``B × R``): ``m[a,n]`` (``−s[a,n]``) for each
-    negative, ``+inf`` for same-label entries. Then ``c − x`` is the triplet's violation and padding
-    never counts.
+    ``(rows, cols, is_pos)``: the same-label entries and which of them are positives
+    (:meth:`~dmlkit.losses.base.BaseLoss.same_label_entries`); ``excluded``: pairs that are no negatives
+    either. ``c`` (``B × P``, P the most positives of an anchor): ``m[a,p] + margin`` (``margin − s[a,p]``
+    for a similarity) for each positive, ``−inf`` padding; ``x`` (``B × R``): ``m[a,n]`` (``−s[a,n]``) for
+    each negative, ``+inf`` for same-label and excluded entries. Then ``c − x`` is the triplet's violation
+    and padding never counts.
     """
     num_rows = mat.shape[0]
-    rows, cols = same_label_entries(labels, ref_labels)
-    same_per_row = torch.bincount(rows, minlength=num_rows)
-    if ref_labels is None:  # the anchor itself is no positive
-        keep = rows != cols
-        p_rows, p_cols = rows[keep], cols[keep]
-        pos_per_row = same_per_row - 1
-    else:
-        p_rows, p_cols, pos_per_row = rows, cols, same_per_row
-    neg_per_row = mat.shape[1] - same_per_row
+    p_rows, p_cols = rows[is_pos], cols[is_pos]
+    pos_per_row = torch.bincount(p_rows, minlength=num_rows)
+    not_neg = torch.bincount(rows, minlength=num_rows)
+    if excluded is not None:
+        not_neg = not_neg + excluded.sum(1) - torch.bincount(rows[excluded[rows, cols]], minlength=num_rows)
+    neg_per_row = mat.shape[1] - not_neg
     num_triplets = int((pos_per_row * neg_per_row).sum())
     slot = (
         torch.arange(p_rows.numel(), device=mat.device) - (torch.cumsum(pos_per_row, 0) - pos_per_row)[p_rows]
@@ -337,6 +325,8 @@ def _anchor_hinge_operands(
         (p_rows, slot), margin - pos if sim else pos + margin
     )
     x = (-mat if sim else mat).index_put((rows, cols), mat.new_tensor(torch.inf))
+    if excluded is not None:
+        x = x.masked_fill(excluded, torch.inf)
     return c, x, num_triplets
 
 
@@ -414,10 +404,12 @@ def _pair_weights(
     ref_labels: torch.Tensor | None,
     shape: tuple[int, int],
     device: torch.device,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive/negative pair multiplicities: boolean label masks without a miner, counts with one."""
+    """Positive/negative pair multiplicities: boolean label masks without a miner (``exclude``: pairs
+    that are neither), counts with one."""
     if indices_tuple is None:
-        return label_masks(labels, ref_labels)
+        return label_masks(labels, ref_labels, exclude)
     return _pair_counts(to_pairs(indices_tuple, labels, ref_labels), shape, device)
 
 
@@ -574,7 +566,9 @@ class MarginLoss(TripletLoss):
             num_inactive = ((pos == 0) & (neg == 0)).sum()
             beta_sum = b.sum() if per_class else None
         else:
-            cpos, cneg = _pair_weights(indices_tuple, labels, ref_labels, tuple(mat.shape), mat.device)  # type: ignore[arg-type]
+            cpos, cneg = _pair_weights(
+                indices_tuple, labels, ref_labels, tuple(mat.shape), mat.device, self.excluded
+            )  # type: ignore[arg-type]
             b = beta[labels].unsqueeze(1) if per_class else beta
             pos = F.relu(farther_by(mat, b, sim) + self.margin)
             neg = F.relu(farther_by(b, mat, sim) + self.margin)
@@ -653,14 +647,14 @@ class LiftedStructureLoss(BaseLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
         self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
         if a1.numel() == 0 or a2.numel() == 0:
             return self.zero_loss(embeddings)
         mat = self.distance_matrix(embeddings, ref_emb)
         sim = self.is_similarity
         if indices_tuple is None:
-            neg_weights = label_masks(labels, ref_labels)[1]
+            neg_weights = self.label_masks(labels, ref_labels)[1]
         else:
             neg_weights = _pair_counts((a1, p, a2, n), tuple(mat.shape), mat.device)[1]  # type: ignore[arg-type]
         row_lse, row_has = _log_weighted_lse(farther_by(self.neg_margin, mat, sim), neg_weights)
@@ -758,7 +752,7 @@ class NPairsLoss(BaseLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a1, p, _, _ = to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, _, _ = self.to_pairs(indices_tuple, labels, ref_labels)
         if a1.numel() == 0:
             self.record(num_pairs=0)
             return self.zero_loss(embeddings)
@@ -812,7 +806,7 @@ class AngularLoss(BaseLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a1, p, a2, _ = to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, a2, _ = self.to_pairs(indices_tuple, labels, ref_labels)
         self.record(num_pos_pairs=a1.numel())
         if a1.numel() == 0 or a2.numel() == 0:
             return self.zero_loss(embeddings)
@@ -823,6 +817,8 @@ class AngularLoss(BaseLoss):
         f = (4 * tan2) * ((xa + xp) @ ref.T) - (2 * (1 + tan2)) * (xa * xp).sum(1, keepdim=True)
         ref_l = labels if ref_labels is None else ref_labels
         negatives = labels[a1].unsqueeze(1) != ref_l.unsqueeze(0)
+        if self.excluded is not None:
+            negatives &= ~self.excluded[a1]
         return self.reduce(masked_logsumexp(f, negatives, add_one=True))
 
     def extra_repr(self) -> str:
@@ -1061,7 +1057,7 @@ class TupletMarginLoss(BaseLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
         self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
         if a1.numel() == 0 or a2.numel() == 0:
             return self.zero_loss(embeddings)
@@ -1070,7 +1066,7 @@ class TupletMarginLoss(BaseLoss):
         pos = mat[a1, p].clamp(-1 + eps, 1 - eps)
         pos_margin = torch.cos(torch.acos(pos) - math.radians(self.margin))
         if indices_tuple is None:
-            neg_weights = label_masks(labels, ref_labels)[1]
+            neg_weights = self.label_masks(labels, ref_labels)[1]
         else:
             neg_weights = _pair_counts((a1, p, a2, n), tuple(mat.shape), mat.device)[1]  # type: ignore[arg-type]
         # log(1 + Σ_n e^{s·s_an − s·c}) = softplus(lse_n(s·s_an) − s·c): one log-sum-exp per anchor row
@@ -1167,7 +1163,7 @@ class ThresholdConsistentMarginLoss(BaseLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
         mat = self.distance_matrix(embeddings, ref_emb)
         pos_losses = F.relu(self.margin_plus - mat[a1, p])
         neg_losses = F.relu(mat[a2, n] - self.margin_minus)
@@ -1259,7 +1255,7 @@ class DynamicSoftMarginLoss(BaseLoss):
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        a, p, n = to_triplets(indices_tuple, labels, ref_labels, "all")
+        a, p, n = self.to_triplets(indices_tuple, labels, ref_labels, "all")
         self.record(num_triplets=a.numel())
         if a.numel() == 0:
             return self.zero_loss(embeddings)

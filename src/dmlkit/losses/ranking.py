@@ -14,7 +14,7 @@ import torch
 from dmlkit.errors import ConfigError
 from dmlkit.losses.base import PAIRS_AND_TRIPLETS, BaseLoss, register
 from dmlkit.losses.softmax_family import SIMILARITIES, anchor_weights, masked_reduce, require_distance
-from dmlkit.miners.tuples import IndicesTuple, label_masks, to_triplets
+from dmlkit.miners.tuples import IndicesTuple
 
 
 def _linear_histogram(
@@ -83,7 +83,7 @@ class FastAPLoss(BaseLoss):
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
         mat = self.distance_matrix(embeddings, ref_emb)
-        pos_mask, neg_mask = label_masks(labels, ref_labels)
+        pos_mask, neg_mask = self.label_masks(labels, ref_labels)
         pos, neg = pos_mask.to(mat.dtype), neg_mask.to(mat.dtype)
         highest = 4.0 if self.distance == "squared_euclidean" else 2.0
         width = highest / self.num_bins
@@ -158,7 +158,7 @@ class RankedListLoss(BaseLoss):
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
         mat = self.distance_matrix(embeddings, ref_emb)
-        pos_mask, neg_mask = label_masks(labels, ref_labels)
+        pos_mask, neg_mask = self.label_masks(labels, ref_labels)
         pos_boundary = self.alpha - self.margin
         nonzero = mat > 0
         pos_sel = pos_mask & (mat > pos_boundary) & nonzero
@@ -169,7 +169,8 @@ class RankedListLoss(BaseLoss):
         neg_gap = torch.where(neg_sel, self.alpha - mat, zeros)
         w_pos = torch.where(pos_sel, torch.exp(self.Tp * pos_gap), zeros)
         w_neg = torch.where(neg_sel, torch.exp(self.Tn * neg_gap), zeros)
-        guard = 1e-5 * mat.shape[1]
+        # PML's guard is 1e-5 × the reference size: with exclusions, the size each anchor sees
+        guard = 1e-5 * (mat.shape[1] if self.excluded is None else (~self.excluded).sum(1))
         loss_pos = (w_pos * pos_gap).sum(dim=1) / (w_pos.sum(dim=1) + guard)
         loss_neg = (w_neg * neg_gap).sum(dim=1) / (w_neg.sum(dim=1) + guard)
         self.record(num_pos_pairs=pos_sel.sum(), num_neg_pairs=neg_sel.sum())
@@ -233,12 +234,12 @@ class HistogramLoss(BaseLoss):
     ) -> torch.Tensor:
         mat = self.distance_matrix(embeddings, ref_emb)
         if indices_tuple is None:
-            pos_mask, neg_mask = label_masks(labels, ref_labels)
+            pos_mask, neg_mask = self.label_masks(labels, ref_labels)
             has_pos, has_neg = pos_mask.any(dim=1, keepdim=True), neg_mask.any(dim=1, keepdim=True)
             pos_pairs, neg_pairs = pos_mask & has_neg, neg_mask & has_pos
             any_triplet = (has_pos & has_neg).any()
         else:
-            a, p, n = to_triplets(indices_tuple, labels, ref_labels)
+            a, p, n = self.to_triplets(indices_tuple, labels, ref_labels)
             pos_pairs = torch.zeros(mat.shape, dtype=torch.bool, device=mat.device)
             neg_pairs = torch.zeros_like(pos_pairs)
             pos_pairs[a, p] = True
@@ -316,7 +317,7 @@ class PNPLoss(BaseLoss):
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
         sim = self.distance_matrix(embeddings, ref_emb)
-        pos_mask, neg_mask = label_masks(labels, ref_labels)
+        pos_mask, neg_mask = self.label_masks(labels, ref_labels)
         if ref_emb is None:
             eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
             pos_mask = pos_mask | (eye & pos_mask.any(dim=1, keepdim=True))

@@ -157,6 +157,12 @@ def _fill_masks(
     """
     if indices_tuple is None:
         same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
+        excluded = loss.excluded
+        if excluded is not None:  # only with a reference set (BaseLoss.forward checks)
+            is_pos = same & ~excluded
+            not_neg = same | excluded
+            loss.record(num_pos_pairs=is_pos.sum(), num_neg_pairs=mat.numel() - not_neg.sum())
+            return ~is_pos, not_neg, is_pos
         not_pos = ~same
         num_same = same.sum()
         if ref_labels is None:
@@ -343,6 +349,11 @@ class SupConLoss(BaseLoss):
                 pos_mask.fill_diagonal_(False)
                 excluded = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
                 num_pairs = logits.shape[0] * (logits.shape[0] - 1)
+            elif self.excluded is not None:
+                excluded = self.excluded
+                pos_mask &= ~excluded
+                num_pairs = logits.numel() - excluded.sum()
+                any_neg = (~pos_mask & ~excluded).any()
             else:
                 excluded = None
                 num_pairs = logits.numel()
@@ -350,7 +361,7 @@ class SupConLoss(BaseLoss):
             total_pos = num_pos.sum()
             self.record(num_pos_pairs=total_pos, num_neg_pairs=num_pairs - total_pos)
         else:
-            pairs = to_pairs(indices_tuple, labels, ref_labels)
+            pairs = self.to_pairs(indices_tuple, labels, ref_labels)
             pos_mask, neg_mask = pair_masks(pairs, tuple(logits.shape), logits.device)
             losses, num_pos = _SupConRows.apply(logits, ~(pos_mask | neg_mask), pos_mask)
             any_neg = neg_mask.any()
@@ -406,13 +417,16 @@ class NTXentLoss(BaseLoss):
         logits = scaled_logits(self, embeddings, ref_emb, 1.0 / self.temperature)
         if indices_tuple is None:
             same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
-            neg_lse = logsumexp_excluding(logits, same)[0]
+            not_neg = same if self.excluded is None else same | self.excluded
+            neg_lse = logsumexp_excluding(logits, not_neg)[0]
             losses = F.softplus(neg_lse.unsqueeze(1) - logits)
             pos_mask = same.clone().fill_diagonal_(False) if ref_labels is None else same
+            if self.excluded is not None:
+                pos_mask = pos_mask & ~self.excluded
             num_pos = pos_mask.sum()
-            self.record(num_pos_pairs=num_pos, num_neg_pairs=same.numel() - same.sum())
+            self.record(num_pos_pairs=num_pos, num_neg_pairs=not_neg.numel() - not_neg.sum())
             return masked_reduce(losses, pos_mask, self.reduction)
-        a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
         # A negative pair mined k times counts k times in its anchor's denominator: log k is added to
         # its logit instead of repeating it.
         counts = torch.zeros_like(logits).index_put_((a2, n), torch.ones_like(a2, dtype=logits.dtype), True)
@@ -493,6 +507,9 @@ class NCALoss(BaseLoss):
             eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
             lse_all = logsumexp_excluding(logits, eye)[0]
             other = other | eye
+        elif self.excluded is not None:
+            lse_all = logsumexp_excluding(logits, self.excluded)[0]
+            other = other | self.excluded
         else:
             lse_all = torch.logsumexp(logits, dim=1)
         lse_same, has_pos = logsumexp_excluding(logits, other)

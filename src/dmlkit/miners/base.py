@@ -1,9 +1,11 @@
 """Foundations of every miner: the registry, the calling convention and statistics.
 
-A miner is called as ``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` and returns an
-indices tuple (see :mod:`dmlkit.miners.tuples`): pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``, as
-declared by :attr:`BaseMiner.output_kind`. Anchors index ``embeddings``; positives and negatives index
-``ref_emb`` (the batch when not given). Mining runs under ``torch.no_grad()``.
+A miner is called as ``miner(embeddings, labels, ref_emb=None, ref_labels=None, ref_exclude=None)`` and
+returns an indices tuple (see :mod:`dmlkit.miners.tuples`): pairs ``(a1, p, a2, n)`` or triplets ``(a, p,
+n)``, as declared by :attr:`BaseMiner.output_kind`. Anchors index ``embeddings``; positives and negatives
+index ``ref_emb`` (the batch when not given); ``ref_exclude``, a boolean ``batch × reference`` mask, names
+pairs that are never mined (e.g. an anchor and its own copy in a cross-batch memory). Mining runs under
+``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmlkit.distances import check_distance, is_similarity
+from dmlkit.errors import ConfigError
 from dmlkit.miners.tuples import (
     IndicesTuple,
+    Pairs,
     TupleKind,
+    all_pairs,
     check_batch,
+    check_exclude,
     distance_matrix,
+    drop_excluded,
+    label_masks,
     upcast,
 )
 from dmlkit.registry import Registry
@@ -71,6 +79,8 @@ class BaseMiner(nn.Module):
         self._stats: dict[str, torch.Tensor | float] = {}
         self._extra_stats: dict[str, torch.Tensor | float] = {}
         self._pending_stats: tuple | None = None
+        # The current call's ref_exclude, read by label_masks/all_pairs below; reset after every call.
+        self._exclude: torch.Tensor | None = None
 
     @property
     def is_similarity(self) -> bool:
@@ -82,18 +92,41 @@ class BaseMiner(nn.Module):
         labels: torch.Tensor,
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
+        ref_exclude: torch.Tensor | None = None,
     ) -> IndicesTuple:
-        """Mine an indices tuple from a batch (and optionally a reference set)."""
+        """Mine an indices tuple from a batch (and optionally a reference set); ``ref_exclude`` (boolean,
+        ``B × R``, with a reference set only): pairs never to mine."""
         name = self.registry_name or type(self).__name__
         with torch.no_grad():
             embeddings, labels, ref_emb, ref_labels = check_batch(
                 embeddings, labels, ref_emb, ref_labels, name
             )
+            if ref_exclude is not None:
+                if ref_emb is None:
+                    raise ConfigError(f"miner '{name}': ref_exclude needs ref_emb/ref_labels")
+                ref_exclude = check_exclude(ref_exclude, len(embeddings), len(ref_emb), name)
+                ref_exclude = ref_exclude.to(embeddings.device)
             mat = self.distance_matrix(embeddings, ref_emb)
             self._extra_stats = {}
-            out = self.mine(mat, labels, ref_labels, embeddings, ref_emb)
+            self._exclude = ref_exclude
+            try:
+                out = self.mine(mat, labels, ref_labels, embeddings, ref_emb)
+            finally:
+                self._exclude = None
+            if ref_exclude is not None:  # for rules that pick pairs other than from the masks
+                out = drop_excluded(out, ref_exclude)
             self._record(mat, out)
         return out
+
+    def label_masks(
+        self, labels: torch.Tensor, ref_labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`dmlkit.miners.tuples.label_masks` without the current call's excluded pairs."""
+        return label_masks(labels, ref_labels, self._exclude)
+
+    def all_pairs(self, labels: torch.Tensor, ref_labels: torch.Tensor | None) -> Pairs:
+        """:func:`dmlkit.miners.tuples.all_pairs` without the current call's excluded pairs."""
+        return all_pairs(labels, ref_labels, self._exclude)
 
     def distance_matrix(self, embeddings: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
         """The ``B × R`` matrix handed to :meth:`mine` (:func:`dmlkit.miners.tuples.distance_matrix`).

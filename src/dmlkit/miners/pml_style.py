@@ -20,9 +20,7 @@ from dmlkit.miners.base import BaseMiner, register
 from dmlkit.miners.tuples import (
     Pairs,
     Triplets,
-    all_pairs,
     empty_triplets,
-    label_masks,
     upcast,
 )
 
@@ -59,7 +57,7 @@ class MultiSimilarityMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Pairs:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         inf = torch.inf
         if self.is_similarity:
             hardest_neg = mat.masked_fill(~neg, -inf).amax(dim=1, keepdim=True)
@@ -112,7 +110,7 @@ class BatchHardMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         if self.allowed_pos_range is not None:
             pos &= _in_range(mat, self.allowed_pos_range)
         if self.allowed_neg_range is not None:
@@ -336,7 +334,7 @@ class TripletMarginMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         margin, kind, sim = self.margin, self.type_of_triplets, self.is_similarity
 
         def keep(a: torch.Tensor, p: torch.Tensor, ap: torch.Tensor, an: torch.Tensor) -> torch.Tensor:
@@ -390,7 +388,7 @@ class AngularMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         x = upcast(embeddings)
         y = x if ref_emb is None else upcast(ref_emb).to(x.dtype)
         threshold = math.radians(self.angle)
@@ -440,7 +438,7 @@ class PairMarginMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Pairs:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         if self.is_similarity:
             pos &= mat < self.pos_margin
             neg &= mat > self.neg_margin
@@ -484,7 +482,7 @@ class HDCMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Pairs:
-        a1, p, a2, n = all_pairs(labels, ref_labels)
+        a1, p, a2, n = self.all_pairs(labels, ref_labels)
         a1, p = self._hardest(mat, a1, p, largest=not self.is_similarity)
         a2, n = self._hardest(mat, a2, n, largest=self.is_similarity)
         return a1, p, a2, n
@@ -545,7 +543,7 @@ class BatchEasyHardMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Pairs:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         ps, ns = self.pos_strategy, self.neg_strategy
         # On a distance-like matrix, "hard" is the largest positive and the smallest negative.
         dist = -mat if self.is_similarity else mat
@@ -567,7 +565,7 @@ class BatchEasyHardMiner(BaseMiner):
             a = torch.nonzero(p_ok & n_ok, as_tuple=True)[0]
             return a, p_idx[a], a, n_idx[a]
         if ps == "all" and ns == "all":
-            return all_pairs(labels, ref_labels)
+            return self.all_pairs(labels, ref_labels)
         if ps == "all":
             a1, p = torch.nonzero(pos, as_tuple=True)
             a2 = torch.nonzero(n_ok, as_tuple=True)[0]
@@ -643,7 +641,7 @@ class DistanceWeightedMiner(StochasticMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         log_w = inverse_sphere_log_weights(mat, embeddings.shape[1], self.cutoff)
         valid = neg & torch.isfinite(log_w) & (mat.clamp_min(self.cutoff) < self.nonzero_loss_cutoff)
         anchors = torch.nonzero(pos.any(dim=1) & valid.any(dim=1), as_tuple=True)[0]
@@ -701,7 +699,7 @@ class UniformHistogramMiner(StochasticMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Pairs:
-        a1, p, a2, n = all_pairs(labels, ref_labels)
+        a1, p, a2, n = self.all_pairs(labels, ref_labels)
         gen = self.generator(mat.device)
         keep_pos = self._per_bin(mat[a1, p], self.pos_per_bin, gen)
         keep_neg = self._per_bin(mat[a2, n], self.neg_per_bin, gen)

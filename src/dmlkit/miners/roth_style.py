@@ -133,7 +133,7 @@ class DistanceMiner(_DistanceSampling):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         return self.distance_triplets(mat, pos, neg, embeddings.shape[1])
 
 
@@ -170,7 +170,7 @@ class RandomDistanceMiner(_DistanceSampling):
         shuffled_ref = None
         if ref_labels is not None:
             shuffled_ref = ref_labels[torch.randperm(ref_labels.numel(), generator=gen, device=labels.device)]
-        pos, neg = label_masks(shuffled, shuffled_ref)
+        pos, neg = label_masks(shuffled, shuffled_ref, self._exclude)
         return self.distance_triplets(mat, pos, neg, embeddings.shape[1])
 
 
@@ -216,7 +216,7 @@ class RhoDistanceMiner(_DistanceSampling):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         gen = self.generator(mat.device)
         rows = torch.arange(mat.shape[0], device=mat.device)
         p = _uniform(pos, gen)
@@ -281,7 +281,7 @@ class SemihardMiner(StochasticMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         gen = self.generator(mat.device)
         dist = _distance_like(mat, self.is_similarity)
         p = _uniform(pos, gen)
@@ -324,7 +324,7 @@ class SofthardMiner(StochasticMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         gen = self.generator(mat.device)
         dist = _distance_like(mat, self.is_similarity)
         farthest_pos = dist.masked_fill(~pos, -torch.inf).amax(dim=1, keepdim=True)
@@ -359,7 +359,7 @@ class RandomMiner(StochasticMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         num_pos, num_neg = pos.sum(dim=1), neg.sum(dim=1)
         per_anchor = num_pos * num_neg
         ends = torch.cumsum(per_anchor, 0)
@@ -464,7 +464,7 @@ class NPairMiner(StochasticMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Pairs:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         has_pos = pos.any(dim=1)
         p = _uniform(pos, self.generator(mat.device))
         a1 = torch.nonzero(has_pos, as_tuple=True)[0]
@@ -493,7 +493,7 @@ class LiftedMiner(BaseMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Pairs:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         a1, p = torch.nonzero(pos, as_tuple=True)
         a2, n = torch.nonzero(neg & pos.any(dim=1, keepdim=True), as_tuple=True)
         return a1, p, a2, n
@@ -579,7 +579,7 @@ class ParametricMiner(StochasticMiner):
         embeddings: torch.Tensor,
         ref_emb: torch.Tensor | None,
     ) -> Triplets:
-        pos, neg = label_masks(labels, ref_labels)
+        pos, neg = self.label_masks(labels, ref_labels)
         gen = self.generator(mat.device)
         low, high = self.support_lim
         support = torch.linspace(low, high, self.n_support, dtype=mat.dtype, device=mat.device)

@@ -148,37 +148,71 @@ def distance_matrix(
 
 
 def label_masks(
-    labels: torch.Tensor, ref_labels: torch.Tensor | None = None
+    labels: torch.Tensor, ref_labels: torch.Tensor | None = None, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean ``(pos, neg)`` masks of shape ``(len(labels), len(ref))``.
 
     ``pos[i, j]``: same label (the diagonal excluded when ``ref_labels`` is None); ``neg[i, j]``: different
-    labels.
+    labels. ``exclude`` (boolean, same shape): pairs that are neither, e.g. an anchor and its own copy
+    in a cross-batch memory.
     """
     ref = labels if ref_labels is None else ref_labels
     same = labels.unsqueeze(1) == ref.unsqueeze(0)
     neg = ~same
     if ref_labels is None:
         same.fill_diagonal_(False)
+    if exclude is not None:
+        keep = ~exclude
+        same &= keep
+        neg &= keep
     return same, neg
 
 
-def all_pairs(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> Pairs:
+def check_exclude(exclude: torch.Tensor, num_rows: int, num_cols: int, name: str) -> torch.Tensor:
+    """Check a pair-exclusion mask: boolean, shape ``(num_rows, num_cols)``; returns it."""
+    if not isinstance(exclude, torch.Tensor) or exclude.dtype != torch.bool:
+        kind = exclude.dtype if isinstance(exclude, torch.Tensor) else type(exclude).__name__
+        raise DataError(f"{name}: ref_exclude must be a boolean tensor, got {kind}")
+    if tuple(exclude.shape) != (num_rows, num_cols):
+        raise DataError(
+            f"{name}: ref_exclude has shape {tuple(exclude.shape)}, expected (batch, reference) = "
+            f"({num_rows}, {num_cols})"
+        )
+    return exclude
+
+
+def drop_excluded(indices_tuple: IndicesTuple, exclude: torch.Tensor) -> IndicesTuple:
+    """The tuples of ``indices_tuple`` that use no excluded pair (a triplet goes if either of its pairs
+    is excluded)."""
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        keep = ~(exclude[a, p] | exclude[a, n])
+        return a[keep], p[keep], n[keep]
+    a1, p, a2, n = indices_tuple
+    keep_pos, keep_neg = ~exclude[a1, p], ~exclude[a2, n]
+    return a1[keep_pos], p[keep_pos], a2[keep_neg], n[keep_neg]
+
+
+def all_pairs(
+    labels: torch.Tensor, ref_labels: torch.Tensor | None = None, exclude: torch.Tensor | None = None
+) -> Pairs:
     """Every positive and negative pair, in row-major order (PML ``get_all_pairs_indices``)."""
-    pos, neg = label_masks(labels, ref_labels)
+    pos, neg = label_masks(labels, ref_labels, exclude)
     a1, p = torch.nonzero(pos, as_tuple=True)
     a2, n = torch.nonzero(neg, as_tuple=True)
     return a1, p, a2, n
 
 
-def all_triplets(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> Triplets:
+def all_triplets(
+    labels: torch.Tensor, ref_labels: torch.Tensor | None = None, exclude: torch.Tensor | None = None
+) -> Triplets:
     """Every ``(a, p, n)`` with ``p`` a positive and ``n`` a negative of ``a``, lexicographic order.
 
     Same triplets, same order as ``nonzero(pos[:, :, None] & neg[:, None, :])`` (PML's vectorised
     method) without the ``B × R × R`` mask: each positive pair is repeated once per negative of its
     anchor, and the negatives are read from the row-major negative pairs, which are grouped by anchor.
     """
-    pos, neg = label_masks(labels, ref_labels)
+    pos, neg = label_masks(labels, ref_labels, exclude)
     a1, p = torch.nonzero(pos, as_tuple=True)
     n_of_anchor = torch.nonzero(neg, as_tuple=True)[1]
     num_neg = neg.sum(1)
@@ -190,18 +224,45 @@ def all_triplets(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -
     return torch.repeat_interleave(a1, reps), torch.repeat_interleave(p, reps), n
 
 
+# Below this many matrix entries a label comparison and nonzero find the same-label entries fastest.
+_SMALL_MATRIX = 1 << 16
+
+
+def same_label_entries(
+    labels: torch.Tensor, ref_labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of every same-label entry of the ``query × reference`` matrix, in row-major
+    order (the diagonal included when the reference set is the batch, ``ref_labels=None``).
+
+    For a large matrix, from the sorted reference labels without a ``B × R`` mask: each query's class is
+    a contiguous run of them.
+    """
+    ref_l = labels if ref_labels is None else ref_labels
+    if labels.numel() * ref_l.numel() <= _SMALL_MATRIX:
+        rows, cols = torch.nonzero(labels.unsqueeze(1) == ref_l.unsqueeze(0), as_tuple=True)
+        return rows, cols
+    sorted_l, order = torch.sort(ref_l, stable=True)
+    start = torch.searchsorted(sorted_l, labels)
+    size = torch.searchsorted(sorted_l, labels, right=True) - start
+    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), size)
+    first = torch.cumsum(size, 0) - size
+    offsets = torch.arange(rows.numel(), device=labels.device) - first[rows]
+    return rows, order[start[rows] + offsets]
+
+
 def random_triplets(
     labels: torch.Tensor,
     ref_labels: torch.Tensor | None,
     per_anchor: int,
     generator: torch.Generator | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> Triplets:
     """``per_anchor`` triplets for every anchor that has a positive and a negative.
 
     Positives and negatives are drawn uniformly with replacement among the anchor's valid ones, the
     distribution of PML's ``get_random_triplet_indices`` (the draws themselves differ).
     """
-    pos, neg = label_masks(labels, ref_labels)
+    pos, neg = label_masks(labels, ref_labels, exclude)
     anchors = torch.nonzero(pos.any(1) & neg.any(1), as_tuple=True)[0]
     if anchors.numel() == 0:
         return _empty(labels.device, 3)  # type: ignore[return-value]
@@ -227,11 +288,15 @@ def pairs_to_triplets(pairs: Pairs) -> Triplets:
 
 
 def to_pairs(
-    indices_tuple: IndicesTuple | None, labels: torch.Tensor, ref_labels: torch.Tensor | None = None
+    indices_tuple: IndicesTuple | None,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> Pairs:
-    """Pairs from a miner's output of either kind, or all pairs when ``indices_tuple`` is None."""
+    """Pairs from a miner's output of either kind, or all pairs when ``indices_tuple`` is None
+    (``exclude``: pairs left out of "all pairs"; a mined tuple is taken as given)."""
     if indices_tuple is None:
-        return all_pairs(labels, ref_labels)
+        return all_pairs(labels, ref_labels, exclude)
     if tuple_kind(indices_tuple) == PAIRS:
         return tuple(indices_tuple)  # type: ignore[return-value]
     return triplets_to_pairs(indices_tuple)  # type: ignore[arg-type]
@@ -242,12 +307,14 @@ def to_triplets(
     labels: torch.Tensor,
     ref_labels: torch.Tensor | None = None,
     per_anchor: int | Literal["all"] = "all",
+    exclude: torch.Tensor | None = None,
 ) -> Triplets:
-    """Triplets from a miner's output of either kind, or (when None) all / ``per_anchor`` random ones."""
+    """Triplets from a miner's output of either kind, or (when None) all / ``per_anchor`` random ones
+    (``exclude``: pairs left out of those; a mined tuple is taken as given)."""
     if indices_tuple is None:
         if per_anchor == "all":
-            return all_triplets(labels, ref_labels)
-        return random_triplets(labels, ref_labels, int(per_anchor))
+            return all_triplets(labels, ref_labels, exclude)
+        return random_triplets(labels, ref_labels, int(per_anchor), exclude=exclude)
     if tuple_kind(indices_tuple) == TRIPLETS:
         return tuple(indices_tuple)  # type: ignore[return-value]
     return pairs_to_triplets(indices_tuple)  # type: ignore[arg-type]

@@ -52,7 +52,12 @@ class Objective(nn.Module):
         self.memory = memory
         self.memory_weight = float(memory_weight)
         self.memory_start = int(memory_start)
+        # Every dmlkit loss and miner takes ref_exclude; a foreign module without it gets the same
+        # exclusion through explicit tuples (slower: every anchor × memory pair listed).
         self._loss_takes_exclude = "ref_exclude" in inspect.signature(loss.forward).parameters
+        self._miner_takes_exclude = miner is not None and (
+            "ref_exclude" in inspect.signature(miner.forward).parameters
+        )
         self._stats: dict[str, float] = {}
 
     def set_progress(self, progress: float) -> None:
@@ -96,14 +101,18 @@ class Objective(nn.Module):
             ref_emb, ref_labels, ref_indices = memory.contents()
             ref_emb = ref_emb.to(embeddings.dtype)
             own_copy = indices[:, None] == ref_indices[None, :]
+            mined = None
             if self.miner is not None:
-                mined = self.miner(embeddings, labels, ref_emb, ref_labels)
-                term = self.loss(embeddings, labels, _drop_own_copies(mined, own_copy), ref_emb, ref_labels)
-            elif self._loss_takes_exclude:
-                term = self.loss(embeddings, labels, None, ref_emb, ref_labels, ref_exclude=own_copy)
+                if self._miner_takes_exclude:
+                    mined = self.miner(embeddings, labels, ref_emb, ref_labels, ref_exclude=own_copy)
+                else:
+                    mined = _drop_own_copies(self.miner(embeddings, labels, ref_emb, ref_labels), own_copy)
+            if self._loss_takes_exclude:
+                term = self.loss(embeddings, labels, mined, ref_emb, ref_labels, ref_exclude=own_copy)
             else:
-                pairs = _all_pairs_except(labels, ref_labels, own_copy)
-                term = self.loss(embeddings, labels, pairs, ref_emb, ref_labels)
+                if mined is None:
+                    mined = _all_pairs_except(labels, ref_labels, own_copy)
+                term = self.loss(embeddings, labels, mined, ref_emb, ref_labels)
             memory_stats = self._collect("xbm/", self.loss, self.miner)
             stats.update(memory_stats)
             memory_negatives = _valid_negatives(
