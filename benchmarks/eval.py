@@ -1,16 +1,18 @@
 """Evaluation at scale (issue 6): time and peak memory of ``dmlkit.metrics.evaluate`` against
 pytorch-metric-learning's ``AccuracyCalculator``, and a million-item run.
 
-    python benchmarks/eval.py                          # every CPU row; prints a Markdown table
-    python benchmarks/eval.py --write BENCHMARKS.md    # also writes the "## Evaluation" section
-    python benchmarks/eval.py --cases ours-60k pml-60k-maxbin --scale 0.05   # quick check, small sizes
-    python benchmarks/eval.py --cases gpu-60k --device cuda                  # the GPU row
+    python benchmarks/eval.py                          # every default row; prints a Markdown table
+    python benchmarks/eval.py --write BENCHMARKS.md    # also stores the rows, rewrites "## Evaluation"
+    python benchmarks/eval.py --cases ours-60k pml-60k-maxbin --n 5000      # quick check, small sizes
+    python benchmarks/eval.py --cases ours-1m-exact --write BENCHMARKS.md   # the exact million (hours)
+    python benchmarks/eval.py --cases gpu-60k                                # the GPU row alone
 
 Data: random float32 embeddings with class structure: C = n / 100 class centres drawn from N(0, I_d)
 and items = centre + σ·N(0, I_d) (σ = 2.5 for d = 512, 1.5 for d = 128, or ``--noise``: MAP@R well
 inside (0, 1)), seeded.
 
-Rows (``--cases``; ``--scale`` multiplies every n for a quick check):
+Rows (``--cases``; ``--scale`` multiplies every n, ``--n`` / ``--dim`` replace every row's n / d, for a
+quick check; the default set adds ``gpu-60k`` when CUDA is available):
 
 - ``ours-60k``: 60,000 × 512 leave-one-out, every k-NN metric of dmlkit (:data:`ALL_KNN`, k = 1,023 for
   ``map_lim``), torch exact search, Euclidean distance (PML's default).
@@ -18,14 +20,17 @@ Rows (``--cases``; ``--scale`` multiplies every n for a quick check):
   MAP@R, MRR and mean_average_precision at PML's k = 99: ours ``recall@1``, ``r_precision``, ``map@r``,
   ``mrr@99``, ``map_pml@99``); the values are printed next to PML's as a check.
 - ``pml-60k-default``: ``AccuracyCalculator(include=<those 5>)`` with PML's defaults (k=None, i.e. every
-  other item; ``FaissKNN``: faiss ``IndexFlatL2``); ``pml-60k-maxbin``: the same with ``k="max_bin_count"``.
+  other item, k = n − 1; ``FaissKNN``: faiss ``IndexFlatL2``, whose n × k result arrays alone are 43 GB at
+  n = 60,000); ``pml-60k-maxbin``: the same with ``k="max_bin_count"`` (k = 99, the largest class minus
+  the query). faiss is limited to ``--threads`` threads like torch.
 - ``ours-100k``: 100,000 × 128 leave-one-out, recall@1..100 + map@r, torch exact: the exact 1M time is
   extrapolated from it (× (1M/100k)² = × 100: the search is quadratic and runs in identical blocks).
 - ``ours-1m-ivf``: 1,000,000 × 128 leave-one-out, recall@1..100 + map@r with ``backend="faiss-ivf"``
   (approximate), then an exact torch search of a 10,000-query sample against the whole 1M gallery to
   measure the approximation (sample recall@1/@10/@100 and MAP@R, exact vs IVF).
 - ``ours-1m-exact``: the same with the exact torch search (not in the default set: hours on 2 cores).
-- ``gpu-60k``: ``ours-60k``'s metrics on ``--device cuda``.
+- ``gpu-60k``: ``ours-60k``'s metrics on ``cuda`` (skipped without CUDA); time after one warm-up call,
+  and the CUDA allocator's peak.
 
 Each row runs in its own subprocess with its data segment capped (``--mem-limit-gb``, default 12), so a
 run that would exhaust the shared machine fails cleanly and is reported as out of memory. Time: wall
@@ -33,6 +38,10 @@ time of the ``evaluate`` / ``get_accuracy`` call alone (data generation excluded
 process's peak resident set during that call (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs`` just before the call), and the resident set before the call (Python, torch,
 the embeddings).
+
+Threads: ``--threads`` (default: every core) for torch and faiss alike. Rows run with
+``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set: on a machine shared with other jobs, spinning
+OpenMP threads that wait for a busy core made the 2-thread search 3× slower than 1 thread here.
 """
 
 from __future__ import annotations
@@ -114,6 +123,8 @@ DEFAULT_CASES = (
     "ours-1m-ivf",
 )
 SAMPLE_QUERIES = 10_000
+#: Every row written with ``--write`` (merged across runs), from which the section is regenerated.
+RESULTS = Path(__file__).resolve().parent / "results" / "eval.json"
 
 
 def make_data(n: int, d: int, noise: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +146,15 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return -1
+
+
+def _limit_faiss_threads(threads: int) -> None:
+    """faiss runs its own OpenMP threads (all cores by default): give it as many as torch."""
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(threads)
 
 
 def _reset_peak() -> bool:
@@ -188,13 +208,17 @@ def _sample_check(x: torch.Tensor, labels: torch.Tensor, approx_top: torch.Tenso
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
     """One row, in this (child) process."""
     case = CASES[args.child]
-    n = max(2 * CLASS_SIZE, int(case["n"] * args.scale))
+    n = args.n or max(2 * CLASS_SIZE, int(case["n"] * args.scale))
     torch.set_num_threads(args.threads)
-    limit_memory(args.mem_limit_gb)
-    noise = args.noise if args.noise is not None else NOISE[case["d"]]
-    x, labels = make_data(n, case["d"], noise)
     device = case.get("device", args.device)
-    out: dict[str, Any] = {"case": args.child, "n": n, "d": case["d"], "device": device, "noise": noise}
+    if device == "cpu":
+        # Not on a GPU: the CUDA driver maps large private areas that the data-segment cap would refuse.
+        limit_memory(args.mem_limit_gb)
+    d = args.dim or case["d"]
+    noise = args.noise if args.noise is not None else NOISE.get(d, 2.5 * math.sqrt(d / 512))
+    _limit_faiss_threads(args.threads)
+    x, labels = make_data(n, d, noise)
+    out: dict[str, Any] = {"case": args.child, "n": n, "d": d, "device": device, "noise": noise}
     if device == "cuda" and not torch.cuda.is_available():
         return out | {"status": "skipped: no CUDA device"}
     if case["side"] == "pml":
@@ -202,6 +226,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
         calculator = AccuracyCalculator(include=tuple(PML_SET), k=case["k"], device=torch.device("cpu"))
         call = lambda: calculator.get_accuracy(x, labels)  # noqa: E731
+        # PML's k in leave-one-out (AccuracyCalculator.determine_k): the largest class − 1, or n − 1.
+        out["k"] = int(torch.bincount(labels).max()) - 1 if case["k"] == "max_bin_count" else n - 1
     else:
         options = {}
         if case.get("backend") == "faiss-ivf":
@@ -241,7 +267,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     out["peak_mib"] = _status_kib("VmHWM") / 1024
     out["status"] = "ok"
     if case["side"] == "pml":
-        out["metrics"] = {PML_SET[name]: float(value) for name, value in result.items()}
+        # PML's mean_average_precision and mean_reciprocal_rank are truncated at its k: our names for them.
+        names = dict(PML_SET, mean_average_precision=f"map_pml@{out['k']}")
+        names["mean_reciprocal_rank"] = f"mrr@{out['k']}"
+        out["metrics"] = {names[name]: float(value) for name, value in result.items()}
     else:
         shown = ("recall@1", "recall@10", "recall@100", "map@r", "mrr", "map@100", "map_lim")
         if len(case["metrics"]) <= len(PML_SET):
@@ -252,6 +281,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             out["sample"] = _sample_check(x, labels, result.topk_indices)
     if device == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
     return out
 
 
@@ -259,12 +289,14 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one row in a subprocess and parse its JSON line; a crash or a timeout is a row too."""
     command = [sys.executable, __file__, "--child", name, "--scale", str(args.scale), "--device", args.device,
                "--threads", str(args.threads), "--mem-limit-gb", str(args.mem_limit_gb)]  # fmt: skip
-    for option in ("nlist", "nprobe", "noise"):
+    for option in ("nlist", "nprobe", "noise", "n", "dim"):
         if getattr(args, option) is not None:
             command += [f"--{option}", str(getattr(args, option))]
     print(f"[{datetime.datetime.now():%H:%M:%S}] {name} ...", file=sys.stderr, flush=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"case": name, "status": f"not finished within {args.timeout:.0f} s (stopped)"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -299,8 +331,8 @@ def _fmt_mib(m: float | None) -> str:
 DESCRIPTIONS = {
     "ours-60k": "dmlkit, every k-NN metric ({m} names, k = {k})",
     "ours-60k-pml-set": "dmlkit, PML's 5 k-NN metrics (k = {k})",
-    "pml-60k-default": "PML AccuracyCalculator, defaults (k=None, FaissKNN)",
-    "pml-60k-maxbin": 'PML AccuracyCalculator, k="max_bin_count" (FaissKNN)',
+    "pml-60k-default": "PML AccuracyCalculator, defaults (k=None → k = {k}, FaissKNN)",
+    "pml-60k-maxbin": 'PML AccuracyCalculator, k="max_bin_count" → k = {k} (FaissKNN)',
     "ours-100k": "dmlkit exact, recall@1..100 + map@r (k = {k})",
     "ours-1m-ivf": "dmlkit faiss-ivf (approximate), recall@1..100 + map@r",
     "ours-1m-exact": "dmlkit exact, recall@1..100 + map@r (k = {k})",
@@ -308,21 +340,28 @@ DESCRIPTIONS = {
 }
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -> str:
-    device = torch.device("cpu")
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The Markdown section of ``rows`` (each row carries the command, date and threads it ran with)."""
+    runs = list(dict.fromkeys((row.get("command", "?"), row.get("date", "?")) for row in rows))
+    threads = sorted({row.get("threads", args.threads) for row in rows})
+    caps = sorted({row.get("mem_limit_gb", args.mem_limit_gb) for row in rows})
+    noises = sorted({(row["d"], row["noise"]) for row in rows if "noise" in row and "d" in row})
     lines = [
-        f"Command: `{command}` (dmlkit {dmlkit.__version__}, torch {torch.__version__}, "
-        f"{datetime.date.today()}; {machine_description(device, args.threads)}; data segment capped at "
-        f"{args.mem_limit_gb:g} GiB per row).",
+        "Commands: " + "; ".join(f"`{command}` ({date})" for command, date in runs) + f" (dmlkit "
+        f"{dmlkit.__version__}, torch {torch.__version__}; "
+        f"{machine_description(torch.device('cpu'), threads[0] if threads else args.threads)}"
+        + (f" (threads per row: {', '.join(map(str, threads))})" if len(threads) > 1 else "")
+        + f", OMP_WAIT_POLICY={'/'.join(sorted({r.get('omp_wait_policy', '?') for r in rows}))}"
+        + f"; data segment capped at {', '.join(f'{c:g}' for c in caps)} GiB per row).",
         "",
-        "Random float32 embeddings, classes of 100 items (centres N(0, I), items centre + "
-        + (f"{args.noise:g}·N(0, I)" if args.noise else "σ·N(0, I), σ = 2.5 for d = 512 and 1.5 for d = 128")
-        + "), leave-one-out, Euclidean distance (PML's "
+        "Random float32 embeddings, classes of 100 items (centres N(0, I), items centre + σ·N(0, I), σ = "
+        + ", ".join(f"{v:g} for d = {d}" for d, v in noises)
+        + ": MAP@R well inside (0, 1)), leave-one-out, Euclidean distance (PML's "
         "default). Time: the `evaluate` / "
         "`get_accuracy` call alone. Peak RSS: the process's resident-set peak during that call "
         "(embeddings included); before: the resident set just before it.",
         "",
-        "| data | what | time | peak RSS | RSS before | result |",
+        "| data | what | time | peak RSS | peak − before | result |",
         "|---|---|---|---|---|---|",
     ]
     by_case = {row["case"]: row for row in rows}
@@ -330,6 +369,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str)
         case = CASES[row["case"]]
         n, d = row.get("n", case["n"]), row.get("d", case["d"])
         what = DESCRIPTIONS[row["case"]].format(m=len(case.get("metrics", ())), k=row.get("k", "?"))
+        if row.get("gpu"):
+            what += f" on {row['gpu']}"
         if row.get("backend_options"):
             what += " " + ", ".join(f"{k}={v}" for k, v in row["backend_options"].items())
         if row.get("status") != "ok":
@@ -348,12 +389,18 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str)
                     + f"; the IVF top 10 holds {sample['neighbour_recall@10']:.1%} of the exact 10 nearest"
                     f" (exact sample search {_fmt_seconds(sample['seconds'])})"
                 )
+        if row.get("cuda_peak_mib") is not None:
+            result += f"; CUDA peak allocated {_fmt_mib(row['cuda_peak_mib'])}"
+        peak, before = row.get("peak_mib"), row.get("rss_before_mib")
+        growth = peak - before if peak is not None and before is not None and peak >= 0 else None
         lines.append(
-            f"| {n:,} × {d} | {what} | {_fmt_seconds(row.get('seconds'))} | {_fmt_mib(row.get('peak_mib'))} "
-            f"| {_fmt_mib(row.get('rss_before_mib'))} | {result} |"
+            f"| {n:,} × {d} | {what} | {_fmt_seconds(row.get('seconds'))} | {_fmt_mib(peak)} "
+            f"| {_fmt_mib(growth)} | {result} |"
         )
     small = by_case.get("ours-100k")
-    if small and small.get("status") == "ok":
+    exact_million = by_case.get("ours-1m-exact")
+    ran_exact = exact_million is not None and exact_million.get("status") == "ok"
+    if small and small.get("status") == "ok" and not args.n and not ran_exact:
         factor = (CASES["ours-1m-exact"]["n"] * args.scale / small["n"]) ** 2
         lines += [
             "",
@@ -364,11 +411,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str)
             "distances, 1.1 GiB) plus one block.",
         ]
     gpu = by_case.get("gpu-60k")
-    if gpu is None or gpu.get("status") != "ok":
+    if (gpu is None or gpu.get("status") != "ok") and not args.n:
         lines += [
             "",
             "**GPU row (60,000 × 512, every k-NN metric, target < 1 s): pending** — no GPU was available "
-            "for this run; on a GPU machine: `python benchmarks/eval.py --cases gpu-60k --device cuda`.",
+            "for this run; on a GPU machine: `python benchmarks/eval.py --cases gpu-60k`.",
         ]
     ours, theirs = by_case.get("ours-60k-pml-set"), by_case.get("pml-60k-maxbin")
     if ours and theirs and ours.get("status") == theirs.get("status") == "ok":
@@ -386,8 +433,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=sorted(CASES))
+    parser.add_argument("--cases", nargs="+", default=None, choices=sorted(CASES))
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every n (quick checks)")
+    parser.add_argument("--n", type=int, default=None, help="items of every row (replaces n; quick checks)")
+    parser.add_argument("--dim", type=int, default=None, help="dimension of every row (replaces d)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--noise", type=float, default=None, help="within-class σ (default per d)")
     parser.add_argument("--device", default="cpu", help="device of the dmlkit rows (cpu or cuda)")
@@ -396,16 +445,34 @@ def main() -> int:
     parser.add_argument("--nlist", type=int, default=None, help="faiss-ivf cells (default: 4·sqrt(n))")
     parser.add_argument("--nprobe", type=int, default=None, help="faiss-ivf cells searched per query")
     parser.add_argument(
-        "--write", metavar="MARKDOWN", help="write the table into this file's '## Evaluation'"
+        "--write",
+        metavar="MARKDOWN",
+        help="store the rows in benchmarks/results/eval.json (replacing earlier rows of the same cases) "
+        "and write the table of every stored row into this file's '## Evaluation'",
     )
     parser.add_argument("--child", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(args)), flush=True)
         return 0
-    command = "python benchmarks/eval.py " + shlex.join(sys.argv[1:])
-    rows = [run_case(name, args) for name in args.cases]
-    table = markdown(rows, args, command.strip())
+    if args.cases is None:
+        args.cases = [*DEFAULT_CASES, *(["gpu-60k"] if torch.cuda.is_available() else [])]
+    command = ("python benchmarks/eval.py " + shlex.join(sys.argv[1:])).strip()
+    rows = []
+    for name in args.cases:
+        row = run_case(name, args)
+        row |= {"command": command, "date": str(datetime.date.today()), "threads": args.threads}
+        row["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        rows.append(row | {"mem_limit_gb": args.mem_limit_gb})
+    if args.write:
+        # Rows of earlier runs are kept (a row is replaced only by a new run of the same case), so the
+        # long rows can be run one at a time: the section always shows every stored row.
+        stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        stored.update({row["case"]: row for row in rows})
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
+        rows = [stored[name] for name in CASES if name in stored]
+    table = markdown(rows, args)
     print(table)
     if args.write:
         replace_section(args.write, "## Evaluation", table)

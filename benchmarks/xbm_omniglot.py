@@ -61,6 +61,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "multi-similarity": {**MULTISIMILARITY},
     "multi-similarity + XBM (ratio 1.0)": {**MULTISIMILARITY, "xbm_size": 1.0},
 }
+#: Ablations (run with --configs): the memory term of the sum-reduced loss down-weighted.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "contrastive, paper's sum + XBM (ratio 1.0, weight 0.1)": {
+        **CONTRASTIVE_SUM,
+        "xbm_size": 1.0,
+        "xbm_weight": 0.1,
+    },
+}
 
 #: Age buckets (iterations since the item was stored) for the drift measurement.
 DRIFT_AGES = [(0, 1), (1, 10), (10, 40), (40, 80), (80, 1_000_000)]
@@ -170,7 +178,7 @@ def summarise(runs: list[dict]) -> str:
         "| drift: cos(stored, now) at age 0 · 1–9 · 10–39 · 40–79 · ≥80 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in CONFIGS:
+    for name in [*CONFIGS, *ABLATIONS]:
         group = [r for r in runs if r["config"] == name]
         if not group:
             continue
@@ -196,7 +204,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--xbm-start", type=int, default=200)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *ABLATIONS])
     parser.add_argument("--out", default="benchmarks/results/xbm_omniglot.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -208,7 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for name in args.configs:
-                runs.append(run_one(name, CONFIGS[name], seed, args, Path(tmp)))
+                runs.append(run_one(name, {**CONFIGS, **ABLATIONS}[name], seed, args, Path(tmp)))
                 out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
                 print(json.dumps(runs[-1]), flush=True)
     print(summarise(runs))

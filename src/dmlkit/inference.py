@@ -90,8 +90,11 @@ def evaluate_model(
     progress: bool = False,
     seed: int = 0,
     description: str = "eval",
+    distance: str = "cosine",
+    backend: str = "torch",
 ) -> metrics_lib.RetrievalResults:
-    """Leave-one-out retrieval metrics of ``model`` on ``dataset`` (every item is a query)."""
+    """Leave-one-out retrieval metrics of ``model`` on ``dataset`` (every item is a query), with
+    :func:`dmlkit.metrics.evaluate` (``distance`` and ``backend`` as there)."""
     embeddings, labels = compute_embeddings(
         model,
         dataset,
@@ -102,4 +105,6 @@ def evaluate_model(
         progress=progress,
         description=description,
     )
-    return metrics_lib.evaluate(embeddings, labels, metrics=tuple(metric_names), seed=seed)
+    return metrics_lib.evaluate(
+        embeddings, labels, metrics=tuple(metric_names), seed=seed, distance=distance, backend=backend
+    )

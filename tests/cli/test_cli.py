@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dmlkit.cli import main
@@ -72,6 +73,56 @@ def test_eval_table_and_val_split(trained_run: Path, capsys) -> None:
                  "--no-progress"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "val: 16 queries" in out and "recall@2" in out and "mrr" in out
+
+
+def test_eval_distance_backend_and_lone_queries_match_pml(trained_run: Path, capsys) -> None:
+    """`dmlkit eval --distance euclidean --backend faiss-flat` against PML's AccuracyCalculator on the
+    same embeddings (made here independently of the command)."""
+    pytest.importorskip("faiss")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    from dmlkit import data as data_lib
+    from dmlkit.cli.common import load_model
+    from dmlkit.inference import compute_embeddings
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(trained_run), "--metrics", "Recall@1,map@r,r_precision",
+                 "--distance", "euclidean", "--backend", "faiss-flat", "--json",
+                 "--no-progress"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert (report["distance"], report["backend"]) == ("euclidean", "faiss-flat")
+
+    model, checkpoint = load_model(trained_run / "best.pt", torch.device("cpu"))
+    config = checkpoint["config"]
+    test = data_lib.build(config["dataset"], config["data_root"], **config["dataset_args"]).test
+    test.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
+    x, y = compute_embeddings(model, test)
+    pml = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k=None,
+        device=torch.device("cpu"),
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+    ).get_accuracy(x, y)
+    assert report["metrics"]["recall@1"] == pytest.approx(pml["precision_at_1"], rel=1e-6)
+    assert report["metrics"]["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], rel=1e-6)
+    assert report["metrics"]["r_precision"] == pytest.approx(pml["r_precision"], rel=1e-6)
+    assert report["num_queries_without_relevant"] == int((torch.bincount(y) == 1).sum())
+
+
+def test_unknown_metric_names_fail_before_loading(trained_run: Path, tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "absent.pt"), "--metrics", "recall@1,recal@5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown metric 'recal@5'" in err and "did you mean 'recall@5'" in err and "map@r" in err
+    assert main(["eval", "--checkpoint", str(trained_run), "--metrics", "map_pml@0"]) == 2
+    assert "positive integer" in capsys.readouterr().err
+    argv = tiny_argv(tmp_path / "runs", name="typo", epochs=1)
+    argv[argv.index("recall@1,map@r")] = "recall@1,map@r,map_lmi"
+    assert main(["train", *argv]) == 2
+    assert "did you mean 'map_lim'" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "typo").exists()
 
 
 def test_embed_folder_and_search(trained_run: Path, image_folder: Path, tmp_path: Path, capsys) -> None:

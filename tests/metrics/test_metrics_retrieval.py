@@ -397,3 +397,12 @@ def test_results_object():
     assert results.to_dict()["num_queries"] == 30
     cosine = evaluate(q, ql, g, gl, metrics=("recall@4",))
     assert (cosine.topk_distances.diff(dim=1) <= 0).all()  # similarities descend
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_mrr_alone_needs_no_neighbours(distance):
+    # MRR ranks the whole gallery from two extra passes, so k = 0 suffices (empty top-k).
+    q, ql, g, gl = make_data(17, 60, 90, 8)
+    results = evaluate(q, ql, g, gl, metrics=("mrr",), distance=distance)
+    assert results.k == 0 and results.topk_indices.shape == (60, 0)
+    assert_matches_brute_force(results, brute_force(q, ql, g, gl, distance, ("mrr",)))

@@ -9,6 +9,7 @@ from dmlkit import data as data_lib
 from dmlkit import metrics as metrics_lib
 from dmlkit.cli.common import load_model
 from dmlkit.config import _parse_list, _parse_mapping
+from dmlkit.distances import DISTANCES
 from dmlkit.errors import ConfigError
 from dmlkit.inference import evaluate_model, resolve_device
 
@@ -42,6 +43,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="A,B,...",
         help=f"metrics (default: the checkpoint's); available: {', '.join(metrics_lib.available())}",
     )
+    parser.add_argument(
+        "--distance",
+        choices=DISTANCES,
+        default="cosine",
+        help="distance of the k-NN search and of dists@* (default: cosine)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=metrics_lib.BACKENDS,
+        default="torch",
+        help="k-NN search: torch (exact, default), faiss-flat (exact), faiss-ivf / faiss-hnsw "
+        "(approximate, need faiss); see docs/metrics.md",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -51,12 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    requested = [name.strip().lower() for name in args.metrics or ()]
+    for name in requested:  # before anything is loaded: a typo fails at once, with a suggestion
+        metrics_lib.check_metric(name)
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
     trained = checkpoint["config"]
-    metric_names = args.metrics or trained["metrics"]
-    for name in metric_names:
-        metrics_lib.check_metric(name)
+    metric_names = requested or list(trained["metrics"])
     dataset_name = args.dataset or trained["dataset"]
     same_dataset = dataset_name == trained["dataset"]
     root = args.data_root or (trained["data_root"] if same_dataset else None)
@@ -88,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         progress=not args.no_progress,
         seed=trained["seed"],
+        distance=args.distance,
+        backend=args.backend,
     )
     values = {name: float(results.metrics[name]) for name in metric_names}
+    without = results.num_queries_without_relevant
     if args.json:
         print(
             json.dumps(
@@ -98,13 +116,19 @@ def run(args: argparse.Namespace) -> int:
                     "dataset": dataset_name,
                     "split": args.split,
                     "num_queries": len(dataset),
+                    "num_queries_without_relevant": without,
+                    "distance": args.distance,
+                    "backend": args.backend,
                     "metrics": values,
                 },
                 indent=2,
             )
         )
     else:
-        print(f"{dataset_name} / {args.split}: {len(dataset)} queries (leave-one-out)")
+        print(
+            f"{dataset_name} / {args.split}: {len(dataset)} queries (leave-one-out, {args.distance}, "
+            f"{args.backend}); {without} without a relevant item, left out of the retrieval means"
+        )
         width = max(len(n) for n in values)
         for name, value in values.items():
             print(f"{name:<{width}}  {value:.4f}")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,12 +62,67 @@ METRIC_BLOCK_ELEMENTS = 2**22
 
 @dataclass
 class RetrievalContext:
-    """What a retrieval metric sees for a block of queries: relevance of the top-k, R, N, first rank."""
+    """What a retrieval metric sees for a block of queries: relevance of the top-k, R, N, first rank.
+
+    The cumulative sums every metric reads are computed once per block, on first use, so that each
+    metric costs O(n_query) after them instead of another pass over the ``n_query × k`` block.
+    """
 
     relevant: torch.Tensor  # bool [nq, k]
     num_relevant: torch.Tensor  # int64 [nq]: R
     first_relevant_rank: torch.Tensor | None  # int64 [nq] (only when "mrr" was requested)
     class_size: torch.Tensor | None = None  # int64 [nq]: N, gallery items with the query's label
+    _hits: torch.Tensor | None = field(default=None, repr=False)
+    _precision_hits: torch.Tensor | None = field(default=None, repr=False)
+    _first_hit: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def k(self) -> int:
+        return self.relevant.shape[1]
+
+    def hits(self, limit: int | torch.Tensor) -> torch.Tensor:
+        """Σ_{i ≤ limit} rel(i) per row (int64); ``limit`` an int or a per-row int64 tensor."""
+        if self._hits is None:
+            self._hits = self.relevant.cumsum(dim=1)
+        return _prefix(self._hits, limit)
+
+    def precision_hits(self, limit: int | torch.Tensor) -> torch.Tensor:
+        """Σ_{i ≤ limit} P(i)·rel(i) per row (float64), P(i) = (1/i) Σ_{j≤i} rel(j)."""
+        if self._precision_hits is None:
+            if self._hits is None:
+                self._hits = self.relevant.cumsum(dim=1)
+            ranks = torch.arange(1, self.k + 1, device=self.relevant.device, dtype=torch.float64)
+            self._precision_hits = (self._hits.double() / ranks * self.relevant).cumsum(dim=1)
+        return _prefix(self._precision_hits, limit)
+
+    def first_hit(self) -> torch.Tensor:
+        """1-based position of the first relevant item in the top-k; k + 1 when there is none."""
+        if self._first_hit is None:
+            if self.k == 0:
+                self._first_hit = torch.ones(
+                    len(self.relevant), dtype=torch.int64, device=self.relevant.device
+                )
+            else:
+                found = self.relevant.any(dim=1)
+                first = self.relevant.to(torch.uint8).argmax(dim=1) + 1
+                self._first_hit = torch.where(found, first, torch.full_like(first, self.k + 1))
+        return self._first_hit
+
+
+def _prefix(cumulative: torch.Tensor, limit: int | torch.Tensor) -> torch.Tensor:
+    """Column ``min(limit, k) − 1`` of each row of a cumulative sum (0 where the limit is ≤ 0)."""
+    k = cumulative.shape[1]
+    zero = torch.zeros((), dtype=cumulative.dtype, device=cumulative.device)
+    if not isinstance(limit, torch.Tensor):
+        limit = min(int(limit), k)
+        if limit <= 0 or len(cumulative) == 0:
+            return zero.expand(len(cumulative)).clone()
+        return cumulative[:, limit - 1].clone()
+    if k == 0:
+        return zero.expand(len(cumulative)).clone()
+    column = limit.to(cumulative.device).clamp(1, k) - 1
+    values = cumulative.gather(1, column[:, None]).squeeze(1)
+    return torch.where(limit.to(cumulative.device) > 0, values, zero)
 
 
 RetrievalMetric = Callable[[RetrievalContext, int | None], torch.Tensor]
@@ -98,14 +153,15 @@ _AT_K = re.compile(r"^([a-z_]+)@(-?\d+)$")
 @METRICS.register("recall@K")
 def recall_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
     """1 if any of the top K is relevant, else 0 (the DML "Recall@K" of Song et al. 2016)."""
-    return ctx.relevant[:, :K].any(dim=1).double()
+    assert K is not None
+    return (ctx.first_hit() <= K).double()
 
 
 @METRICS.register("precision@K")
 def precision_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
     """(1/K) Σ_{i≤K} rel(i): the denominator is K even when R < K."""
     assert K is not None
-    return ctx.relevant[:, :K].sum(dim=1).double() / K
+    return ctx.hits(K).double() / K
 
 
 def _within(relevant: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -129,15 +185,14 @@ def precision_sum(relevant: torch.Tensor, limit: int | torch.Tensor | None = Non
 @METRICS.register("r_precision")
 def r_precision(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
     """(1/R) Σ_{i≤R} rel(i)."""
-    hits = _within(ctx.relevant, ctx.num_relevant).sum(dim=1).double()
-    return hits / ctx.num_relevant.clamp_min(1).double()
+    return ctx.hits(ctx.num_relevant).double() / ctx.num_relevant.clamp_min(1).double()
 
 
 @METRICS.register("map@r")
 def map_at_r(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
     """MAP@R (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", ECCV 2020):
     (1/R) Σ_{i≤R} P(i)·rel(i) with P(i) the precision of the top i."""
-    return precision_sum(ctx.relevant, ctx.num_relevant) / ctx.num_relevant.clamp_min(1).double()
+    return ctx.precision_hits(ctx.num_relevant) / ctx.num_relevant.clamp_min(1).double()
 
 
 @METRICS.register("map@K")
@@ -145,7 +200,7 @@ def map_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
     """AP@K = (1/min(K, R)) Σ_{i≤K} P(i)·rel(i): 1 when the top K holds min(K, R) relevant items first
     (the mAP@100 of Google Landmarks v2, Weyand et al. CVPR 2020, for K = 100)."""
     assert K is not None
-    return precision_sum(ctx.relevant, K) / ctx.num_relevant.clamp(1, K).double()
+    return ctx.precision_hits(K) / ctx.num_relevant.clamp(1, K).double()
 
 
 @METRICS.register("map_pml@K")
@@ -153,7 +208,7 @@ def map_pml_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
     """(1/R) Σ_{i≤K} P(i)·rel(i): pytorch-metric-learning's ``mean_average_precision`` with k = K, whose
     denominator is R even when K < R (so at most K/R)."""
     assert K is not None
-    return precision_sum(ctx.relevant, K) / ctx.num_relevant.clamp_min(1).double()
+    return ctx.precision_hits(K) / ctx.num_relevant.clamp_min(1).double()
 
 
 def _roth_denominator(ctx: RetrievalContext) -> torch.Tensor:
@@ -165,20 +220,20 @@ def _roth_denominator(ctx: RetrievalContext) -> torch.Tensor:
 def map_1000(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
     """Roth et al. 2020 ``mAP_1000``: (1/N) Σ_{i≤1000} P(i)·rel(i), N = gallery items with the query's
     label before exclusions (the class size in leave-one-out, so a perfect ranking scores R/(R+1))."""
-    return precision_sum(ctx.relevant, ROTH_MAP_1000_DEPTH) / _roth_denominator(ctx)
+    return ctx.precision_hits(ROTH_MAP_1000_DEPTH) / _roth_denominator(ctx)
 
 
 @METRICS.register("map_lim")
 def map_lim(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
     """Roth et al. 2020 ``mAP_lim``: (1/N) Σ_{i≤1023} P(i)·rel(i) (N as for ``map_1000``)."""
-    return precision_sum(ctx.relevant, ROTH_MAP_LIM_DEPTH) / _roth_denominator(ctx)
+    return ctx.precision_hits(ROTH_MAP_LIM_DEPTH) / _roth_denominator(ctx)
 
 
 @METRICS.register("map_c")
 def map_c(ctx: RetrievalContext, K: int | None = None) -> torch.Tensor:
     """Roth et al. 2020 ``mAP_c``: (1/N) Σ_{i≤N} P(i)·rel(i) (N as for ``map_1000``)."""
     assert ctx.class_size is not None
-    return precision_sum(ctx.relevant, ctx.class_size) / _roth_denominator(ctx)
+    return ctx.precision_hits(ctx.class_size) / _roth_denominator(ctx)
 
 
 @METRICS.register("mrr")
@@ -191,9 +246,9 @@ def mean_reciprocal_rank(ctx: RetrievalContext, K: int | None = None) -> torch.T
 @METRICS.register("mrr@K")
 def mean_reciprocal_rank_at_k(ctx: RetrievalContext, K: int | None) -> torch.Tensor:
     """1 / rank of the first relevant item if it is within the top K, else 0 (PML's MRR with k = K)."""
-    rel = ctx.relevant[:, :K]
-    first = rel.to(torch.uint8).argmax(dim=1) + 1
-    return torch.where(rel.any(dim=1), 1.0 / first.double(), torch.zeros_like(first, dtype=torch.float64))
+    assert K is not None
+    first = ctx.first_hit().double()
+    return torch.where(first <= K, 1.0 / first, torch.zeros_like(first))
 
 
 @METRICS.register("nmi")
@@ -427,8 +482,9 @@ def evaluate(
         )
     first_rank = None if out.first_relevant_rank is None else out.first_relevant_rank.cpu()
     has_relevant = num_relevant > 0
+    # On the search's device (the top-k is already there; only the per-query values come back).
     per_query = _per_query_values(
-        retrieval, indices, q_lab, g_lab, num_relevant, first_rank, class_size, has_relevant
+        retrieval, out.indices, q_lab, g_lab, num_relevant, first_rank, class_size, has_relevant
     )
 
     values: dict[str, float] = {}
@@ -493,11 +549,15 @@ def _per_query_values(
     class_size: torch.Tensor,
     has_relevant: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Per-query value of every retrieval metric, for the queries with R > 0 only, computed on row
-    blocks so that the float64 temporaries stay O(block · k)."""
+    """Per-query value of every retrieval metric (float64, on the CPU), for the queries with R > 0 only,
+    computed on ``indices``' device in row blocks so that the temporaries stay O(block · k)."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in retrieval}
     if not retrieval:
         return {}
+    dev = indices.device
+    q_lab, g_lab, num_relevant, class_size = (t.to(dev) for t in (q_lab, g_lab, num_relevant, class_size))
+    has_relevant = has_relevant.to(dev)
+    first_rank = None if first_rank is None else first_rank.to(dev)
     n, k = indices.shape
     rows = max(1, METRIC_BLOCK_ELEMENTS // max(k, 1))
     for start in range(0, n, rows):
@@ -513,7 +573,7 @@ def _per_query_values(
         )
         for name, base, K in retrieval:
             out[name].append(METRICS.get(base)(ctx, K))
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    return {name: torch.cat(parts).cpu() for name, parts in out.items()}
 
 
 def _dedupe(names: list[str]) -> list[str]:
