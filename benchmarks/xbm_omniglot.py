@@ -158,6 +158,14 @@ def run_one(name: str, overrides: dict[str, Any], seed: int, args: argparse.Name
     }
 
 
+def pairs_cell(group: list[dict]) -> str:
+    if not group[0]["memory_items"]:
+        return "–"
+    batch = statistics.fmean(r["valid_neg_pairs_batch"] for r in group)
+    memory = statistics.fmean(r["valid_neg_pairs_memory"] for r in group)
+    return f"{batch:.0f} · {memory:.0f}"
+
+
 def drift_cell(group: list[dict]) -> str:
     cells = []
     for low, high in DRIFT_AGES:
@@ -187,8 +195,7 @@ def summarise(runs: list[dict]) -> str:
             f"{mean_std([r['map@r'] for r in group])} | "
             f"{statistics.fmean(r.get('ms_per_iteration_late', r['ms_per_iteration']) for r in group):.1f} | "
             f"{group[0]['memory_items']} ({group[0]['memory_mib']:.2f}) | "
-            f"{statistics.fmean(r['valid_neg_pairs_batch'] for r in group):.0f} · "
-            f"{statistics.fmean(r['valid_neg_pairs_memory'] for r in group):.0f} | "
+            f"{pairs_cell(group)} | "
             f"{drift_cell(group)} |"
         )
     return "\n".join(lines)
