@@ -223,3 +223,25 @@ def test_two_ranks_hold_identical_memories(tmp_path) -> None:
     memory = CrossBatchMemory(10, 2)
     memory.load_state_dict(r0)
     assert memory.ordered()[2].tolist() == expected[-10:]
+
+
+def test_a_loss_without_ref_exclude_gets_the_same_exclusion_through_listed_pairs() -> None:
+    """A foreign loss (no ``ref_exclude`` parameter) gets the own-copy exclusion as explicit pairs; the
+    result must equal the built-in mask path."""
+    inner = losses.build("contrastive")
+
+    class Foreign(torch.nn.Module):
+        def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+            return inner(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    values = []
+    for loss in (inner, Foreign()):
+        memory = CrossBatchMemory(64, 8)
+        stored_idx = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+        memory.enqueue(
+            torch.randn(40, 8, generator=torch.Generator().manual_seed(1)), stored_idx // 10, stored_idx
+        )
+        emb = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        indices = torch.tensor([0, 1, 2, 11, 12, 13, 21, 22, 23, 31, 32, 33])
+        values.append(Objective(loss, memory=memory)(emb, indices // 10, indices)[0])
+    torch.testing.assert_close(values[0], values[1])

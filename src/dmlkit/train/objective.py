@@ -15,6 +15,7 @@ from dmlkit import losses, miners
 from dmlkit.config import TrainConfig
 from dmlkit.errors import ConfigError
 from dmlkit.memory import CrossBatchMemory, resolve_size
+from dmlkit.miners.tuples import all_pairs, drop_excluded
 
 
 def _valid_negatives(stats: dict[str, float]) -> float | None:
@@ -106,12 +107,12 @@ class Objective(nn.Module):
                 if self._miner_takes_exclude:
                     mined = self.miner(embeddings, labels, ref_emb, ref_labels, ref_exclude=own_copy)
                 else:
-                    mined = _drop_own_copies(self.miner(embeddings, labels, ref_emb, ref_labels), own_copy)
+                    mined = drop_excluded(self.miner(embeddings, labels, ref_emb, ref_labels), own_copy)
             if self._loss_takes_exclude:
                 term = self.loss(embeddings, labels, mined, ref_emb, ref_labels, ref_exclude=own_copy)
             else:
                 if mined is None:
-                    mined = _all_pairs_except(labels, ref_labels, own_copy)
+                    mined = all_pairs(labels, ref_labels, own_copy)
                 term = self.loss(embeddings, labels, mined, ref_emb, ref_labels)
             memory_stats = self._collect("xbm/", self.loss, self.miner)
             stats.update(memory_stats)
@@ -133,29 +134,6 @@ class Objective(nn.Module):
             for key, val in (getattr(module, "last_stats", None) or {}).items():
                 out[f"{prefix}{name}/{key}"] = float(val)
         return out
-
-
-def _drop_own_copies(
-    indices_tuple: tuple[torch.Tensor, ...], own_copy: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Drop mined tuples whose positive is the anchor's own stored copy (a negative never is one)."""
-    if len(indices_tuple) == 3:
-        a, p, n = indices_tuple
-        keep = ~own_copy[a, p]
-        return a[keep], p[keep], n[keep]
-    a1, p, a2, n = indices_tuple
-    keep = ~own_copy[a1, p]
-    return a1[keep], p[keep], a2, n
-
-
-def _all_pairs_except(
-    labels: torch.Tensor, ref_labels: torch.Tensor, own_copy: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every anchor × memory pair as a pairs tuple, without the anchors' own stored copies."""
-    same = labels[:, None] == ref_labels[None, :]
-    a1, p = torch.nonzero(same & ~own_copy, as_tuple=True)
-    a2, n = torch.nonzero(~same, as_tuple=True)
-    return a1, p, a2, n
 
 
 def build_objective(
