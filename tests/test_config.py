@@ -50,6 +50,11 @@ def test_flag_prefixes_are_not_silently_accepted(capsys) -> None:
         (["--val-fraction", "1.5"], "val_fraction"),
         (["--epochs", "ten"], "epochs"),
         (["--select-metric", "recall@16"], "select_metric"),
+        (["--eval-backend", "faiss-flat", "--metrics", "recall@1,mrr", "--select-metric", "recall@1"], "mrr"),
+        (
+            ["--eval-distance", "dot", "--metrics", "recall@1,dists@intra", "--select-metric", "recall@1"],
+            "dot",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(argv: list[str], culprit: str) -> None:
@@ -132,3 +137,28 @@ def test_help_lists_every_option_with_default(capsys) -> None:
         assert "--" + name.replace("_", "-") in text, name
     assert "(default: 0.001)" in text  # lr
     assert text.count("(default:") >= len(TrainConfig.model_fields)
+
+
+def test_eval_options_offer_every_distance_and_backend() -> None:
+    """The training configuration's choices are exactly what the search accepts."""
+    import typing
+
+    from dmlkit.distances import DISTANCES
+    from dmlkit.metrics import BACKENDS
+
+    fields = TrainConfig.model_fields
+    assert set(typing.get_args(fields["eval_distance"].annotation)) == set(DISTANCES)
+    assert set(typing.get_args(fields["eval_backend"].annotation)) == set(BACKENDS)
+    config = parse(["--eval-distance", "euclidean", "--eval-backend", "faiss-ivf", "--metrics", "mrr@10",
+                    "--select-metric", "mrr@10"])  # fmt: skip
+    assert (config.eval_distance, config.eval_backend) == ("euclidean", "faiss-ivf")
+
+
+@pytest.mark.parametrize(("key", "value"), [("eval_distance", "manhattan"), ("eval_backend", "faiss")])
+def test_unknown_eval_options_name_the_key(key: str, value: str, capsys) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config({key: value})
+    assert key in str(err.value) and value in str(err.value)
+    with pytest.raises(SystemExit):  # the flag lists its choices
+        parse([f"--{key.replace('_', '-')}", value])
+    assert "invalid choice" in capsys.readouterr().err

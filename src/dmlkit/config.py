@@ -137,6 +137,15 @@ class TrainConfig(BaseModel):
         "map@r", "validation metric that selects best.pt (higher is better)", "evaluation"
     )
     eval_batch_size: int = _field(256, "batch size when computing embeddings", "evaluation", gt=0)
+    eval_distance: Literal["cosine", "euclidean", "squared_euclidean", "dot"] = _field(
+        "cosine", "distance of the validation/test k-NN search (and of dists@* metrics)", "evaluation"
+    )
+    eval_backend: Literal["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"] = _field(
+        "torch",
+        "validation/test k-NN search: torch (exact), faiss-flat (exact), faiss-ivf / faiss-hnsw "
+        "(approximate; need faiss)",
+        "evaluation",
+    )
 
     # logging
     tensorboard: bool = _field(
@@ -304,8 +313,7 @@ def validate_names(config: TrainConfig) -> None:
             list(config.sampler_args) + list(sampler_extra),
             provided_by_caller=("labels", "batch_size", "seed", "rank", "world_size"),
         )
-        for metric in config.metrics:
-            metrics.check_metric(metric)
+        metrics.check_options(config.metrics, config.eval_distance, config.eval_backend)
     except ConfigError:
         raise
     except KeyError as exc:  # pragma: no cover - registries raise UnknownNameError

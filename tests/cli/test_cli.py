@@ -118,6 +118,10 @@ def test_unknown_metric_names_fail_before_loading(trained_run: Path, tmp_path: P
     assert "unknown metric 'recal@5'" in err and "did you mean 'recall@5'" in err and "map@r" in err
     assert main(["eval", "--checkpoint", str(trained_run), "--metrics", "map_pml@0"]) == 2
     assert "positive integer" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "absent.pt"), "--metrics", "recall@1,mrr",
+                 "--backend", "faiss-flat"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "'mrr' ranks the whole gallery" in err and "absent.pt" not in err
     argv = tiny_argv(tmp_path / "runs", name="typo", epochs=1)
     argv[argv.index("recall@1,map@r")] = "recall@1,map@r,map_lmi"
     assert main(["train", *argv]) == 2

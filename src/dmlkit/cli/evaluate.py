@@ -46,15 +46,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--distance",
         choices=DISTANCES,
-        default="cosine",
-        help="distance of the k-NN search and of dists@* (default: cosine)",
+        default=None,
+        help="distance of the k-NN search and of dists@* (default: the checkpoint's eval_distance, "
+        "else cosine)",
     )
     parser.add_argument(
         "--backend",
         choices=metrics_lib.BACKENDS,
-        default="torch",
-        help="k-NN search: torch (exact, default), faiss-flat (exact), faiss-ivf / faiss-hnsw "
-        "(approximate, need faiss); see docs/metrics.md",
+        default=None,
+        help="k-NN search: torch (exact), faiss-flat (exact), faiss-ivf / faiss-hnsw (approximate, need "
+        "faiss); default: the checkpoint's eval_backend, else torch; see docs/metrics.md",
     )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -66,12 +67,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     requested = [name.strip().lower() for name in args.metrics or ()]
-    for name in requested:  # before anything is loaded: a typo fails at once, with a suggestion
-        metrics_lib.check_metric(name)
+    # Before anything is loaded: a typo or an impossible combination fails at once, with a suggestion.
+    metrics_lib.check_options(requested, args.distance or "cosine", args.backend or "torch")
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
     trained = checkpoint["config"]
     metric_names = requested or list(trained["metrics"])
+    # Checkpoints written before these options existed searched with cosine / torch.
+    args.distance = args.distance or trained.get("eval_distance", "cosine")
+    args.backend = args.backend or trained.get("eval_backend", "torch")
+    metrics_lib.check_options(metric_names, args.distance, args.backend)
     dataset_name = args.dataset or trained["dataset"]
     same_dataset = dataset_name == trained["dataset"]
     root = args.data_root or (trained["data_root"] if same_dataset else None)

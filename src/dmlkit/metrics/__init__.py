@@ -22,7 +22,14 @@ from dmlkit.metrics.faiss_backend import BACKENDS
 from dmlkit.metrics.knn import knn
 from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
 from dmlkit.metrics.results import RetrievalResults
-from dmlkit.metrics.retrieval import DEFAULT_METRICS, available, evaluate, higher_is_better, parse_metric
+from dmlkit.metrics.retrieval import (
+    DEFAULT_METRICS,
+    available,
+    check_options,
+    evaluate,
+    higher_is_better,
+    parse_metric,
+)
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +39,7 @@ __all__ = [
     "ami",
     "available",
     "check_metric",
+    "check_options",
     "class_centroids",
     "clustering_scores",
     "distance_scores",

@@ -345,6 +345,32 @@ def _required_k(base: str, K: int | None, n_gallery: int, largest_class: int) ->
     return 0
 
 
+def check_options(
+    metrics: Sequence[str] | str, distance: str = "cosine", backend: str = "torch"
+) -> list[str]:
+    """Check that ``metrics`` can be computed with ``distance`` and ``backend``, before any work.
+
+    Raises (naming the culprit) on an unknown metric, distance or backend, a faiss backend without faiss
+    installed, ``mrr`` (full-ranking) with a faiss backend, or ``dists@*`` with a similarity. Returns the
+    metric names, deduplicated. :func:`evaluate`, ``dmlkit eval`` and the training
+    configuration all call it, so a bad combination fails before embeddings are computed.
+    """
+    check_distance(distance)
+    faiss_backend.check_backend(backend)
+    names = _dedupe([metrics] if isinstance(metrics, str) else list(metrics))
+    bases = [parse_metric(name)[0] for name in names]
+    if any(base.startswith("dists@") for base in bases):
+        embedding_space.check_dist_distance(distance)
+    if backend in faiss_backend.FAISS_BACKENDS:
+        faiss_backend.import_faiss(backend)
+        if "mrr" in bases:
+            raise ConfigError(
+                f"metric 'mrr' ranks the whole gallery, which backend '{backend}' does not do; use 'mrr@K' "
+                "(reciprocal rank within the top K) or backend 'torch'"
+            )
+    return names
+
+
 def evaluate(
     query: torch.Tensor | np.ndarray,
     query_labels: ArrayLike,
@@ -379,12 +405,8 @@ def evaluate(
     - ``backend``: ``"torch"`` (exact, default), ``"faiss-flat"`` (exact), ``"faiss-ivf"`` or
       ``"faiss-hnsw"`` (approximate), with ``backend_options`` (see :mod:`dmlkit.metrics.faiss_backend`).
     """
-    check_distance(distance)
-    faiss_backend.check_backend(backend)
-    names = _dedupe([metrics] if isinstance(metrics, str) else list(metrics))
+    names = check_options(metrics, distance, backend)
     parsed = [(name, *parse_metric(name)) for name in names]
-    if any(base.startswith("dists@") for _, base, _ in parsed):
-        embedding_space.check_dist_distance(distance)
 
     q = as_embeddings(query, "query")
     if len(q) == 0:

@@ -316,6 +316,8 @@ class Trainer:
             progress=self.config.progress,
             seed=self.config.seed,
             description=description,
+            distance=self.config.eval_distance,
+            backend=self.config.eval_backend,
         )
         return {name: float(results.metrics[name]) for name in self.config.metrics}
 
