@@ -29,6 +29,9 @@ quick check; the default set adds ``gpu-60k`` when CUDA is available):
   (approximate), then an exact torch search of a 10,000-query sample against the whole 1M gallery to
   measure the approximation (sample recall@1/@10/@100 and MAP@R, exact vs IVF).
 - ``ours-1m-exact``: the same with the exact torch search (not in the default set: hours on 2 cores).
+- ``ours-1m-faiss-flat``: the same with the exact ``faiss-flat`` backend, and the same 10,000-query torch
+  check (which must agree: both are exact).
+- ``ours-60k-pml-set-faiss``: ``ours-60k-pml-set`` with the ``faiss-flat`` backend, the search PML uses.
 - ``gpu-60k``: ``ours-60k``'s metrics on ``cuda`` (skipped without CUDA); time after one warm-up call,
   and the CUDA allocator's peak.
 
@@ -112,6 +115,20 @@ CASES: dict[str, dict[str, Any]] = {
         "backend": "faiss-ivf",
     },
     "ours-1m-exact": {"n": 1_000_000, "d": 128, "side": "ours", "metrics": MILLION_METRICS},
+    "ours-1m-faiss-flat": {
+        "n": 1_000_000,
+        "d": 128,
+        "side": "ours",
+        "metrics": MILLION_METRICS,
+        "backend": "faiss-flat",
+    },
+    "ours-60k-pml-set-faiss": {
+        "n": 60_000,
+        "d": 512,
+        "side": "ours",
+        "metrics": tuple(PML_SET.values()),
+        "backend": "faiss-flat",
+    },
     "gpu-60k": {"n": 60_000, "d": 512, "side": "ours", "metrics": ALL_KNN, "device": "cuda"},
 }
 DEFAULT_CASES = (
@@ -336,6 +353,8 @@ DESCRIPTIONS = {
     "ours-100k": "dmlkit exact, recall@1..100 + map@r (k = {k})",
     "ours-1m-ivf": "dmlkit faiss-ivf (approximate), recall@1..100 + map@r",
     "ours-1m-exact": "dmlkit exact, recall@1..100 + map@r (k = {k})",
+    "ours-1m-faiss-flat": "dmlkit faiss-flat (exact), recall@1..100 + map@r (k = {k})",
+    "ours-60k-pml-set-faiss": "dmlkit faiss-flat, PML's 5 k-NN metrics (k = {k})",
     "gpu-60k": "dmlkit on GPU, every k-NN metric ({m} names)",
 }
 
@@ -382,11 +401,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             sample = row.get("sample")
             if sample:
                 result += (
-                    f"; on {sample['queries']:,} sampled queries, exact vs IVF: "
+                    f"; on {sample['queries']:,} sampled queries, exact torch vs {row.get('backend')}: "
                     + ", ".join(
                         f"{k} {sample['exact'][k]:.4f} vs {sample['approx'][k]:.4f}" for k in sample["exact"]
                     )
-                    + f"; the IVF top 10 holds {sample['neighbour_recall@10']:.1%} of the exact 10 nearest"
+                    + f"; its top 10 holds {sample['neighbour_recall@10']:.1%} of the exact 10 nearest"
                     f" (exact sample search {_fmt_seconds(sample['seconds'])})"
                 )
         if row.get("cuda_peak_mib") is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,25 @@ def write_json(obj: Any) -> str:
 
 
 class FilesDataset(torch.utils.data.Dataset):
-    """Unlabelled image files for ``embed`` / ``search``: yields ``(image, -1, index)``."""
+    """Unlabelled image files for ``embed`` / ``search``: yields ``(image, -1, index)``.
 
-    def __init__(self, paths: list[Path], transform: Any, channels: int) -> None:
+    ``boxes`` (optional, one per path): crop image i to ``boxes[i]`` = ``(x1, y1, x2, y2)`` pixels with
+    PIL's ``Image.crop`` before ``transform`` (``None``: the whole image), as revisitop crops queries.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        transform: Any,
+        channels: int,
+        boxes: Sequence[tuple[float, float, float, float] | None] | None = None,
+    ) -> None:
+        if boxes is not None and len(boxes) != len(paths):
+            raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
         self.paths = paths
         self.transform = transform
         self.mode = "L" if channels == 1 else "RGB"
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -96,6 +110,9 @@ class FilesDataset(torch.utils.data.Dataset):
                 image = image.convert(self.mode)
         except Exception as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
+        box = self.boxes[index] if self.boxes is not None else None
+        if box is not None:
+            image = image.crop(box)
         return self.transform(image), -1, index
 
 

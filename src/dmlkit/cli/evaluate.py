@@ -7,6 +7,7 @@ import json
 
 from dmlkit import data as data_lib
 from dmlkit import metrics as metrics_lib
+from dmlkit.cli import landmarks
 from dmlkit.cli.common import load_model
 from dmlkit.config import _parse_list, _parse_mapping
 from dmlkit.distances import DISTANCES
@@ -20,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         allow_abbrev=False,
         help="evaluate a checkpoint",
         description="Leave-one-out retrieval metrics of a checkpoint on a split (default: the dataset and "
-        "metrics the checkpoint was trained with, test split).",
+        "metrics the checkpoint was trained with, test split), or a landmark benchmark (--revisited, "
+        "--gldv2).",
     )
     parser.add_argument(
         "--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder"
@@ -33,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--split",
         choices=("test", "val", "train"),
-        default="test",
-        help="test: the held-out classes; val/train: the checkpoint's class-disjoint split",
+        default=None,
+        help="test (default): the held-out classes; val/train: the checkpoint's class-disjoint split",
     )
     parser.add_argument(
         "--metrics",
@@ -62,10 +64,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    landmarks.add_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    code = landmarks.dispatch(args)  # --revisited / --gldv2: a landmark benchmark instead of a split
+    if code is not None:
+        return code
+    args.split = args.split or "test"
     requested = [name.strip().lower() for name in args.metrics or ()]
     # Before anything is loaded: a typo or an impossible combination fails at once, with a suggestion.
     metrics_lib.check_options(requested, args.distance or "cosine", args.backend or "torch")

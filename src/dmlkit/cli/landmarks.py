@@ -1,0 +1,282 @@
+"""``dmlkit eval --revisited`` / ``--gldv2``: landmark-retrieval benchmarks of a checkpoint.
+
+- ``--revisited GND_FILE --images DIR``: revisited Oxford/Paris (revisitop's ``gnd_roxford5k.pkl`` /
+  ``gnd_rparis6k.pkl`` or the same structure as JSON; images ``DIR/<name>.jpg``). Queries are cropped to
+  their ``bbx`` before the checkpoint's eval transform (revisitop's protocol) unless ``--no-query-crop``.
+  Metrics: :func:`dmlkit.metrics.revisited_map` (Easy/Medium/Hard mAP and mP@1/5/10).
+- ``--gldv2 SOLUTION_CSV --query-images QDIR --index-images IDIR``: Google Landmarks v2 retrieval mAP@100
+  (:func:`dmlkit.metrics.gldv2_map`) on the queries of ``--usage`` (private, public or all).
+
+File formats and checks: :mod:`dmlkit.data.landmarks`. Every input file and image is checked before the
+model is loaded, so a missing image fails before any embedding is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmlkit import metrics as metrics_lib
+from dmlkit.cli.common import FilesDataset, eval_transform, load_model
+from dmlkit.data import landmarks as files
+from dmlkit.distances import check_distance
+from dmlkit.errors import ConfigError, DataError
+from dmlkit.inference import compute_embeddings, resolve_device
+from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
+
+USAGES: tuple[str, ...] = ("private", "public", "all")
+#: Options of the ordinary ``dmlkit eval`` that a landmark benchmark replaces (attribute → flag).
+DATASET_OPTIONS: dict[str, str] = {
+    "dataset": "--dataset",
+    "data_root": "--data-root",
+    "dataset_args": "--dataset-args",
+    "split": "--split",
+    "metrics": "--metrics",
+}
+#: Options that only a landmark benchmark reads (attribute → flag).
+REVISITED_OPTIONS: dict[str, str] = {"images": "--images", "no_query_crop": "--no-query-crop"}
+GLDV2_OPTIONS: dict[str, str] = {
+    "query_images": "--query-images",
+    "index_images": "--index-images",
+    "usage": "--usage",
+}
+SHARED_OPTIONS: dict[str, str] = {"image_ext": "--image-ext"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the landmark-benchmark options to the ``eval`` parser."""
+    group = parser.add_argument_group(
+        "landmark retrieval",
+        "evaluate on a landmark benchmark instead of a dataset split (not with --dataset, --data-root, "
+        "--dataset-args, --split, --metrics); see docs/metrics.md",
+    )
+    modes = group.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--revisited",
+        default=None,
+        metavar="GND_FILE",
+        help="revisited Oxford/Paris ground truth: revisitop's gnd_roxford5k.pkl / gnd_rparis6k.pkl (read "
+        "with pickle: trusted files only) or the same structure as .json; needs --images",
+    )
+    modes.add_argument(
+        "--gldv2",
+        default=None,
+        metavar="SOLUTION_CSV",
+        help="Google Landmarks v2 retrieval solution (retrieval_solution_v2.1.csv: id,images,Usage); "
+        "needs --query-images and --index-images",
+    )
+    group.add_argument(
+        "--images", default=None, metavar="DIR", help="--revisited: folder of the images, DIR/<name>.jpg"
+    )
+    group.add_argument(
+        "--image-ext", default=None, metavar="EXT", help="image file extension (default: .jpg)"
+    )
+    group.add_argument(
+        "--no-query-crop",
+        action="store_true",
+        help="--revisited: embed whole query images (default: cropped to their bbx, revisitop's protocol)",
+    )
+    group.add_argument(
+        "--query-images", default=None, metavar="QDIR", help="--gldv2: query images, QDIR/a/b/c/abc....jpg"
+    )
+    group.add_argument(
+        "--index-images",
+        default=None,
+        metavar="IDIR",
+        help="--gldv2: index images in the same layout (every image there is in the gallery)",
+    )
+    group.add_argument(
+        "--usage",
+        choices=USAGES,
+        default=None,
+        help="--gldv2: the queries scored (Usage column; all = public + private; default: private)",
+    )
+
+
+def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
+    return [flag for dest, flag in options.items() if getattr(args, dest, None) not in (None, False)]
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    """Run a landmark benchmark if ``--revisited`` or ``--gldv2`` was given (exit code), else check that
+    no landmark-only option was given and return ``None`` (the ordinary ``dmlkit eval`` goes on)."""
+    mode = "--revisited" if args.revisited is not None else "--gldv2" if args.gldv2 is not None else None
+    if mode is None:
+        stray = _given(args, {**REVISITED_OPTIONS, **GLDV2_OPTIONS, **SHARED_OPTIONS})
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} only apply with --revisited or --gldv2")
+        return None
+    conflicts = _given(args, DATASET_OPTIONS)
+    if conflicts:
+        raise ConfigError(
+            f"{mode} cannot be combined with {', '.join(conflicts)}: the benchmark fixes the images, the "
+            "queries and the metrics"
+        )
+    if mode == "--revisited":
+        return run_revisited(args)
+    return run_gldv2(args)
+
+
+def _extension(args: argparse.Namespace) -> str:
+    ext = args.image_ext or ".jpg"
+    return ext if ext.startswith(".") else f".{ext}"
+
+
+def _embed(
+    model: torch.nn.Module, dataset: FilesDataset, args: argparse.Namespace, device: Any, what: str
+) -> torch.Tensor:
+    embeddings, _ = compute_embeddings(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        description=what,
+    )
+    return embeddings
+
+
+def _finite(values: dict[str, float]) -> dict[str, float | None]:
+    return {name: value if math.isfinite(value) else None for name, value in values.items()}
+
+
+def _report(args: argparse.Namespace, results: LandmarkResults, header: str, fields: dict[str, Any]) -> None:
+    if args.json:
+        report = {
+            "checkpoint": str(args.checkpoint),
+            "protocol": results.protocol,
+            **fields,
+            "num_queries": results.num_queries,
+            "metrics": _finite(results.metrics),
+            "num_queries_without_relevant": dict(results.num_queries_without_relevant),
+        }
+        print(json.dumps(report, indent=2, allow_nan=False))
+    else:
+        print(header)
+        print(results.table())
+
+
+def run_revisited(args: argparse.Namespace) -> int:
+    """``dmlkit eval --revisited GND_FILE --images DIR``."""
+    wrong = _given(args, GLDV2_OPTIONS)
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} only apply with --gldv2, not with --revisited")
+    if args.images is None:
+        raise ConfigError("--revisited needs --images DIR (the benchmark's jpg folder, e.g. roxford5k/jpg)")
+    if args.backend not in (None, "torch"):
+        raise ConfigError(
+            f"--revisited ranks the whole gallery exactly (backend torch); --backend {args.backend} is not "
+            "supported there"
+        )
+    if args.distance is not None:
+        check_distance(args.distance)
+    ground_truth = files.load_revisited_gnd(args.revisited)
+    images = Path(args.images)
+    if not images.is_dir():
+        raise DataError(f"image folder not found: {images}")
+    ext = _extension(args)
+    gallery_paths = files.image_paths(images, ground_truth.imlist, ext)
+    query_paths = files.image_paths(images, ground_truth.qimlist, ext)
+    files.check_images(gallery_paths, "gallery image")
+    files.check_images(query_paths, "query image")
+    crop = not args.no_query_crop
+    if crop:
+        for i, box in enumerate(ground_truth.bbx):
+            if box is None:
+                raise DataError(
+                    f"{ground_truth.path}: gnd[{i}] (query '{ground_truth.qimlist[i]}') has no 'bbx' to crop "
+                    "the query to; use --no-query-crop to embed whole query images"
+                )
+
+    device = resolve_device(args.device)
+    model, checkpoint = load_model(args.checkpoint, device)
+    distance = args.distance or checkpoint["config"].get("eval_distance", "cosine")
+    transform, channels = eval_transform(checkpoint), checkpoint["data_spec"]["channels"]
+    gallery = _embed(model, FilesDataset(gallery_paths, transform, channels), args, device, "gallery")
+    boxes = ground_truth.bbx if crop else None
+    query = _embed(model, FilesDataset(query_paths, transform, channels, boxes), args, device, "queries")
+    results = revisited_map(ground_truth.gnd, query=query, gallery=gallery, distance=distance, device=device)
+    header = (
+        f"revisited {ground_truth.path.name}: {results.num_queries} queries "
+        f"({'cropped to bbx' if crop else 'whole images'}), {len(gallery)} gallery images, {distance}; "
+        "queries without a positive are left out of a protocol's means"
+    )
+    fields = {
+        "ground_truth": str(ground_truth.path),
+        "num_gallery": len(gallery),
+        "distance": distance,
+        "backend": "torch",
+        "query_crop": crop,
+    }
+    _report(args, results, header, fields)
+    return 0
+
+
+def run_gldv2(args: argparse.Namespace) -> int:
+    """``dmlkit eval --gldv2 SOLUTION_CSV --query-images QDIR --index-images IDIR [--usage U]``."""
+    wrong = _given(args, REVISITED_OPTIONS)
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} only apply with --revisited, not with --gldv2")
+    missing = [
+        flag for dest, flag in GLDV2_OPTIONS.items() if dest != "usage" and getattr(args, dest) is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"--gldv2 needs {' and '.join(missing)} (folders in the GLDv2 a/b/c/abc....jpg layout)"
+        )
+    # A bad --distance / --backend (or faiss missing) fails before anything is read.
+    metrics_lib.check_options([], args.distance or "cosine", args.backend or "torch")
+    usage = args.usage or "private"
+    solution_path = Path(args.gldv2)
+    scored = files.select_gldv2(files.load_gldv2_solution(solution_path), usage)
+    if not scored:
+        raise DataError(f"{solution_path}: no query has Usage {usage}")
+    ext = _extension(args)
+    index_ids, index_paths = files.list_gldv2_images(args.index_images, ext)
+    position = {image_id: i for i, image_id in enumerate(index_ids)}
+    for query in scored:
+        for image_id in query.relevant:
+            if image_id not in position:
+                expected = files.gldv2_image_path(args.index_images, image_id, ext)
+                raise DataError(
+                    f"{solution_path}: query '{query.id}' lists index image '{image_id}', which is not in "
+                    f"the index folder (expected at {expected})"
+                )
+    query_root = Path(args.query_images)
+    if not query_root.is_dir():
+        raise DataError(f"GLDv2 query image folder not found: {query_root}")
+    query_paths = [files.gldv2_image_path(query_root, query.id, ext) for query in scored]
+    files.check_images(query_paths, "query image")
+
+    device = resolve_device(args.device)
+    model, checkpoint = load_model(args.checkpoint, device)
+    trained = checkpoint["config"]
+    distance = args.distance or trained.get("eval_distance", "cosine")
+    backend = args.backend or trained.get("eval_backend", "torch")
+    metrics_lib.check_options([], distance, backend)
+    transform, channels = eval_transform(checkpoint), checkpoint["data_spec"]["channels"]
+    gallery = _embed(model, FilesDataset(index_paths, transform, channels), args, device, "index")
+    query = _embed(model, FilesDataset(query_paths, transform, channels), args, device, "queries")
+    relevant = [[position[image_id] for image_id in q.relevant] for q in scored]
+    results = gldv2_map(
+        relevant, query=query, gallery=gallery, distance=distance, backend=backend, device=device
+    )
+    header = (
+        f"gldv2 {solution_path.name} ({usage}): {results.num_queries} queries, {len(gallery)} index images, "
+        f"{distance}, {backend}; queries without a relevant image are left out of the mean"
+    )
+    fields = {
+        "ground_truth": str(solution_path),
+        "usage": usage,
+        "num_gallery": len(gallery),
+        "distance": distance,
+        "backend": backend,
+    }
+    _report(args, results, header, fields)
+    return 0
