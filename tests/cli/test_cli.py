@@ -111,6 +111,35 @@ def test_eval_distance_backend_and_lone_queries_match_pml(trained_run: Path, cap
     assert report["num_queries_without_relevant"] == int((torch.bincount(y) == 1).sum())
 
 
+def test_eval_per_class_and_examples(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """--per-class values average back to the overall value; --examples draws the failure queries with
+    their nearest neighbours."""
+    from dmlkit.metrics.visualize import IRRELEVANT_COLOUR
+
+    capsys.readouterr()
+    picture = tmp_path / "pictures" / "failures.png"
+    assert main(["eval", "--checkpoint", str(trained_run), "--metrics", "recall@1,map@r", "--per-class",
+                 "--examples", str(picture), "--num-examples", "3", "--examples-top", "4", "--json",
+                 "--no-progress"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    per_class = report["per_class"]["recall@1"]
+    assert len(per_class) == 8  # the tiny test split: 8 classes × 8 images, all with relevant items
+    assert sum(per_class.values()) / len(per_class) == pytest.approx(report["metrics"]["recall@1"])
+    examples = report["examples"]
+    assert examples["path"] == str(picture) and examples["top"] == 4 and len(examples["queries"]) == 3
+    with Image.open(picture) as image:
+        assert image.size == (6 + 96 * 5, (96 + 14) * 3)
+        first_result_frame = image.convert("RGB").getpixel((6 + 96 + 1, 1))
+    # The tiny model gets about a third of the top-1s wrong: the failures mode draws those first.
+    assert report["metrics"]["recall@1"] < 0.9
+    assert first_result_frame == IRRELEVANT_COLOUR
+
+    assert main(["eval", "--checkpoint", str(trained_run), "--per-class", "--no-progress"]) == 0
+    assert "per class (8 classes), worst:" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "absent.pt"), "--examples", "out.gif"]) == 2
+    assert ".png or .jpg" in capsys.readouterr().err
+
+
 def test_unknown_metric_names_fail_before_loading(trained_run: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "absent.pt"), "--metrics", "recall@1,recal@5"]) == 2

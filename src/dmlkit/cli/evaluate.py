@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from dmlkit import data as data_lib
 from dmlkit import metrics as metrics_lib
@@ -12,7 +16,7 @@ from dmlkit.cli.common import load_model
 from dmlkit.config import _parse_list, _parse_mapping
 from dmlkit.distances import DISTANCES
 from dmlkit.errors import ConfigError
-from dmlkit.inference import evaluate_model, resolve_device
+from dmlkit.inference import compute_embeddings, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +67,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument(
+        "--per-class",
+        action="store_true",
+        help="also report every retrieval metric per class (JSON: 'per_class'; table: the 5 worst classes)",
+    )
+    parser.add_argument(
+        "--examples",
+        default=None,
+        metavar="IMAGE",
+        help="draw queries and their top results (green: same label, red: another) into this .png/.jpg",
+    )
+    parser.add_argument("--num-examples", type=int, default=8, help="queries drawn by --examples (8)")
+    parser.add_argument("--examples-top", type=int, default=5, help="results per query in --examples (5)")
+    parser.add_argument(
+        "--examples-mode",
+        choices=("failures", "random", "first"),
+        default="failures",
+        help="which queries --examples draws: failures (top-1 wrong first, default), random, first",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     landmarks.add_arguments(parser)
     parser.set_defaults(handler=run)
@@ -73,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     args.split = args.split or "test"
+    _check_examples(args)
     requested = [name.strip().lower() for name in args.metrics or ()]
     # Before anything is loaded: a typo or an impossible combination fails at once, with a suggestion.
     metrics_lib.check_options(requested, args.distance or "cosine", args.backend or "torch")
@@ -106,20 +130,22 @@ def run(args: argparse.Namespace) -> int:
             train_part, val_part = splits.train, None
         dataset = val_part if args.split == "val" else train_part
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
-    results = evaluate_model(
+    embeddings, labels = compute_embeddings(
         model,
         dataset,
-        metric_names,
         batch_size=args.batch_size,
         device=device,
         num_workers=args.num_workers,
         progress=not args.no_progress,
-        seed=trained["seed"],
-        distance=args.distance,
-        backend=args.backend,
+        description="eval",
     )
+    results = metrics_lib.evaluate(
+        embeddings, labels, metrics=tuple(metric_names), seed=trained["seed"], distance=args.distance,
+        backend=args.backend,
+    )  # fmt: skip
     values = {name: float(results.metrics[name]) for name in metric_names}
     without = results.num_queries_without_relevant
+    examples = _draw_examples(args, results, embeddings, labels, dataset) if args.examples else None
     if args.json:
         print(
             json.dumps(
@@ -132,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
                     "distance": args.distance,
                     "backend": args.backend,
                     "metrics": values,
+                    **({"per_class": _per_class(results, dataset.class_names)} if args.per_class else {}),
+                    **({"examples": examples} if examples else {}),
                 },
                 indent=2,
             )
@@ -144,4 +172,65 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(n) for n in values)
         for name, value in values.items():
             print(f"{name:<{width}}  {value:.4f}")
+        if args.per_class:
+            for name, by_class in results.per_class.items():
+                worst = sorted(by_class.items(), key=lambda item: item[1])[:5]
+                shown = ", ".join(f"{dataset.class_names[int(c)]} {v:.4f}" for c, v in worst)
+                print(f"{name} per class ({len(by_class)} classes), worst: {shown}")
+        if examples:
+            print(f"examples: {examples['queries']} queries drawn into {examples['path']}")
     return 0
+
+
+def _per_class(results: metrics_lib.RetrievalResults, class_names: list[str]) -> dict[str, dict[str, float]]:
+    """Per-class values keyed by class name (the results hold the dataset's class codes)."""
+    return {
+        name: {class_names[int(code)]: float(value) for code, value in by_class.items()}
+        for name, by_class in results.per_class.items()
+    }
+
+
+def _check_examples(args: argparse.Namespace) -> None:
+    """Fail on bad --examples options before anything is loaded."""
+    if args.examples is None:
+        return
+    if Path(args.examples).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ConfigError(f"--examples must name a .png or .jpg file, got '{args.examples}'")
+    for flag, value in (("--num-examples", args.num_examples), ("--examples-top", args.examples_top)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+
+
+def _draw_examples(
+    args: argparse.Namespace,
+    results: metrics_lib.RetrievalResults,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    dataset: data_lib.base.ImageDataset,
+) -> dict[str, Any]:
+    """Draw ``--num-examples`` queries with their ``--examples-top`` results into ``--examples``.
+
+    The queries are picked from the evaluation's results; their neighbours are searched again with
+    k = ``--examples-top`` (the evaluation may have kept fewer), excluding each query itself by id.
+    """
+    queries = metrics_lib.pick_queries(results, args.num_examples, args.examples_mode, seed=0)
+    if not queries:
+        raise ConfigError("--examples: no query has a relevant item in this split; nothing to draw")
+    chosen = torch.tensor(queries)
+    top = min(args.examples_top, len(embeddings) - 1)
+    shown = metrics_lib.evaluate(
+        embeddings[chosen], labels[chosen], embeddings, labels, metrics=("recall@1",), k=top,
+        distance=args.distance, backend=args.backend, query_ids=chosen, gallery_ids=torch.arange(len(labels)),
+    )  # fmt: skip
+    picture = metrics_lib.retrieval_grid(
+        shown,
+        lambda i: dataset.load(queries[i]),
+        dataset,
+        queries=list(range(len(queries))),
+        top=top,
+        label_text=lambda code: dataset.class_names[int(code)],
+    )
+    path = Path(args.examples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return {"path": str(path), "queries": queries, "mode": args.examples_mode, "top": top}

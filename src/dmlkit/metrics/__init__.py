@@ -3,7 +3,8 @@ Roth et al.'s mAP variants, NMI/AMI/F1, embedding-space diagnostics, and landmar
 
 ``evaluate(query, query_labels, gallery=None, gallery_labels=None, ...)`` returns a
 :class:`RetrievalResults`; ``available()`` lists the metric names; ``knn`` is the search it runs;
-``revisited_map`` / ``gldv2_map`` score landmark retrieval (revisited Oxford/Paris, Google Landmarks v2).
+``revisited_map`` / ``gldv2_map`` score landmark retrieval (revisited Oxford/Paris, Google Landmarks v2);
+``retrieval_grid`` / ``pick_queries`` draw queries and their top results from the same results object.
 See ``docs/metrics.md`` for every formula and rule.
 """
 
@@ -30,6 +31,7 @@ from dmlkit.metrics.retrieval import (
     higher_is_better,
     parse_metric,
 )
+from dmlkit.metrics.visualize import pick_queries, relevance, retrieval_grid
 
 __all__ = [
     "BACKENDS",
@@ -55,6 +57,9 @@ __all__ = [
     "knn",
     "nmi",
     "parse_metric",
+    "pick_queries",
+    "relevance",
+    "retrieval_grid",
     "revisited_map",
     "rho_spectrum",
     "singular_values",
