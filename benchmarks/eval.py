@@ -332,6 +332,19 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def _commit() -> str:
+    """The short git commit of the code that ran (``-dirty`` with uncommitted changes), or ``?``."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return commit + ("-dirty" if dirty else "")
+
+
 def _fmt_seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "—"
@@ -362,7 +375,11 @@ DESCRIPTIONS = {
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The Markdown section of ``rows`` (each row carries the command, date and threads it ran with)."""
-    runs = list(dict.fromkeys((row.get("command", "?"), row.get("date", "?")) for row in rows))
+
+    def when(row: dict[str, Any]) -> str:
+        return row.get("date", "?") + (f", commit {row['commit']}" if "commit" in row else "")
+
+    runs = list(dict.fromkeys((row.get("command", "?"), when(row)) for row in rows))
     threads = sorted({row.get("threads", args.threads) for row in rows})
     caps = sorted({row.get("mem_limit_gb", args.mem_limit_gb) for row in rows})
     noises = sorted({(row["d"], row["noise"]) for row in rows if "noise" in row and "d" in row})
@@ -435,17 +452,15 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     flat = by_case.get("ours-1m-faiss-flat")
     if flat and flat.get("status") == "ok" and not args.n:
         top_k_gib = flat["n"] * flat["k"] * (8 + 4) / 2**30
-        names = len(CASES["ours-1m-faiss-flat"]["metrics"])
-        per_query_gib = flat["n"] * names * 8 / 2**30
         index_gib = flat["n"] * flat["d"] * 4 / 2**30
         lines += [
             "",
             f"**Bounded memory at 1M:** the exact faiss-flat row grew by "
             f"{_fmt_mib(flat['peak_mib'] - flat['rss_before_mib'])} over the embeddings: the top-k (1M × "
-            f"{flat['k']} int64 indices + float32 distances, {top_k_gib:.2f} GiB), the per-query values of "
-            f"the {names} metrics (float64, {per_query_gib:.2f} GiB, kept "
-            f"in the results object), faiss's copy of the gallery ({index_gib:.2f} GiB) and one batch of "
-            "16,384 queries; all O(n·k), no n × n array. The IVF row adds the k-means training.",
+            f"{flat['k']} int64 indices + float32 distances, {top_k_gib:.2f} GiB), faiss's copy of the "
+            f"gallery ({index_gib:.2f} GiB), one batch of 16,384 queries and the metric blocks (per-query "
+            "values are summed per class block by block, never stored for all queries): all O(n·k), no "
+            "n × n array. The IVF row adds the k-means training.",
         ]
     gpu = by_case.get("gpu-60k")
     if (gpu is None or gpu.get("status") != "ok") and not args.n:
@@ -508,6 +523,7 @@ def main() -> int:
     for name in args.cases:
         row = run_case(name, args)
         row |= {"command": command, "date": str(datetime.date.today()), "threads": args.threads}
+        row["commit"] = _commit()
         row["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         rows.append(row | {"mem_limit_gb": args.mem_limit_gb})
     if args.write:

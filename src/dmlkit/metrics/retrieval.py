@@ -504,10 +504,12 @@ def evaluate(
         )
     first_rank = None if out.first_relevant_rank is None else out.first_relevant_rank.cpu()
     has_relevant = num_relevant > 0
-    # On the search's device (the top-k is already there; only the per-query values come back).
-    per_query = _per_query_values(
+    # On the search's device (the top-k is already there); only per-class sums come back, so memory
+    # stays O(block + classes · metrics) whatever the number of queries and metrics.
+    class_sums = _class_sums(
         retrieval, out.indices, q_lab, g_lab, num_relevant, first_rank, class_size, has_relevant
     )
+    scored_classes, scored_counts = torch.unique(q_lab[has_relevant], return_counts=True)
 
     values: dict[str, float] = {}
     per_class: dict[str, dict[Label, float]] = {}
@@ -531,9 +533,10 @@ def evaluate(
             x = q if base.startswith("dists@") else embeddings()
             values[name] = METRICS.get(base)(x, q_lab, distance, K)
         else:
-            kept = per_query[name]
-            values[name] = float(kept.mean()) if len(kept) else float("nan")
-            per_class[name] = _per_class_mean(kept, q_lab[has_relevant], label_values)
+            sums = class_sums[name]
+            scored = int(scored_counts.sum())
+            values[name] = float(sums.sum() / scored) if scored else float("nan")
+            per_class[name] = _per_class_means(sums, scored_classes, scored_counts, label_values)
 
     return RetrievalResults(
         topk_indices=indices,
@@ -561,7 +564,7 @@ def _is_retrieval(base: str) -> bool:
     return base not in CLUSTERING_METRICS and base not in EMBEDDING_METRICS
 
 
-def _per_query_values(
+def _class_sums(
     retrieval: list[tuple[str, str, int | None]],
     indices: torch.Tensor,
     q_lab: torch.Tensor,
@@ -571,15 +574,20 @@ def _per_query_values(
     class_size: torch.Tensor,
     has_relevant: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Per-query value of every retrieval metric (float64, on the CPU), for the queries with R > 0 only,
-    computed on ``indices``' device in row blocks so that the temporaries stay O(block · k)."""
-    out: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in retrieval}
+    """Per retrieval metric, the sum of its per-query values over the queries with R > 0 of each query
+    label (float64, on the CPU, in the order of ``torch.unique(q_lab[has_relevant])``).
+
+    Per-query values are computed on ``indices``' device in row blocks and summed per class at once, so
+    neither the temporaries (O(block · k)) nor the result (O(classes)) grow with the number of queries."""
     if not retrieval:
         return {}
     dev = indices.device
     q_lab, g_lab, num_relevant, class_size = (t.to(dev) for t in (q_lab, g_lab, num_relevant, class_size))
     has_relevant = has_relevant.to(dev)
     first_rank = None if first_rank is None else first_rank.to(dev)
+    classes, class_of_query = torch.unique(q_lab, return_inverse=True)
+    scored_classes = torch.unique(q_lab[has_relevant])
+    sums = {name: torch.zeros(len(classes), dtype=torch.float64, device=dev) for name, _, _ in retrieval}
     n, k = indices.shape
     rows = max(1, METRIC_BLOCK_ELEMENTS // max(k, 1))
     for start in range(0, n, rows):
@@ -593,9 +601,12 @@ def _per_query_values(
             first_relevant_rank=None if first_rank is None else first_rank[start:end][keep],
             class_size=class_size[start:end][keep],
         )
+        block_classes = class_of_query[start:end][keep]
         for name, base, K in retrieval:
-            out[name].append(METRICS.get(base)(ctx, K))
-    return {name: torch.cat(parts).cpu() for name, parts in out.items()}
+            sums[name].index_add_(0, block_classes, METRICS.get(base)(ctx, K).to(torch.float64))
+    # Only the classes that have a scored query: searchsorted maps them into the sorted ``classes``.
+    position = torch.searchsorted(classes, scored_classes)
+    return {name: total[position].cpu() for name, total in sums.items()}
 
 
 def _dedupe(names: list[str]) -> list[str]:
@@ -637,15 +648,11 @@ def _max_relevant_upper_bound(q_lab: torch.Tensor, g_lab: torch.Tensor, leave_on
     return max(int(per_query.max()) - int(leave_one_out), 0)
 
 
-def _per_class_mean(
-    values: torch.Tensor, labels: torch.Tensor, label_values: list[str] | None
+def _per_class_means(
+    sums: torch.Tensor, classes: torch.Tensor, counts: torch.Tensor, label_values: list[str] | None
 ) -> dict[Label, float]:
-    if len(values) == 0:
-        return {}
-    classes, inverse = torch.unique(labels, return_inverse=True)
-    sums = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, values)
-    counts = torch.bincount(inverse, minlength=len(classes)).double()
-    means = (sums / counts).tolist()
+    """label → mean per-query value of that class (``sums``/``counts`` aligned with ``classes``)."""
+    means = (sums / counts.double()).tolist()
     keys = classes.tolist()
     if label_values is not None:
         return {label_values[c]: m for c, m in zip(keys, means, strict=True)}
