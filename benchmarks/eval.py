@@ -462,6 +462,13 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "values are summed per class block by block, never stored for all queries): all O(n·k), no "
             "n × n array. The IVF row adds the k-means training.",
         ]
+    if any("commit" not in row for row in rows):
+        lines += [
+            "",
+            "Rows whose command shows no commit ran before commit 7c15a86, which stopped keeping every "
+            "metric's per-query values until the end: their peak includes 8 bytes × queries × metrics more "
+            "(0.75 GiB for the 1M rows' 101 metrics).",
+        ]
     gpu = by_case.get("gpu-60k")
     if (gpu is None or gpu.get("status") != "ok") and not args.n:
         lines += [
