@@ -243,19 +243,31 @@ def replace_section(path: str, heading: str, body: str) -> None:
             lines.pop()
         new = [*lines, "", *section.splitlines()]
     else:
-        end = len(lines)
-        fenced = False
-        for i in range(start + 1, len(lines)):
-            stripped = lines[i].lstrip()
-            if stripped.startswith("```"):
-                fenced = not fenced
-            if fenced:
-                continue
-            hashes = len(stripped) - len(stripped.lstrip("#"))
-            if 0 < hashes <= level and stripped[hashes : hashes + 1] == " ":
-                end = i
-                break
+        end = next_heading(lines, start, level)
         tail = lines[end:]
         new = lines[:start] + section.splitlines() + (["", *tail] if tail else [])
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(new).rstrip("\n") + "\n")
+
+
+def next_heading(lines: list[str], start: int, level: int) -> int:
+    """Index of the first Markdown heading of ``level`` or higher after line ``start`` (headings inside
+    code fences do not count), or ``len(lines)``."""
+    fenced = False
+    for i in range(start + 1, len(lines)):
+        stripped = lines[i].lstrip()
+        if stripped.startswith("```"):
+            fenced = not fenced
+        if fenced:
+            continue
+        hashes = len(stripped) - len(stripped.lstrip("#"))
+        if 0 < hashes <= level and stripped[hashes : hashes + 1] == " ":
+            return i
+    return len(lines)
+
+
+def fmt_ms(value: float | None) -> str:
+    """Milliseconds for a table: 3 significant digits below 100, whole numbers above; ``—`` for None."""
+    if value is None:
+        return "—"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, is_out_of_memory, limit_memory, machine_description
+from common import compare, fmt_ms, is_out_of_memory, limit_memory, machine_description, next_heading
 
 from dmlkit import losses as dml_losses
 from dmlkit import miners as dml_miners
@@ -412,12 +412,6 @@ def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.devi
 # ---------------------------------------------------------------------------------------------- report
 
 
-def fmt_ms(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
-
-
 def table(results: list[Result]) -> str:
     lines = [
         "| loss | shape | ours ms | PML ms | speed-up | notes |",
@@ -480,7 +474,7 @@ def write_report(path: str, sub_heading: str, body: str) -> None:
     runs: dict[str, list[str]] = {}
     order: list[str] = []
     if section_start is not None:
-        section_end = _next_heading(lines, section_start, 2)
+        section_end = next_heading(lines, section_start, 2)
         current = None
         fenced = False
         for line in lines[section_start + 1 : section_end]:
@@ -508,21 +502,6 @@ def write_report(path: str, sub_heading: str, body: str) -> None:
         before.pop()
     new = [*before, "", *section] + (["", *after] if after else [])
     Path(path).write_text("\n".join(new).strip("\n") + "\n", encoding="utf-8")
-
-
-def _next_heading(lines: list[str], start: int, level: int) -> int:
-    """Index of the first heading of ``level`` or higher after ``start`` (outside code fences), or the end."""
-    fenced = False
-    for i in range(start + 1, len(lines)):
-        stripped = lines[i].lstrip()
-        if stripped.startswith("```"):
-            fenced = not fenced
-        if fenced:
-            continue
-        hashes = len(stripped) - len(stripped.lstrip("#"))
-        if 0 < hashes <= level and stripped[hashes : hashes + 1] == " ":
-            return i
-    return len(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, is_out_of_memory, limit_memory, machine_description, replace_section
+from common import compare, fmt_ms, is_out_of_memory, limit_memory, machine_description, replace_section
 
 import dmlkit
 from dmlkit import miners as dml_miners
@@ -315,12 +315,6 @@ def run_row(row: Row, setting: Setting, args: argparse.Namespace, device: torch.
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def fmt_ms(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
 
 
 def table(results: list[Result]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 #: The synthetic dataset of the tiny configuration (tests/conftest.py ``tiny_config``).
 TINY_DATA = {"num_classes": 16, "samples_per_class": 8, "image_size": 16, "test_fraction": 0.5}
@@ -16,3 +17,39 @@ def tiny_argv(output_dir: Path, name: str = "tiny", epochs: int = 3) -> list[str
         "--epochs", str(epochs), "--deterministic", "--no-progress", "--metrics", "recall@1,map@r",
         "--select-metric", "map@r",
     ]  # fmt: skip
+
+
+def checkpoint_test_embeddings(checkpoint_file: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(embeddings, labels, checkpoint) of a checkpoint's test split, made here independently of the CLI."""
+    import torch
+
+    from dmlkit import data as data_lib
+    from dmlkit.cli.common import load_model
+    from dmlkit.inference import compute_embeddings
+
+    model, checkpoint = load_model(checkpoint_file, torch.device("cpu"))
+    config = checkpoint["config"]
+    test = data_lib.build(config["dataset"], config["data_root"], **config["dataset_args"]).test
+    test.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
+    x, y = compute_embeddings(model, test)
+    return x, y, checkpoint
+
+
+def assert_match_pml_euclidean(metrics: dict[str, float], x: Any, y: Any) -> None:
+    """``metrics`` (recall@1, map@r, r_precision) equal PML's AccuracyCalculator with an unnormalised
+    Euclidean distance on ``x``, ``y`` (leave-one-out, k = every other item)."""
+    import pytest
+    import torch
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    pml = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k=None,
+        device=torch.device("cpu"),
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+    ).get_accuracy(x, y)
+    assert metrics["recall@1"] == pytest.approx(pml["precision_at_1"], rel=1e-6)
+    assert metrics["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], rel=1e-6)
+    assert metrics["r_precision"] == pytest.approx(pml["r_precision"], rel=1e-6)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dmlkit.cli import main
 from dmlkit.data import build as build_dataset
-from tests_support import tiny_argv
+from tests_support import assert_match_pml_euclidean, checkpoint_test_embeddings, tiny_argv
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +79,6 @@ def test_eval_distance_backend_and_lone_queries_match_pml(trained_run: Path, cap
     """`dmlkit eval --distance euclidean --backend faiss-flat` against PML's AccuracyCalculator on the
     same embeddings (made here independently of the command)."""
     pytest.importorskip("faiss")
-    from pytorch_metric_learning.distances import LpDistance
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-    from pytorch_metric_learning.utils.inference import CustomKNN
-
-    from dmlkit import data as data_lib
-    from dmlkit.cli.common import load_model
-    from dmlkit.inference import compute_embeddings
-
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(trained_run), "--metrics", "Recall@1,map@r,r_precision",
                  "--distance", "euclidean", "--backend", "faiss-flat", "--json",
@@ -94,20 +86,8 @@ def test_eval_distance_backend_and_lone_queries_match_pml(trained_run: Path, cap
     report = json.loads(capsys.readouterr().out)
     assert (report["distance"], report["backend"]) == ("euclidean", "faiss-flat")
 
-    model, checkpoint = load_model(trained_run / "best.pt", torch.device("cpu"))
-    config = checkpoint["config"]
-    test = data_lib.build(config["dataset"], config["data_root"], **config["dataset_args"]).test
-    test.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
-    x, y = compute_embeddings(model, test)
-    pml = AccuracyCalculator(
-        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
-        k=None,
-        device=torch.device("cpu"),
-        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
-    ).get_accuracy(x, y)
-    assert report["metrics"]["recall@1"] == pytest.approx(pml["precision_at_1"], rel=1e-6)
-    assert report["metrics"]["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], rel=1e-6)
-    assert report["metrics"]["r_precision"] == pytest.approx(pml["r_precision"], rel=1e-6)
+    x, y, _ = checkpoint_test_embeddings(trained_run / "best.pt")
+    assert_match_pml_euclidean(report["metrics"], x, y)
     assert report["num_queries_without_relevant"] == int((torch.bincount(y) == 1).sum())
 
 

@@ -145,15 +145,9 @@ def test_validation_and_test_use_the_configured_distance_and_backend(tiny_config
     """``eval_distance``/``eval_backend`` reach validation and test: the test metrics of best.pt equal PML's
     AccuracyCalculator with an unnormalised Euclidean distance on the same (unnormalised) embeddings, and
     ``dmlkit eval`` on the checkpoint defaults to the same options."""
-    from pytorch_metric_learning.distances import LpDistance
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-    from pytorch_metric_learning.utils.inference import CustomKNN
-
-    from dmlkit import data as data_lib
     from dmlkit.cli import main
-    from dmlkit.cli.common import load_model
-    from dmlkit.inference import compute_embeddings
     from dmlkit.metrics import evaluate
+    from tests_support import assert_match_pml_euclidean, checkpoint_test_embeddings
 
     config = tiny_config(
         name="euclid",
@@ -167,24 +161,13 @@ def test_validation_and_test_use_the_configured_distance_and_backend(tiny_config
     assert all(0 <= r["val/map@r"] <= 1 for r in rows)
     test_after = json.loads((result.run_dir / "results.json").read_text())["test_after"]
 
-    model, checkpoint = load_model(result.run_dir / "best.pt", torch.device("cpu"))
+    x, y, checkpoint = checkpoint_test_embeddings(result.run_dir / "best.pt")
     assert (checkpoint["config"]["eval_distance"], checkpoint["config"]["eval_backend"]) == (
         "euclidean",
         "faiss-flat",
     )
-    test = data_lib.build("synthetic", None, **config.dataset_args).test
-    test.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
-    x, y = compute_embeddings(model, test)
     assert not torch.allclose(x.norm(dim=1), torch.ones(len(x)))  # so Euclidean ranks differ from cosine
-    pml = AccuracyCalculator(
-        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
-        k=None,
-        device=torch.device("cpu"),
-        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
-    ).get_accuracy(x, y)
-    assert test_after["recall@1"] == pytest.approx(pml["precision_at_1"], rel=1e-6)
-    assert test_after["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], rel=1e-6)
-    assert test_after["r_precision"] == pytest.approx(pml["r_precision"], rel=1e-6)
+    assert_match_pml_euclidean(test_after, x, y)
     cosine = evaluate(x, y, metrics=("map@r",), distance="cosine")
     assert cosine["map@r"] != pytest.approx(test_after["map@r"], abs=1e-9)  # the option changed something
 
