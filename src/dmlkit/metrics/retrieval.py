@@ -506,10 +506,18 @@ def evaluate(
     has_relevant = num_relevant > 0
     # On the search's device (the top-k is already there); only per-class sums come back, so memory
     # stays O(block + classes · metrics) whatever the number of queries and metrics.
-    class_sums = _class_sums(
-        retrieval, out.indices, q_lab, g_lab, num_relevant, first_rank, class_size, has_relevant
-    )
     scored_classes, scored_counts = torch.unique(q_lab[has_relevant], return_counts=True)
+    class_sums = _class_sums(
+        retrieval,
+        out.indices,
+        q_lab,
+        g_lab,
+        num_relevant,
+        first_rank,
+        class_size,
+        has_relevant,
+        scored_classes,
+    )
 
     values: dict[str, float] = {}
     per_class: dict[str, dict[Label, float]] = {}
@@ -573,9 +581,10 @@ def _class_sums(
     first_rank: torch.Tensor | None,
     class_size: torch.Tensor,
     has_relevant: torch.Tensor,
+    scored_classes: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Per retrieval metric, the sum of its per-query values over the queries with R > 0 of each query
-    label (float64, on the CPU, in the order of ``torch.unique(q_lab[has_relevant])``).
+    """Per retrieval metric, the sum of its per-query values over the queries with R > 0 of each label of
+    ``scored_classes`` (``torch.unique(q_lab[has_relevant])``; float64, on the CPU, in that order).
 
     Per-query values are computed on ``indices``' device in row blocks and summed per class at once, so
     neither the temporaries (O(block · k)) nor the result (O(classes)) grow with the number of queries."""
@@ -586,7 +595,6 @@ def _class_sums(
     has_relevant = has_relevant.to(dev)
     first_rank = None if first_rank is None else first_rank.to(dev)
     classes, class_of_query = torch.unique(q_lab, return_inverse=True)
-    scored_classes = torch.unique(q_lab[has_relevant])
     sums = {name: torch.zeros(len(classes), dtype=torch.float64, device=dev) for name, _, _ in retrieval}
     n, k = indices.shape
     rows = max(1, METRIC_BLOCK_ELEMENTS // max(k, 1))
@@ -605,7 +613,7 @@ def _class_sums(
         for name, base, K in retrieval:
             sums[name].index_add_(0, block_classes, METRICS.get(base)(ctx, K).to(torch.float64))
     # Only the classes that have a scored query: searchsorted maps them into the sorted ``classes``.
-    position = torch.searchsorted(classes, scored_classes)
+    position = torch.searchsorted(classes, scored_classes.to(dev))
     return {name: total[position].cpu() for name, total in sums.items()}
 
 
