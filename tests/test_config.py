@@ -6,7 +6,16 @@ import pytest
 import yaml
 
 from dmlkit.cli import build_parser, main
-from dmlkit.config import TrainConfig, config_from_args, dump_yaml, load_yaml, make_config
+from dmlkit.config import (
+    ComponentSpec,
+    TrainConfig,
+    config_from_args,
+    dump_yaml,
+    flag_names,
+    load_yaml,
+    make_config,
+)
+from dmlkit.config.flags import CHOICES
 from dmlkit.errors import ConfigError, UnknownNameError
 
 
@@ -16,8 +25,8 @@ def parse(argv: list[str]) -> TrainConfig:
 
 def test_defaults_are_valid() -> None:
     config = make_config({})
-    assert config.dataset == "synthetic" and config.loss == "multisimilarity"
-    assert config.sampler == "m_per_class" and config.scheduler == "warmup_cosine"
+    assert config.data.dataset.name == "synthetic" and config.objective.loss.name == "multisimilarity"
+    assert config.data.sampler.name == "m_per_class" and config.optim.scheduler == "warmup_cosine"
 
 
 def test_unknown_yaml_key_names_key_and_suggests(tmp_path) -> None:
@@ -103,7 +112,9 @@ def test_config_errors_come_before_data_loading(tmp_path, capsys) -> None:
 
 def test_flags_override_yaml_and_dump_round_trips(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"lr": 0.01, "epochs": 3, "loss_args": {"alpha": 1.5}}))
+    sections = {"optim": {"lr": 0.01, "epochs": 3}, "objective": {"loss": {"name": "multisimilarity"}}}
+    sections["objective"]["loss"]["args"] = {"alpha": 1.5}
+    path.write_text(yaml.safe_dump(sections))
     config = parse(
         [
             "--config",
@@ -117,41 +128,40 @@ def test_flags_override_yaml_and_dump_round_trips(tmp_path) -> None:
             "--no-normalize",
         ]
     )
-    assert config.lr == 0.01 and config.epochs == 5 and config.loss_args == {"alpha": 1.5}
-    assert config.metrics == ["recall@1", "map@r"] and config.normalize is False
+    assert (
+        config.optim.lr == 0.01 and config.optim.epochs == 5 and config.objective.loss.args == {"alpha": 1.5}
+    )
+    assert config.eval.metrics == ["recall@1", "map@r"] and config.model.normalize is False
     out = tmp_path / "resolved.yaml"
     dump_yaml(config, out)
     assert parse(["--config", str(out)]) == config
 
 
 def test_mapping_flags_accept_yaml_and_key_value() -> None:
-    assert parse(["--loss-args", "{alpha: 2, beta: 40}"]).loss_args == {"alpha": 2, "beta": 40}
-    assert parse(["--loss-args", "alpha=2,beta=40.5"]).loss_args == {"alpha": 2, "beta": 40.5}
+    assert parse(["--loss-args", "{alpha: 2, beta: 40}"]).objective.loss.args == {"alpha": 2, "beta": 40}
+    assert parse(["--loss-args", "alpha=2,beta=40.5"]).objective.loss.args == {"alpha": 2, "beta": 40.5}
 
 
 def test_help_lists_every_option_with_default(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = capsys.readouterr().out
-    for name, _info in TrainConfig.model_fields.items():
-        assert "--" + name.replace("_", "-") in text, name
+    for flag in flag_names():
+        assert flag in text, flag
     assert "(default: 0.001)" in text  # lr
-    assert text.count("(default:") >= len(TrainConfig.model_fields)
+    assert text.count("(default:") >= len(flag_names())
 
 
 def test_eval_options_offer_every_distance_and_backend() -> None:
     """The training configuration's choices are exactly what the search accepts."""
-    import typing
-
-    from dmlkit.distances import DISTANCES
+    from dmlkit.distances import available
     from dmlkit.metrics import BACKENDS
 
-    fields = TrainConfig.model_fields
-    assert set(typing.get_args(fields["eval_distance"].annotation)) == set(DISTANCES)
-    assert set(typing.get_args(fields["eval_backend"].annotation)) == set(BACKENDS)
+    assert set(CHOICES["eval_distance"]()) == set(available(indexable=True))
+    assert set(CHOICES["eval_backend"]()) == set(BACKENDS)
     config = parse(["--eval-distance", "euclidean", "--eval-backend", "faiss-ivf", "--metrics", "mrr@10",
                     "--select-metric", "mrr@10"])  # fmt: skip
-    assert (config.eval_distance, config.eval_backend) == ("euclidean", "faiss-ivf")
+    assert (config.eval.eval_distance, config.eval.eval_backend) == ("euclidean", "faiss-ivf")
 
 
 @pytest.mark.parametrize(("key", "value"), [("eval_distance", "manhattan"), ("eval_backend", "faiss")])
@@ -162,3 +172,81 @@ def test_unknown_eval_options_name_the_key(key: str, value: str, capsys) -> None
     with pytest.raises(SystemExit):  # the flag lists its choices
         parse([f"--{key.replace('_', '-')}", value])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def test_yaml_in_sections_with_component_specs(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"embedding_size": 32},
+                "objective": {"loss": {"name": "triplet", "args": {"margin": 0.1}}, "miner": "batch_hard"},
+                "optim": {"lr": 0.01},
+            }
+        )
+    )
+    config = parse(["--config", str(path), "--miner-args", "{distance: cosine}"])
+    assert config.model.embedding_size == 32 and config.optim.lr == 0.01
+    assert (config.objective.loss.name, config.objective.loss.args) == ("triplet", {"margin": 0.1})
+    assert (config.objective.miner.name, config.objective.miner.args) == (
+        "batch_hard",
+        {"distance": "cosine"},
+    )
+
+
+def test_flat_yaml_is_converted_with_a_warning_naming_each_move(tmp_path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"lr": 0.01, "loss": "triplet", "loss_args": {"margin": 0.1}}))
+    with pytest.warns(FutureWarning) as caught:
+        config = parse(["--config", str(path)])
+    message = str(caught[0].message)
+    assert (
+        str(path) in message and "lr → optim.lr" in message and "loss_args → objective.loss.args" in message
+    )
+    assert config.optim.lr == 0.01 and config.objective.loss.args == {"margin": 0.1}
+    resolved = tmp_path / "resolved.yaml"
+    dump_yaml(config, resolved)
+    assert set(yaml.safe_load(resolved.read_text())) == {
+        "run", "data", "model", "objective", "memory", "optim", "eval", "log"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "bad", "suggestion"),
+    [
+        ("optm:\n  lr: 0.1\n", "optm", "optim"),
+        ("optim:\n  lrr: 0.1\n", "optim.lrr", "optim.lr"),
+        ("model:\n  embeding_size: 8\n", "model.embeding_size", "model.embedding_size"),
+    ],
+)
+def test_unknown_section_or_key_is_named_with_suggestion(tmp_path, text, bad, suggestion) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(UnknownNameError) as err:
+        load_yaml(path)
+    assert bad in str(err.value) and suggestion in str(err.value) and str(path) in str(err.value)
+
+
+def test_make_config_takes_sections_and_flag_names_alike() -> None:
+    assert make_config({"optim": {"lr": 0.5}}) == make_config({"lr": 0.5})
+    config = make_config({"loss": "arcface", "loss_args": {"margin": 20}, "miner": None})
+    assert config.objective.loss == ComponentSpec(name="arcface", args={"margin": 20})
+
+
+def test_miner_args_without_a_miner_are_an_error() -> None:
+    with pytest.raises(ConfigError, match="no miner"):
+        parse(["--miner-args", "{margin: 0.1}"])
+    with pytest.raises(ConfigError, match="no miner"):
+        parse(["--miner", "none", "--miner-schedule", "linear:start=0.5,end=0.1"])
+
+
+def test_help_shows_each_default_once_and_names_real_commands(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: a timestamp)" in text and "(default: a timestamp) (default" not in text
+    assert "dmlkit list losses" in text and "`dmlkit losses`" not in text

@@ -25,11 +25,12 @@ def checkpoint_test_embeddings(checkpoint_file: Path) -> tuple[Any, Any, dict[st
 
     from dmlkit import data as data_lib
     from dmlkit.cli.common import load_model
+    from dmlkit.config import config_from_checkpoint
     from dmlkit.inference import compute_embeddings
 
     model, checkpoint = load_model(checkpoint_file, torch.device("cpu"))
-    config = checkpoint["config"]
-    test = data_lib.build(config["dataset"], config["data_root"], **config["dataset_args"]).test
+    data = config_from_checkpoint(checkpoint["config"], str(checkpoint_file)).data
+    test = data_lib.build(data.dataset.name, data.data_root, **data.dataset.args).test
     test.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
     x, y = compute_embeddings(model, test)
     return x, y, checkpoint

@@ -146,6 +146,7 @@ def test_validation_and_test_use_the_configured_distance_and_backend(tiny_config
     AccuracyCalculator with an unnormalised Euclidean distance on the same (unnormalised) embeddings, and
     ``dmlkit eval`` on the checkpoint defaults to the same options."""
     from dmlkit.cli import main
+    from dmlkit.config import config_from_checkpoint
     from dmlkit.metrics import evaluate
     from tests_support import assert_match_pml_euclidean, checkpoint_test_embeddings
 
@@ -162,7 +163,8 @@ def test_validation_and_test_use_the_configured_distance_and_backend(tiny_config
     test_after = json.loads((result.run_dir / "results.json").read_text())["test_after"]
 
     x, y, checkpoint = checkpoint_test_embeddings(result.run_dir / "best.pt")
-    assert (checkpoint["config"]["eval_distance"], checkpoint["config"]["eval_backend"]) == (
+    stored = config_from_checkpoint(checkpoint["config"], "best.pt").eval
+    assert (stored.eval_distance, stored.eval_backend) == (
         "euclidean",
         "faiss-flat",
     )

@@ -16,10 +16,10 @@ from dmlkit.train.optim import build_optimizer, build_scheduler
 def lrs(config_kwargs: dict, steps_per_epoch: int) -> list[float]:
     config = make_config(config_kwargs)
     model = nn.Linear(2, 2)
-    optimizer = build_optimizer(config, model, nn.Module())
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    optimizer = build_optimizer(config.optim, model, nn.Module())
+    scheduler = build_scheduler(config.optim, optimizer, steps_per_epoch)
     out = []
-    for _ in range(config.epochs * steps_per_epoch):
+    for _ in range(config.optim.epochs * steps_per_epoch):
         out.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
@@ -55,7 +55,7 @@ def test_loss_parameters_get_their_own_learning_rate(name: str) -> None:
     model = nn.Linear(3, 2)
     objective = nn.Module()
     objective.proxies = nn.Parameter(torch.randn(5, 2))
-    optimizer = build_optimizer(config, model, objective)
+    optimizer = build_optimizer(config.optim, model, objective)
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["model"]["lr"] == 0.01 and groups["loss"]["lr"] == 0.5
     assert groups["loss"]["params"][0] is objective.proxies

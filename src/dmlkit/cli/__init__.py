@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from dmlkit import __version__
-from dmlkit.config import SuggestingParser
+from dmlkit.cli.parser import SuggestingParser
 from dmlkit.errors import ConfigError, DmlkitError
 
 
@@ -15,14 +15,11 @@ def build_parser() -> SuggestingParser:
     from dmlkit.cli import embed, evaluate, listing, search, train
 
     parser = SuggestingParser(
-        prog="dmlkit",
-        allow_abbrev=False,
-        description="Train and evaluate image-retrieval (deep metric learning) models.",
+        prog="dmlkit", description="Train and evaluate image-retrieval (deep metric learning) models."
     )
     parser.add_argument("--version", action="version", version=f"dmlkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SuggestingParser)
     for module in (train, evaluate, embed, search, listing):
-        module.add_parser(sub)
+        module.add_parser(parser)
     return parser
 
 
@@ -33,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.captureWarnings(True)  # a converted flat config file warns through the log, once
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:

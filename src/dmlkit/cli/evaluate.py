@@ -13,10 +13,13 @@ from dmlkit import data as data_lib
 from dmlkit import metrics as metrics_lib
 from dmlkit.cli import landmarks
 from dmlkit.cli.common import load_model
-from dmlkit.config import _parse_list, _parse_mapping
+from dmlkit.config import ComponentSpec, DataSection, config_from_checkpoint
+from dmlkit.config import parse_list as _parse_list
+from dmlkit.config import parse_mapping as _parse_mapping
 from dmlkit.distances import DISTANCES
 from dmlkit.errors import ConfigError
 from dmlkit.inference import compute_embeddings, resolve_device
+from dmlkit.train.data import build_data
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -102,33 +105,13 @@ def run(args: argparse.Namespace) -> int:
     metrics_lib.check_options(requested, args.distance or "cosine", args.backend or "torch")
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
-    trained = checkpoint["config"]
-    metric_names = requested or list(trained["metrics"])
-    # Checkpoints written before these options existed searched with cosine / torch.
-    args.distance = args.distance or trained.get("eval_distance", "cosine")
-    args.backend = args.backend or trained.get("eval_backend", "torch")
+    trained = config_from_checkpoint(checkpoint["config"], str(args.checkpoint))
+    metric_names = requested or list(trained.eval.metrics)
+    args.distance = args.distance or trained.eval.eval_distance
+    args.backend = args.backend or trained.eval.eval_backend
     metrics_lib.check_options(metric_names, args.distance, args.backend)
-    dataset_name = args.dataset or trained["dataset"]
-    same_dataset = dataset_name == trained["dataset"]
-    root = args.data_root or (trained["data_root"] if same_dataset else None)
-    dataset_args = (
-        args.dataset_args
-        if args.dataset_args is not None
-        else (trained["dataset_args"] if same_dataset else {})
-    )
-    splits = data_lib.build(dataset_name, root, **dataset_args)
-    if args.split == "test":
-        dataset = splits.test
-    else:
-        if trained["val_fraction"] <= 0 and args.split == "val":
-            raise ConfigError("the checkpoint was trained without a validation split (val_fraction 0)")
-        if trained["val_fraction"] > 0:
-            train_part, val_part = data_lib.class_disjoint_split(
-                splits.train, trained["val_fraction"], trained["seed"]
-            )
-        else:
-            train_part, val_part = splits.train, None
-        dataset = val_part if args.split == "val" else train_part
+    dataset_name = args.dataset or trained.data.dataset.name
+    dataset = build_data(_data_section(args, trained.data), trained.run.seed).split(args.split)
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
     embeddings, labels = compute_embeddings(
         model,
@@ -140,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         description="eval",
     )
     results = metrics_lib.evaluate(
-        embeddings, labels, metrics=tuple(metric_names), seed=trained["seed"], distance=args.distance,
+        embeddings, labels, metrics=tuple(metric_names), seed=trained.run.seed, distance=args.distance,
         backend=args.backend,
     )  # fmt: skip
     values = {name: float(results.metrics[name]) for name in metric_names}
@@ -180,6 +163,22 @@ def run(args: argparse.Namespace) -> int:
         if examples:
             print(f"examples: {examples['queries']} queries drawn into {examples['path']}")
     return 0
+
+
+def _data_section(args: argparse.Namespace, trained: DataSection) -> DataSection:
+    """The checkpoint's data section with ``--dataset``/``--data-root``/``--dataset-args`` applied; another
+    dataset starts from its own defaults (no root, no arguments)."""
+    if args.dataset is None or args.dataset == trained.dataset.name:
+        dataset = trained.dataset
+        if args.dataset_args is not None:
+            dataset = ComponentSpec(name=dataset.name, args=args.dataset_args)
+        return trained.model_copy(
+            update={"dataset": dataset, "data_root": args.data_root or trained.data_root}
+        )
+    dataset = ComponentSpec(name=args.dataset, args=args.dataset_args or {})
+    return trained.model_copy(
+        update={"dataset": dataset, "data_root": args.data_root, "skip_unreadable": False}
+    )
 
 
 def _per_class(results: metrics_lib.RetrievalResults, class_names: list[str]) -> dict[str, dict[str, float]]:

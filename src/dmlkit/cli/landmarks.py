@@ -23,6 +23,7 @@ import torch
 
 from dmlkit import metrics as metrics_lib
 from dmlkit.cli.common import FilesDataset, eval_transform, load_model
+from dmlkit.config import config_from_checkpoint
 from dmlkit.data import landmarks as files
 from dmlkit.distances import check_distance
 from dmlkit.errors import ConfigError, DataError
@@ -196,7 +197,9 @@ def run_revisited(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
-    distance = args.distance or checkpoint["config"].get("eval_distance", "cosine")
+    distance = (
+        args.distance or config_from_checkpoint(checkpoint["config"], str(args.checkpoint)).eval.eval_distance
+    )
     transform, channels = eval_transform(checkpoint), checkpoint["data_spec"]["channels"]
     gallery = _embed(model, FilesDataset(gallery_paths, transform, channels), args, device, "gallery")
     boxes = ground_truth.bbx if crop else None
@@ -256,9 +259,9 @@ def run_gldv2(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
-    trained = checkpoint["config"]
-    distance = args.distance or trained.get("eval_distance", "cosine")
-    backend = args.backend or trained.get("eval_backend", "torch")
+    trained = config_from_checkpoint(checkpoint["config"], str(args.checkpoint)).eval
+    distance = args.distance or trained.eval_distance
+    backend = args.backend or trained.eval_backend
     metrics_lib.check_options([], distance, backend)
     transform, channels = eval_transform(checkpoint), checkpoint["data_spec"]["channels"]
     gallery = _embed(model, FilesDataset(index_paths, transform, channels), args, device, "index")

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from dmlkit.cli.parser import SuggestingParser
 from dmlkit.config import add_config_arguments, config_from_args, load_yaml
 from dmlkit.errors import ConfigError
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
+def add_parser(cli: SuggestingParser) -> None:
+    parser = cli.add_parser(
         "train",
-        allow_abbrev=False,
         help="train a model",
         description="Train an embedding model. With no arguments: the built-in synthetic glyph dataset, "
-        "zero-shot split, multi-similarity loss, P×K batches; prints test metrics before and after.",
+        "zero-shot split, multi-similarity loss, P×K batches; prints test metrics before and after. "
+        "Every option is a flag and a key of its section in a --config YAML file.",
     )
-    parser.add_argument("--config", metavar="YAML", help="YAML file of config keys (flags override it)")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of config sections (flags override it)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     add_config_arguments(parser)
     parser.set_defaults(handler=run)
@@ -25,20 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dmlkit.train.loop import Trainer
+    from dmlkit.train.run_dir import RunDirectory
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "last.pt").is_file():
-            raise ConfigError(f"--resume {run_dir}: no last.pt there to resume from")
+        directory = RunDirectory.existing(args.resume)
         if args.config:
             raise ConfigError("--resume takes the run's own config.yaml; do not pass --config with it")
-        config = config_from_args(args, base=load_yaml(run_dir / "config.yaml"))
-        trainer = Trainer(config, run_dir, resume=True)
+        config = config_from_args(args, base=load_yaml(directory.file(RunDirectory.CONFIG)))
+        trainer = Trainer(config, directory.path, resume=True)
     else:
-        config = config_from_args(args)
-        trainer = Trainer(config)
+        trainer = Trainer(config_from_args(args))
     result = trainer.run()
     if result.interrupted:
         print(f"interrupted; resume with: dmlkit train --resume {result.run_dir}")
-        return 0
     return 0

@@ -51,10 +51,11 @@ class RunLogger:
 
     def __init__(self, config: TrainConfig, run_dir: Path) -> None:
         self.history_path = run_dir / "history.jsonl"
-        self.per_step = config.tensorboard or config.wandb  # per-iteration scalars go to these only
+        log = config.log
+        self.per_step = log.tensorboard or log.wandb  # per-iteration scalars go to these only
         self.tb = None
         self.wandb_run = None
-        if config.tensorboard:
+        if log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
@@ -62,14 +63,14 @@ class RunLogger:
                     "--tensorboard needs the tensorboard package: pip install 'dmlkit[tensorboard]'"
                 ) from exc
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if config.wandb:
+        if log.wandb:
             try:
                 import wandb
             except ImportError as exc:
                 raise ConfigError("--wandb needs the wandb package: pip install 'dmlkit[wandb]'") from exc
             self.wandb_run = wandb.init(
-                project=config.wandb_project,
-                name=config.name,
+                project=log.wandb_project,
+                name=config.run.name,
                 config=config.model_dump(mode="json"),
                 dir=str(run_dir),
                 resume="allow",

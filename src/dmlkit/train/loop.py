@@ -1,12 +1,13 @@
-"""The training loop: data → sampler → model → objective → optimizer, with validation and resume.
+"""The training loop: data → sampler → training step → optimizer, with validation, selection and resume.
 
-Later features plug in as entries (losses, miners, samplers, datasets, metrics) or inside the
-:class:`~dmlkit.train.objective.Objective`; this loop does not change for them.
+Everything a feature changes lives elsewhere: the data (:mod:`dmlkit.train.data`), the run's files
+(:mod:`dmlkit.train.run_dir`), what a batch contributes to the loss (:mod:`dmlkit.train.step`, replaceable
+with ``Trainer(step=...)``), the objective (:mod:`dmlkit.train.objective`), the optimizer and schedule
+(:mod:`dmlkit.train.optim`). This loop only orders them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dmlkit import data as data_lib
 from dmlkit import models, samplers
-from dmlkit.config import TrainConfig, dump_yaml
+from dmlkit.config import TrainConfig
 from dmlkit.errors import ConfigError, NonFiniteLossError
-from dmlkit.inference import autocast, evaluate_model, resolve_device
+from dmlkit.inference import evaluate_model, resolve_device
 from dmlkit.train import checkpoint as ckpt
+from dmlkit.train.data import RunData, run_data
 from dmlkit.train.logging import LOGGER_NAME, RunLogger, setup_file_logging
-from dmlkit.train.objective import Objective, build_objective
+from dmlkit.train.objective import build_objective
 from dmlkit.train.optim import build_optimizer, build_scheduler
+from dmlkit.train.run_dir import RunDirectory
+from dmlkit.train.stats import EpochStats
+from dmlkit.train.step import Batch, EmbeddingStep, StepFactory, TrainingStep
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -97,21 +100,23 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def dataset_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The dataset's keyword arguments, with ``skip_unreadable`` folded in for datasets that read files."""
-    kwargs = dict(config.dataset_args)
-    if config.skip_unreadable:
-        kwargs["skip_unreadable"] = True
-    return kwargs
+def build_sampler(config: TrainConfig, train_set: Any) -> samplers.BatchSampler:
+    """The configured batch sampler over the training part (``samples_per_class`` and hierarchical
+    super-classes filled in)."""
+    spec = config.data.sampler
+    kwargs = dict(spec.args)
+    parameters = samplers.REGISTRY.parameters(spec.name)
+    if "samples_per_class" in parameters:
+        kwargs.setdefault("samples_per_class", config.data.samples_per_class)
+    if "super_labels" in parameters:
+        kwargs["super_labels"] = super_labels_of(train_set, kwargs.get("super_labels"))
+    return samplers.build(
+        spec.name, labels=train_set.labels, batch_size=config.data.batch_size, seed=config.run.seed, **kwargs
+    )
 
 
 def super_labels_of(dataset: Any, spec: dict[str, Any] | None) -> np.ndarray:
-    """Per-item super-class codes for hierarchical sampling.
-
-    ``spec`` maps class names to super-class names; without it, class names of the form
-    ``"super/class"`` (Omniglot's ``alphabet/character``, nested folders) give the part before the first
-    ``/``.
-    """
+    """INTERIM copy (moves to dmlkit.samplers.hierarchical)."""
     names = list(dataset.class_names)
     if spec is not None:
         missing = [n for n in names if n not in spec]
@@ -129,36 +134,34 @@ def super_labels_of(dataset: Any, spec: dict[str, Any] | None) -> np.ndarray:
     return super_codes.astype(np.int64)[np.asarray(dataset.labels)]
 
 
-def new_run_dir(config: TrainConfig) -> Path:
-    name = config.name or f"{config.dataset}-{config.loss}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(config.output_dir) / name
-    if (run_dir / "last.pt").exists():
-        raise ConfigError(
-            f"run directory {run_dir} already holds a run; resume it with --resume {run_dir} "
-            "or choose another --name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 class Trainer:
-    """Builds everything from a :class:`TrainConfig` and runs training, validation and the final test."""
+    """Builds everything from a :class:`TrainConfig` and runs training, validation and the final test.
+
+    ``step``: a factory of the :class:`~dmlkit.train.step.TrainingStep` (default:
+    :class:`~dmlkit.train.step.EmbeddingStep`); ``step_hooks``: called after every step with
+    ``(trainer, global_step)``.
+    """
 
     def __init__(
         self,
         config: TrainConfig,
-        run_dir: Path | None = None,
+        run_dir: Path | str | None = None,
         *,
         resume: bool = False,
         step_hooks: list[StepHook] | None = None,
+        step: StepFactory | None = None,
     ) -> None:
         self.config = config
         self.resume = resume
-        self.run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir is None:
+            self.directory = RunDirectory.create(config)
+        else:
+            self.directory = RunDirectory.existing(run_dir) if resume else RunDirectory(run_dir)
+        self.run_dir = self.directory.path
         self.step_hooks = list(step_hooks or [])
-        self.device = resolve_device(config.device)
-        if config.amp == "fp16" and self.device.type != "cuda":
+        self.step_factory: StepFactory = step or EmbeddingStep
+        self.device = resolve_device(config.run.device)
+        if config.optim.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("amp 'fp16' needs a CUDA device; use --amp bf16 on CPU")
         self.global_step = 0
         self.epoch = 0
@@ -167,95 +170,61 @@ class Trainer:
         self.best_epoch: int | None = None
         self.before: dict[str, float] = {}
         self.nonfinite_in_row = 0
-        self.epoch_totals = self._new_epoch_totals()
+        self.epoch_stats = EpochStats()
         self.stop_event: threading.Event | None = None
 
     # ----------------------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
         config = self.config
-        seed_everything(config.seed, config.deterministic)
-        dump_yaml(config, self.run_dir / "config.yaml")
+        seed_everything(config.run.seed, config.run.deterministic)
+        self.directory.write_config(config)
         self._log_handler = setup_file_logging(self.run_dir)
-        self.logger = RunLogger(
-            config, self.run_dir
-        )  # before data loading: a missing logger package fails fast
+        # Before data loading: a missing logger package fails fast.
+        self.logger = RunLogger(config, self.run_dir)
         log.info("run directory: %s", self.run_dir)
 
-        splits = data_lib.build(config.dataset, config.data_root, **dataset_kwargs(config))
-        train_full = splits.train
-        if config.val_fraction > 0:
-            self.train_set, self.val_set = data_lib.class_disjoint_split(
-                train_full, config.val_fraction, config.seed
-            )
-        else:
-            self.train_set, self.val_set = train_full, None
-        self.test_set = splits.test
-        self.data_spec = data_lib.data_spec(splits)
-        self.train_set.transform = splits.transform("train")
-        self.train_set.augment_seed = config.seed
-        for part in (self.val_set, self.test_set):
-            if part is not None:
-                part.transform = splits.transform("eval")
-        num_classes = len(np.unique(self.train_set.labels))
-        log.info(
-            "data: %s — train %d images / %d classes, val %s, test %d images / %d classes",
-            config.dataset,
-            len(self.train_set),
-            num_classes,
-            f"{len(self.val_set)} images / {len(np.unique(self.val_set.labels))} classes"
-            if self.val_set
-            else "none",
-            len(self.test_set),
-            len(np.unique(self.test_set.labels)),
-        )
+        self.data: RunData = run_data(config)
+        self.train_set, self.val_set, self.test_set = self.data.train, self.data.val, self.data.test
+        log.info("%s", self.data.describe(config.data.dataset.name))
 
+        model_config = config.model
         self.model = models.build_model(
-            backbone=config.backbone,
-            embedding_size=config.embedding_size,
-            pooling=config.pooling,
-            normalize=config.normalize,
-            pretrained_weights=config.pretrained_weights,
-            in_channels=self.data_spec["channels"],
-            image_size=self.data_spec["image_size"],
+            backbone=model_config.backbone,
+            embedding_size=model_config.embedding_size,
+            pooling=model_config.pooling,
+            normalize=model_config.normalize,
+            pretrained_weights=model_config.pretrained_weights,
+            in_channels=self.data.spec["channels"],
+            image_size=self.data.spec["image_size"],
         ).to(self.device)
-        if config.freeze_bn:
+        if model_config.freeze_bn:
             models.freeze_batchnorm(self.model)  # before the optimizer sees the parameters
-        embedding_size = self.model.embedding_size
-        self.objective: Objective = build_objective(
-            config, num_classes, embedding_size, len(self.train_set)
+        self.objective = build_objective(
+            config, self.data.num_classes, self.model.embedding_size, len(self.train_set)
         ).to(self.device)
+        self.step: TrainingStep = self.step_factory(self.model, self.objective, self.device, config.optim.amp)
+        if isinstance(self.step, torch.nn.Module):
+            self.step.to(self.device)
 
-        sampler_kwargs = dict(config.sampler_args)
-        sampler_params = samplers.REGISTRY.parameters(config.sampler)
-        if "samples_per_class" in sampler_params:
-            sampler_kwargs.setdefault("samples_per_class", config.samples_per_class)
-        if "super_labels" in sampler_params:
-            sampler_kwargs["super_labels"] = super_labels_of(
-                self.train_set, sampler_kwargs.get("super_labels")
-            )
-        self.sampler = samplers.build(
-            config.sampler,
-            labels=self.train_set.labels,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            **sampler_kwargs,
-        )
+        self.sampler = build_sampler(config, self.train_set)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"the training split has {len(self.train_set)} images: too few for one batch of "
-                f"{config.batch_size}"
+                f"{config.data.batch_size}"
             )
         self.loader = DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
-            num_workers=config.num_workers,
+            num_workers=config.data.num_workers,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(config.seed),
+            generator=torch.Generator().manual_seed(config.run.seed),
         )
-        self.optimizer = build_optimizer(config, self.model, self.objective)
-        self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.optimizer = build_optimizer(
+            config.optim, self.model, self.objective, self.step.extra_parameters()
+        )
+        self.scheduler = build_scheduler(config.optim, self.optimizer, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.optim.amp == "fp16")
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -265,12 +234,13 @@ class Trainer:
             "format_version": ckpt.FORMAT_VERSION,
             "model": self.model.state_dict(),
             "model_config": dict(self.model.config),
-            "data_spec": dict(self.data_spec),
+            "data_spec": dict(self.data.spec),
             "config": self.config.model_dump(mode="json"),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "objective": self.objective.state_dict(),
+            "step": self.step.state_dict(),
             "sampler": sampler_state,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
@@ -278,7 +248,7 @@ class Trainer:
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
             "before": dict(self.before),
-            "epoch_totals": self.epoch_totals,
+            "epoch_totals": self.epoch_stats.state_dict(),
             "rng": ckpt.rng_state(),
         }
 
@@ -288,6 +258,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(state["objective"])
+        self.step.load_state_dict(state.get("step", {}))
         self.sampler.load_state_dict(state["sampler"])
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["batches_done"])
@@ -295,52 +266,38 @@ class Trainer:
         self.best_value = float(state["best_value"])
         self.best_epoch = state["best_epoch"]
         self.before = dict(state["before"])
-        self.epoch_totals = state["epoch_totals"]
+        self.epoch_stats = EpochStats.from_state(state["epoch_totals"])
         ckpt.set_rng_state(state["rng"])
 
-    def save(self, name: str = "last.pt") -> Path:
-        path = self.run_dir / name
-        ckpt.save_atomic(self.state_dict(), path)
-        return path
+    def save(self, name: str = RunDirectory.LAST) -> Path:
+        return self.directory.save(self.state_dict(), name)
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset: Any, description: str) -> dict[str, float]:
+        config = self.config
         results = evaluate_model(
             self.model,
             dataset,
-            self.config.metrics,
-            batch_size=self.config.eval_batch_size,
+            config.eval.metrics,
+            batch_size=config.eval.eval_batch_size,
             device=self.device,
-            amp=self.config.amp,
-            num_workers=self.config.num_workers,
-            progress=self.config.progress,
-            seed=self.config.seed,
+            amp=config.optim.amp,
+            num_workers=config.data.num_workers,
+            progress=config.run.progress,
+            seed=config.run.seed,
             description=description,
-            distance=self.config.eval_distance,
-            backend=self.config.eval_backend,
+            distance=config.eval.eval_distance,
+            backend=config.eval.eval_backend,
         )
-        return {name: float(results.metrics[name]) for name in self.config.metrics}
+        return {name: float(results.metrics[name]) for name in config.eval.metrics}
 
     # ----------------------------------------------------------------------------------------- training
     def run(self) -> TrainResult:
-        """Train (or continue) to ``config.epochs``, then test the best checkpoint once."""
+        """Train (or continue) to ``epochs``, then test the best checkpoint once."""
         start_time = time.perf_counter()
         try:
             self._setup()
-            if self.resume:
-                state = ckpt.load(self.run_dir / "last.pt", map_location=self.device)
-                self.load_state_dict(state)
-                self.logger.truncate_after(self.epoch)
-                log.info(
-                    "resumed from %s at epoch %d, batch %d (step %d)",
-                    self.run_dir / "last.pt",
-                    self.epoch,
-                    self.batches_done,
-                    self.global_step,
-                )
-            else:
-                self.before = self.evaluate(self.test_set, "test (before)")
-                log.info("test before training: %s", _fmt(self.before))
+            self._start()
             with graceful_interrupt() as stop:
                 self.stop_event = stop
                 interrupted = self._train_epochs()
@@ -357,39 +314,50 @@ class Trainer:
                     before=self.before,
                     wall_time=time.perf_counter() - start_time,
                 )
-            after = self._final_test()
-            result = TrainResult(
-                self.run_dir,
-                best_epoch=self.best_epoch,
-                before=self.before,
-                after=after,
-                wall_time=time.perf_counter() - start_time,
-            )
-            (self.run_dir / "results.json").write_text(
-                json.dumps(
-                    {
-                        "test_before": self.before,
-                        "test_after": after,
-                        "best_epoch": self.best_epoch,
-                        "wall_time_s": result.wall_time,
-                    },
-                    indent=2,
-                )
-            )
-            log.info(
-                "\ntest split of '%s' (%d images, classes unseen in training), before training and with "
-                "best.pt (epoch %s, selected on validation %s); wall time %.1f s; run directory %s\n%s",
-                self.config.dataset,
-                len(self.test_set),
-                self.best_epoch,
-                self.config.select_metric,
-                result.wall_time,
-                self.run_dir,
-                result.table(),
-            )
-            return result
+            return self._finish(self._final_test(), time.perf_counter() - start_time)
         finally:
             self._teardown()
+
+    def _start(self) -> None:
+        """Resume from ``last.pt``, or measure the untrained model on the test split."""
+        if self.resume:
+            self.load_state_dict(self.directory.load(map_location=self.device))
+            self.logger.truncate_after(self.epoch)
+            log.info(
+                "resumed from %s at epoch %d, batch %d (step %d)",
+                self.directory.file(RunDirectory.LAST),
+                self.epoch,
+                self.batches_done,
+                self.global_step,
+            )
+        else:
+            self.before = self.evaluate(self.test_set, "test (before)")
+            log.info("test before training: %s", _fmt(self.before))
+
+    def _finish(self, after: dict[str, float], wall_time: float) -> TrainResult:
+        result = TrainResult(
+            self.run_dir, best_epoch=self.best_epoch, before=self.before, after=after, wall_time=wall_time
+        )
+        self.directory.write_results(
+            {
+                "test_before": self.before,
+                "test_after": after,
+                "best_epoch": self.best_epoch,
+                "wall_time_s": wall_time,
+            }
+        )
+        log.info(
+            "\ntest split of '%s' (%d images, classes unseen in training), before training and with "
+            "best.pt (epoch %s, selected on validation %s); wall time %.1f s; run directory %s\n%s",
+            self.config.data.dataset.name,
+            len(self.test_set),
+            self.best_epoch,
+            self.config.eval.select_metric,
+            wall_time,
+            self.run_dir,
+            result.table(),
+        )
+        return result
 
     def _teardown(self) -> None:
         logger = getattr(self, "logger", None)
@@ -402,17 +370,16 @@ class Trainer:
 
     def _train_epochs(self) -> bool:
         """Run the remaining epochs; True when stopped by a signal."""
-        config = self.config
         resuming_mid_epoch = self.resume and self.batches_done > 0
-        while self.epoch < config.epochs:
+        while self.epoch < self.config.optim.epochs:
             if not resuming_mid_epoch:
                 self.sampler.set_epoch(self.epoch)
                 self.batches_done = 0
-                self.epoch_totals = self._new_epoch_totals()
+                self.epoch_stats = EpochStats()
             resuming_mid_epoch = False
             self.train_set.set_epoch(self.epoch)
             self.model.train()
-            if config.freeze_bn:
+            if self.config.model.freeze_bn:
                 models.freeze_batchnorm(self.model)
             if self._train_one_epoch():
                 return True
@@ -423,52 +390,34 @@ class Trainer:
             self.save()
         return False
 
-    def _new_epoch_totals(self) -> dict[str, Any]:
-        return {"sums": {}, "counts": {}, "counted": 0, "images": 0, "skipped": 0, "seconds": 0.0}
-
     def _train_one_epoch(self) -> bool:
-        """Train on the rest of the current epoch; True when stopped by a signal.
-
-        Running sums live in ``self.epoch_totals`` (part of the checkpoint) so an epoch that was
-        interrupted and resumed reports the same averages as an uninterrupted one.
-        """
-        config = self.config
-        totals = self.epoch_totals
-        started = time.perf_counter()
-        seconds_before = totals["seconds"]
-        remaining = self.steps_per_epoch - self.batches_done
+        """Train on the rest of the current epoch; True when stopped by a signal."""
+        stats = self.epoch_stats
+        started, seconds_before = time.perf_counter(), stats.seconds
         bar = tqdm(
             self.loader,
-            total=remaining,
-            desc=f"epoch {self.epoch + 1}/{config.epochs}",
-            disable=not config.progress,
+            total=self.steps_per_epoch - self.batches_done,
+            desc=f"epoch {self.epoch + 1}/{self.config.optim.epochs}",
+            disable=not self.config.run.progress,
             unit="batch",
             dynamic_ncols=True,
             leave=False,
         )
-        for batch_images, labels, indices in bar:
-            batch_images = batch_images.to(self.device, non_blocking=True)
-            labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
-            indices = torch.as_tensor(indices, dtype=torch.int64).to(self.device)
-            loss_value, stats = self._step(batch_images, labels, indices)
+        for images, labels, indices in bar:
+            batch = Batch(
+                images.to(self.device, non_blocking=True),
+                torch.as_tensor(labels, dtype=torch.int64).to(self.device),
+                torch.as_tensor(indices, dtype=torch.int64).to(self.device),
+            )
+            loss_value, step_stats = self._step(batch)
             self.batches_done += 1
-            totals["images"] += len(batch_images)
-            totals["seconds"] = seconds_before + time.perf_counter() - started
-            if loss_value is None:
-                totals["skipped"] += 1
-            else:
-                totals["counted"] += 1
-                sums, counts = totals["sums"], totals["counts"]
-                for key, value in (("train_loss", loss_value), *stats.items()):
-                    if math.isfinite(value):  # statistics absent or undefined at a step are not averaged in
-                        sums[key] = sums.get(key, 0.0) + value
-                        counts[key] = counts.get(key, 0) + 1
-                if self.logger.per_step:
-                    self.logger.log_scalars({"train/loss": loss_value, **stats}, step=self.global_step)
-            rate = totals["images"] / max(totals["seconds"], 1e-9)
+            stats.add_step(loss_value, step_stats, len(batch.images))
+            stats.seconds = seconds_before + time.perf_counter() - started
+            if loss_value is not None and self.logger.per_step:
+                self.logger.log_scalars({"train/loss": loss_value, **step_stats}, step=self.global_step)
             bar.set_postfix(
                 loss=f"{loss_value:.4f}" if loss_value is not None else "skip",
-                img_s=f"{rate:.0f}",
+                img_s=f"{stats.images_per_second:.0f}",
                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
             )
             for hook in self.step_hooks:
@@ -477,43 +426,34 @@ class Trainer:
                 bar.close()
                 return True
         bar.close()
-        self._epoch_stats = {key: value / totals["counts"][key] for key, value in totals["sums"].items()}
-        self._epoch_stats.update(
-            images_per_s=totals["images"] / max(totals["seconds"], 1e-9),
-            epoch_time_s=totals["seconds"],
-            skipped_steps=totals["skipped"],
-        )
         return False
 
-    def _step(
-        self, batch_images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-    ) -> tuple[float | None, dict[str, float]]:
-        config = self.config
+    def _step(self, batch: Batch) -> tuple[float | None, dict[str, float]]:
+        """One optimisation step; ``(None, stats)`` when it was skipped."""
+        optim = self.config.optim
         self.optimizer.zero_grad(set_to_none=True)
-        self.objective.set_progress(self.global_step / max(1, config.epochs * self.steps_per_epoch))
-        with autocast(self.device, config.amp):
-            embeddings = self.model(batch_images)
-        if getattr(self.sampler, "needs_embeddings", False):  # coreset samplers choose batches from these
-            self.sampler.update_embeddings(indices.cpu(), embeddings.detach().float().cpu())
-        # The loss runs in float32: similarity exponentials overflow or lose precision in half precision.
-        loss, stats = self.objective(embeddings.float(), labels, indices)
-        value = float(loss.detach())
+        self.step.set_progress(self.global_step / max(1, optim.epochs * self.steps_per_epoch))
+        out = self.step(batch)
+        # INTERIM (becomes a protocol check): samplers that choose batches from the embeddings get them.
+        if getattr(self.sampler, "needs_embeddings", False):
+            self.sampler.update_embeddings(out.indices.cpu(), out.embeddings.float().cpu())
+        value = float(out.loss.detach())
         if not math.isfinite(value):
-            return self._skip_step(f"non-finite loss ({value})"), stats
-        self.scaler.scale(loss).backward()
-        if config.grad_clip is not None:
+            return self._skip_step(f"non-finite loss ({value})"), out.stats
+        self.scaler.scale(out.loss).backward()
+        if optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], config.grad_clip
+                [p for g in self.optimizer.param_groups for p in g["params"]], optim.grad_clip
             )
             if not torch.isfinite(norm) and not self.scaler.is_enabled():
-                return self._skip_step(f"non-finite gradient norm ({float(norm)})"), stats
+                return self._skip_step(f"non-finite gradient norm ({float(norm)})"), out.stats
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
         self.nonfinite_in_row = 0
-        return value, stats
+        return value, out.stats
 
     def _skip_step(self, reason: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -526,11 +466,11 @@ class Trainer:
             reason,
             self.nonfinite_in_row,
         )
-        if self.nonfinite_in_row >= self.config.max_nonfinite_steps:
+        if self.nonfinite_in_row >= self.config.optim.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} non-finite losses in a row at step {self.global_step} "
                 f"(epoch {self.epoch + 1}); training aborted. The last good checkpoint is "
-                f"{self.run_dir / 'last.pt'}. Try a lower --lr, --grad-clip, or --amp none."
+                f"{self.directory.file(RunDirectory.LAST)}. Try a lower --lr, --grad-clip, or --amp none."
             )
         return None
 
@@ -541,40 +481,30 @@ class Trainer:
             "epoch": epoch_number,
             "step": self.global_step,
             "lr": self.optimizer.param_groups[0]["lr"],
-            **self._epoch_stats,
+            **self.epoch_stats.summary(),
         }
         if len(self.optimizer.param_groups) > 1:
             row["loss_lr"] = self.optimizer.param_groups[1]["lr"]
-        is_last = epoch_number == config.epochs
-        if self.val_set is not None and (epoch_number % config.val_every == 0 or is_last):
+        is_last = epoch_number == config.optim.epochs
+        loss = row.get("train_loss", float("nan"))
+        message = f"epoch {epoch_number}: loss {loss:.4f}, {row['images_per_s']:.0f} img/s"
+        if self.val_set is not None and (epoch_number % config.eval.val_every == 0 or is_last):
             val = self.evaluate(self.val_set, f"val (epoch {epoch_number})")
             row.update({f"val/{k}": v for k, v in val.items()})
-            value = val[config.select_metric]
+            value = val[config.eval.select_metric]
             if value > self.best_value:
                 self.best_value, self.best_epoch = value, epoch_number
-                self.save("best.pt")
-            log.info(
-                "epoch %d: loss %.4f, %.0f img/s, val %s%s",
-                epoch_number,
-                row.get("train_loss", float("nan")),
-                row["images_per_s"],
-                _fmt(val),
-                " (best)" if self.best_epoch == epoch_number else "",
-            )
-        else:
-            log.info(
-                "epoch %d: loss %.4f, %.0f img/s",
-                epoch_number,
-                row.get("train_loss", float("nan")),
-                row["images_per_s"],
-            )
+                self.save(RunDirectory.BEST)
+            best = " (best)" if self.best_epoch == epoch_number else ""
+            message = f"{message}, val {_fmt(val)}{best}"
+        log.info("%s", message)
         return row
 
     def _final_test(self) -> dict[str, float]:
-        best = self.run_dir / "best.pt"
+        best = self.directory.file(RunDirectory.BEST)
         if self.val_set is None or not best.exists():
             # Without a validation split there is nothing to select with: the last epoch is the model.
-            self.save("best.pt")
+            self.save(RunDirectory.BEST)
             self.best_epoch = self.epoch
         else:
             self.model.load_state_dict(ckpt.load(best, map_location=self.device)["model"])

@@ -140,19 +140,25 @@ def build_objective(
     config: TrainConfig, num_classes: int, embedding_size: int, train_size: int | None = None
 ) -> Objective:
     """Loss, miner and memory from the config (``num_classes``/``embedding_size`` to losses needing them)."""
-    loss_cls = losses.REGISTRY.get(config.loss)
-    needs = getattr(loss_cls, "needs", frozenset())
-    kwargs = dict(config.loss_args)
+    objective, memory_config = config.objective, config.memory
+    loss_spec = objective.loss
+    needs = losses.REGISTRY.get(loss_spec.name).needs
+    kwargs = dict(loss_spec.args)
     if "num_classes" in needs:
         kwargs.setdefault("num_classes", num_classes)
     if "embedding_size" in needs:
         kwargs.setdefault("embedding_size", embedding_size)
-    loss = losses.build(config.loss, **kwargs)
-    miner = miners.build(config.miner, **config.miner_args) if config.miner else None
+    loss = losses.build(loss_spec.name, **kwargs)
+    miner_spec = objective.miner
+    miner = miners.build(miner_spec.name, **miner_spec.args) if miner_spec is not None else None
     memory = None
-    if config.xbm_size is not None:
+    if memory_config.xbm_size is not None:
         if train_size is None:
             raise ConfigError("a cross-batch memory sized as a ratio needs the training-set size")
-        memory = CrossBatchMemory(resolve_size(config.xbm_size, train_size), embedding_size, config.xbm_dtype)
-    schedule = miners.check_schedule(config.miner, config.miner_schedule) if config.miner else None
-    return Objective(loss, miner, memory, config.xbm_weight, config.xbm_start, schedule)
+        memory = CrossBatchMemory(
+            resolve_size(memory_config.xbm_size, train_size), embedding_size, memory_config.xbm_dtype
+        )
+    schedule = (
+        miners.check_schedule(miner_spec.name, objective.miner_schedule) if miner_spec is not None else None
+    )
+    return Objective(loss, miner, memory, memory_config.xbm_weight, memory_config.xbm_start, schedule)

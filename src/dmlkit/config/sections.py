@@ -1,0 +1,405 @@
+"""The sections of a training configuration, each a small pydantic model.
+
+``TrainConfig`` = ``run`` + ``data`` + ``model`` + ``objective`` + ``memory`` + ``optim`` + ``eval`` +
+``log``. A section validates its own values; its :meth:`Section.check` asks the registries of the packages it
+configures whether the names and keyword arguments exist (before any data is loaded). Every named
+component (dataset, sampler, loss, miner) is a :class:`ComponentSpec` ``(name, args)``.
+
+Every leaf field is also a command-line flag of the same name (``embedding_size`` → ``--embedding-size``);
+a component gives two flags, ``--loss`` (its name) and ``--loss-args`` (its arguments). Field names are the
+flag names, so a key means the same in a YAML section, on the command line and in a log.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dmlkit import data as data_lib
+from dmlkit import distances, losses, metrics, miners, models, samplers
+from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
+from dmlkit.train import optim
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A field with its help text; a callable default is a factory (a fresh mutable value per config)."""
+    if callable(default):
+        return Field(default_factory=default, description=help, **kwargs)
+    return Field(default, description=help, **kwargs)
+
+
+def _check_choice(kind: str, value: str, choices: list[str]) -> str:
+    if value not in choices:
+        raise UnknownNameError(unknown_name_message(kind, value, choices))
+    return value
+
+
+class ComponentSpec(BaseModel):
+    """A component chosen by name with its keyword arguments; the owning package's registry validates both.
+
+    In YAML either ``{name: arcface, args: {margin: 28.6}}`` or just the name (``arcface``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    #: Section name in YAML and in error messages.
+    key: ClassVar[str] = ""
+
+    def check(self, config: TrainConfig) -> None:
+        """Check names and keyword arguments against their registries (no data is loaded)."""
+
+
+class RunSection(Section):
+    """Where the run goes and how repeatable it is."""
+
+    key: ClassVar[str] = "run"
+
+    name: str | None = _field(None, "run name: outputs go to <output-dir>/<name> (default: a timestamp)")
+    output_dir: str = _field("runs", "folder holding run directories")
+    seed: int = _field(0, "seed of every random choice (weights, sampling, augmentation)")
+    deterministic: bool = _field(False, "use deterministic kernels (slower; bitwise repeatable on CPU)")
+    device: str = _field("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    progress: bool = _field(True, "show a progress bar")
+
+
+class DataSection(Section):
+    """The dataset, its class-disjoint validation split, and how batches are drawn from it."""
+
+    key: ClassVar[str] = "data"
+
+    dataset: ComponentSpec = _field(
+        lambda: ComponentSpec(name="synthetic"),
+        "dataset name (see `dmlkit list datasets`)",
+        json_schema_extra={"args_help": "extra keyword arguments of the dataset"},
+    )
+    data_root: str | None = _field(None, "dataset folder or file (not needed by 'synthetic')")
+    val_fraction: float = _field(
+        0.2, "fraction of training classes held out (class-disjoint) for validation", ge=0.0, lt=1.0
+    )
+    num_workers: int = _field(0, "DataLoader worker processes", ge=0)
+    skip_unreadable: bool = _field(False, "drop unreadable images (reporting how many) instead of failing")
+    sampler: ComponentSpec = _field(
+        lambda: ComponentSpec(name="m_per_class"),
+        "batch sampler name (see `dmlkit list samplers`)",
+        json_schema_extra={"args_help": "extra keyword arguments of the sampler"},
+    )
+    batch_size: int = _field(128, "images per batch", gt=0)
+    samples_per_class: int = _field(4, "images per class in a batch (K of P×K)", gt=0)
+
+    @model_validator(mode="after")
+    def _check_batch_shape(self) -> DataSection:
+        if self.sampler_takes_k and self.batch_size % self.samples_per_class:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by samples_per_class "
+                f"({self.samples_per_class})"
+            )
+        return self
+
+    @property
+    def sampler_takes_k(self) -> bool:
+        """Whether the sampler builds P×K batches (takes ``samples_per_class``)."""
+        registry = samplers.REGISTRY
+        name = self.sampler.name
+        return name in registry and "samples_per_class" in registry.parameters(name)
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """The dataset's keyword arguments, ``skip_unreadable`` folded in (datasets that read files)."""
+        kwargs = dict(self.dataset.args)
+        if self.skip_unreadable:
+            kwargs["skip_unreadable"] = True
+        return kwargs
+
+    def check(self, config: TrainConfig) -> None:
+        data_lib.REGISTRY.check_kwargs(self.dataset.name, self.dataset.args, provided_by_caller=("root",))
+        if self.skip_unreadable and "skip_unreadable" not in data_lib.REGISTRY.parameters(self.dataset.name):
+            raise ConfigError(f"skip_unreadable: dataset '{self.dataset.name}' reads no image files")
+        sampler_extra = ("samples_per_class",) if self.sampler_takes_k else ()
+        samplers.REGISTRY.check_kwargs(
+            self.sampler.name,
+            list(self.sampler.args) + list(sampler_extra),
+            provided_by_caller=("labels", "batch_size", "seed", "rank", "world_size"),
+        )
+
+
+class ModelSection(Section):
+    """Backbone → pooling → head → (normalised) embedding."""
+
+    key: ClassVar[str] = "model"
+
+    backbone: str = _field("small_cnn", "'small_cnn', 'timm:<name>' or 'torchvision:<name>'")
+    pretrained_weights: str | None = _field(None, "local state-dict file for the backbone")
+    embedding_size: int = _field(64, "embedding dimension (0: pooled backbone features)", ge=0)
+    pooling: str = _field("avg", "global pooling: avg, max or gem")
+    normalize: bool = _field(True, "L2-normalise embeddings")
+    freeze_bn: bool = _field(False, "keep BatchNorm layers in eval mode with frozen affine parameters")
+
+    def check(self, config: TrainConfig) -> None:
+        if not models.backbone_exists(self.backbone):
+            raise UnknownNameError(
+                unknown_name_message("backbone", self.backbone, models.available_backbones())
+            )
+        models.check_pooling(self.pooling)
+
+
+class ObjectiveSection(Section):
+    """The loss, the miner that feeds it, and progressive hard mining."""
+
+    key: ClassVar[str] = "objective"
+
+    loss: ComponentSpec = _field(
+        lambda: ComponentSpec(name="multisimilarity"),
+        "loss name (see `dmlkit list losses`)",
+        json_schema_extra={"args_help": "loss hyperparameters, e.g. '{alpha: 2, beta: 50}'"},
+    )
+    miner: ComponentSpec | None = _field(
+        None,
+        "miner name, or none (see `dmlkit list miners`)",
+        json_schema_extra={"args_help": "miner hyperparameters"},
+    )
+    miner_schedule: str | dict[str, Any] | None = _field(
+        None,
+        "progressive hard mining: anneal the miner's hardness knob per iteration, e.g. "
+        "'linear:start=0.5,end=0.1,from=0.1,until=0.8' (kinds linear, cosine, step; see docs/miners.md)",
+    )
+
+    @field_validator("miner", mode="before")
+    @classmethod
+    def _no_miner(cls, value: Any) -> Any:
+        # ``--miner none`` with ``--miner-args``: arguments for nothing are an error, not silently dropped.
+        if isinstance(value, dict) and value.get("name") is None:
+            if value.get("args"):
+                raise ValueError(f"miner_args {value['args']} given but no miner is set")
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _schedule_needs_miner(self) -> ObjectiveSection:
+        if self.miner_schedule is not None and self.miner is None:
+            raise ValueError(f"miner_schedule '{self.miner_schedule}' given but no miner is set")
+        return self
+
+    def check(self, config: TrainConfig) -> None:
+        loss = self.loss
+        losses.REGISTRY.check_kwargs(
+            loss.name, loss.args, provided_by_caller=("num_classes", "embedding_size")
+        )
+        tuple_kinds, accepts_ref = _loss_capabilities(loss.name, loss.args)
+        memory_size = config.memory.xbm_size
+        if memory_size is not None and not accepts_ref:
+            takes_ref = [n for n in losses.available() if losses.REGISTRY.get(n).accepts_ref]
+            raise ConfigError(
+                f"loss '{loss.name}' cannot take a reference set, so it cannot use a cross-batch memory "
+                f"(xbm_size={memory_size}); losses that can: {', '.join(takes_ref)}"
+            )
+        if self.miner is not None:
+            miners.REGISTRY.check_kwargs(self.miner.name, self.miner.args)
+            _check_miner_fits(loss.name, tuple_kinds, self.miner.name)
+            if self.miner_schedule is not None:
+                miners.check_schedule(self.miner.name, self.miner_schedule)
+
+
+def _loss_capabilities(name: str, args: dict[str, Any]) -> tuple[frozenset[str], bool]:
+    # INTERIM: moves into dmlkit.losses once the losses refactor lands.
+    cls = losses.REGISTRY.get(name)
+    if name == "multiple":
+        from dmlkit.losses.combine import declared_attributes
+
+        if "losses" not in args:
+            raise ConfigError("loss 'multiple' needs loss_args {losses: [{name: ..., weight: ...}, ...]}")
+        return declared_attributes(args["losses"])
+    return cls.tuple_kinds, cls.accepts_ref
+
+
+def _check_miner_fits(loss: str, tuple_kinds: frozenset[str], miner: str) -> None:
+    # INTERIM: moves into dmlkit.miners once the miners refactor lands.
+    if loss == "multiple":
+        kind = miners.REGISTRY.get(miner).output_kind
+        if kind not in tuple_kinds:
+            raise ConfigError(
+                f"miner '{miner}' outputs {kind}, which no member of this 'multiple' loss without its own "
+                "miner can use"
+            )
+        return
+    miners.check_compatible(losses.REGISTRY.get(loss), miner)
+
+
+class MemorySection(Section):
+    """Cross-batch memory (XBM): past embeddings as an extra reference set."""
+
+    key: ClassVar[str] = "memory"
+
+    xbm_size: int | float | None = _field(
+        None,
+        "cross-batch memory size: a count (e.g. 8192) or a ratio of the training set (e.g. 1.0); none: off",
+    )
+    xbm_start: int = _field(0, "iterations before the memory is filled and used (XBM paper: 1000)", ge=0)
+    xbm_weight: float = _field(1.0, "weight of the memory loss added to the in-batch loss", ge=0)
+    xbm_dtype: Literal["float32", "float16", "bfloat16"] = _field(
+        "float32", "storage dtype of the memory embeddings"
+    )
+
+    @field_validator("xbm_size", mode="before")
+    @classmethod
+    def _count_or_ratio(cls, value: Any) -> Any:
+        # "1.0" on the command line is a ratio, "1000" a count: decided by the text, not by int coercion.
+        if isinstance(value, str):
+            text = value.strip()
+            return int(text) if text.isdigit() else float(text)
+        return value
+
+    @field_validator("xbm_size")
+    @classmethod
+    def _positive_size(cls, value: int | float | None) -> int | float | None:
+        if value is not None and (isinstance(value, bool) or not value > 0 or not math.isfinite(value)):
+            raise ValueError(f"xbm_size must be a positive count or ratio, got {value}")
+        return value
+
+
+class OptimSection(Section):
+    """Optimizer, learning-rate schedule (stepped every iteration), precision and step safety."""
+
+    key: ClassVar[str] = "optim"
+
+    epochs: int = _field(30, "training epochs", ge=0)
+    optimizer: str = _field("adam", "optimizer: " + ", ".join(optim.OPTIMIZERS.available()))
+    lr: float = _field(1e-3, "learning rate of the model", gt=0)
+    loss_lr: float | None = _field(None, "learning rate of the loss's own parameters (default: lr)")
+    weight_decay: float = _field(0.0, "weight decay", ge=0)
+    momentum: float = _field(0.9, "SGD momentum", ge=0, lt=1)
+    scheduler: str = _field(
+        "warmup_cosine",
+        "learning-rate schedule, stepped every iteration: " + ", ".join(optim.SCHEDULERS.available()),
+    )
+    warmup_epochs: float = _field(1.0, "linear warm-up length in epochs (warmup_cosine)", ge=0)
+    warmup_start_factor: float = _field(0.01, "lr factor at the start of warm-up", gt=0, le=1)
+    min_lr_factor: float = _field(0.0, "lr factor reached at the end of the cosine", ge=0, le=1)
+    step_size: int = _field(10, "epochs between lr drops (step)", gt=0)
+    milestones: list[int] = _field(list, "epochs at which lr drops (multistep)")
+    gamma: float = _field(0.1, "lr drop factor (step, multistep)", gt=0)
+    grad_clip: float | None = _field(None, "clip the gradient norm to this value")
+    amp: Literal["none", "bf16", "fp16"] = _field(
+        "none", "mixed precision: bf16 (cpu or cuda) or fp16 with grad scaling (cuda)"
+    )
+    max_nonfinite_steps: int = _field(
+        10, "abort after this many non-finite losses in a row (each one is skipped)", gt=0
+    )
+
+    @field_validator("loss_lr", "grad_clip")
+    @classmethod
+    def _positive_or_none(cls, value: float | None, info: Any) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"{info.field_name} must be positive or none, got {value}")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _check_choice("optimizer", value, optim.OPTIMIZERS.available())
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return _check_choice("scheduler", value, optim.SCHEDULERS.available())
+
+
+class EvalSection(Section):
+    """Validation (which selects best.pt) and the final test: metrics, distance and search backend."""
+
+    key: ClassVar[str] = "eval"
+
+    val_every: int = _field(1, "validate every N epochs (selects best.pt)", gt=0)
+    metrics: list[str] = _field(
+        lambda: list(metrics.DEFAULT_METRICS), "metrics reported on validation and test"
+    )
+    select_metric: str = _field("map@r", "validation metric that selects best.pt (higher is better)")
+    eval_batch_size: int = _field(256, "batch size when computing embeddings", gt=0)
+    eval_distance: str = _field(
+        "cosine", "distance of the validation/test k-NN search (and of dists@* metrics)"
+    )
+    eval_backend: str = _field(
+        "torch",
+        "validation/test k-NN search: torch (exact), faiss-flat (exact), faiss-ivf / faiss-hnsw "
+        "(approximate; need faiss)",
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one metric is needed")
+        return [m.strip().lower() for m in value]
+
+    @field_validator("eval_distance")
+    @classmethod
+    def _known_distance(cls, value: str) -> str:
+        return _check_choice("distance", value, distances.available(indexable=True))
+
+    @field_validator("eval_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        return _check_choice("search backend", value, list(metrics.BACKENDS))
+
+    @model_validator(mode="after")
+    def _select_among_metrics(self) -> EvalSection:
+        if self.select_metric.lower() not in self.metrics:
+            raise ValueError(f"select_metric '{self.select_metric}' must be one of metrics {self.metrics}")
+        return self
+
+    def check(self, config: TrainConfig) -> None:
+        metrics.check_options(self.metrics, self.eval_distance, self.eval_backend)
+
+
+class LogSection(Section):
+    """Where scalars go besides the run directory's history.jsonl."""
+
+    key: ClassVar[str] = "log"
+
+    tensorboard: bool = _field(False, "log to TensorBoard in the run directory (needs dmlkit[tensorboard])")
+    wandb: bool = _field(False, "log to Weights & Biases (needs dmlkit[wandb])")
+    wandb_project: str = _field("dmlkit", "W&B project")
+
+
+class TrainConfig(BaseModel):
+    """Everything ``dmlkit train`` does, in sections (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    log: LogSection = Field(default_factory=LogSection)
+
+    def sections(self) -> list[Section]:
+        return [getattr(self, name) for name in type(self).model_fields]
+
+    def check(self) -> None:
+        """Every section's :meth:`Section.check` (names and arguments against their registries)."""
+        for section in self.sections():
+            section.check(self)
+
+
+#: Section name → its model, in YAML and ``--help`` order.
+SECTIONS: dict[str, type[Section]] = {
+    name: info.annotation  # type: ignore[misc]
+    for name, info in TrainConfig.model_fields.items()
+}
