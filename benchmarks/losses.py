@@ -310,6 +310,70 @@ class Result:
     noisy: bool = False
 
 
+def _given_triplets(inputs: dict[str, Any], notes: list[str]) -> tuple[Any, str | None]:
+    """The triplets both sides get (PML's miner's, or dmlkit's, the same set, where PML's fails); or None
+    and the note of a row that cannot run."""
+    indices, error = _try(_semihard_pml(), inputs)
+    if indices is None:
+        indices, error_ours = _try(_semihard_ours(), inputs)
+        if indices is None:
+            return None, (
+                f"{count_semihard(inputs):,} semi-hard triplets (counted, not listed); mining them runs "
+                f"out of memory (PML: {error}; dmlkit: {error_ours})"
+            )
+        notes.append(f"triplets from dmlkit's miner (PML's: {error})")
+    notes.append(f"{indices[0].numel():,} triplets")
+    return indices, None
+
+
+def _check_miners(inputs: dict[str, Any], notes: list[str], what: str) -> None:
+    """Both semi-hard miners return the same triplets (when both can list them)."""
+    mined_theirs, _ = _try(_semihard_pml(), inputs)
+    mined_ours, _ = _try(_semihard_ours(), inputs)
+    if mined_ours is not None:
+        notes.append(f"{mined_ours[0].numel():,} triplets")
+    else:
+        notes.append(f"{count_semihard(inputs):,} semi-hard triplets (counted, not listed)")
+    if mined_ours is not None and mined_theirs is not None and not same_triplets(mined_ours, mined_theirs):
+        raise AssertionError(f"{what}: the miners return different triplets")
+
+
+def _first_calls(
+    sides: dict[str, Side], inputs: dict[str, Any], indices: Any, verbose: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One call each (checks and warm-up): the values, and the error of a side that fails."""
+    errors: dict[str, str] = {}
+    values: dict[str, torch.Tensor] = {}
+    for name, side in sides.items():
+        try:
+            values[name] = side.step(inputs, indices)
+        except (RuntimeError, MemoryError, IndexError) as e:
+            if verbose:
+                traceback.print_exc()
+            errors[name] = failure(e)
+        if name in errors:
+            side.emb.grad = None
+            gc.collect()
+    return values, errors
+
+
+def _record_timing(result: Result, comparison: Any, errors: dict[str, str], notes: list[str]) -> None:
+    result.discarded = comparison.discarded
+    result.noisy = comparison.noisy
+    result.ours_ms = 1e3 * comparison.median("ours")
+    result.number = comparison.number
+    result.rounds = len(comparison.times["ours"])
+    spreads = [f"ours ±{comparison.spread('ours'):.0%}"]
+    if "pml" in errors:
+        notes.insert(0, f"PML: {errors['pml']}")
+    else:
+        result.pml_ms = 1e3 * comparison.median("pml")
+        result.speedup = comparison.ratio("pml", "ours")
+        spreads.append(f"PML ±{comparison.spread('pml'):.0%}")
+    result.spread = ", ".join(spreads)
+    result.note = "; ".join(notes)
+
+
 def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.device) -> Result:
     result = Result(row.label, shape.label)
     if shape.ref_size and not row.accepts_ref:
@@ -329,55 +393,23 @@ def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.devi
 
     indices = None
     notes: list[str] = []
+    what = f"{row.label} / {shape.label}"
     if row.mining == "given":
-        # the same triplets for both sides: PML's miner's, or dmlkit's (same set) where PML's fails
-        indices, error = _try(_semihard_pml(), inputs)
-        if indices is None:
-            indices, error_ours = _try(_semihard_ours(), inputs)
-            if indices is None:
-                result.note = (
-                    f"{count_semihard(inputs):,} semi-hard triplets (counted, not listed); mining them runs "
-                    "out of memory "
-                    f"(PML: {error}; dmlkit: {error_ours})"
-                )
-                return result
-            notes.append(f"triplets from dmlkit's miner (PML's: {error})")
-        notes.append(f"{indices[0].numel():,} triplets")
-
+        indices, cannot = _given_triplets(inputs, notes)
+        if cannot is not None:
+            result.note = cannot
+            return result
     if row.mining == "miner+loss":
-        mined_theirs, _ = _try(_semihard_pml(), inputs)
-        mined_ours, _ = _try(_semihard_ours(), inputs)
-        if mined_ours is not None:
-            notes.append(f"{mined_ours[0].numel():,} triplets")
-        else:
-            notes.append(f"{count_semihard(inputs):,} semi-hard triplets (counted, not listed)")
-        if (
-            mined_ours is not None
-            and mined_theirs is not None
-            and not same_triplets(mined_ours, mined_theirs)
-        ):
-            raise AssertionError(f"{row.label} / {shape.label}: the miners return different triplets")
-        del mined_theirs, mined_ours
+        _check_miners(inputs, notes, what)
 
     # one call each: checks and warm-up; a side that fails is reported, not timed
-    errors: dict[str, str] = {}
-    values: dict[str, torch.Tensor] = {}
-    for name, side in (("ours", ours), ("pml", theirs)):
-        try:
-            values[name] = side.step(inputs, indices)
-        except (RuntimeError, MemoryError, IndexError) as e:
-            if args.verbose:
-                traceback.print_exc()
-            errors[name] = failure(e)
-        if name in errors:
-            side.emb.grad = None
-            gc.collect()
+    values, errors = _first_calls({"ours": ours, "pml": theirs}, inputs, indices, args.verbose)
     if "ours" in errors:
         failures = [f"dmlkit: {errors['ours']}"] + ([f"PML: {errors['pml']}"] if "pml" in errors else [])
         result.note = "; ".join(notes + failures)
         return result
     if "pml" not in errors:
-        check_same(ours, theirs, values["ours"], values["pml"], f"{row.label} / {shape.label}")
+        check_same(ours, theirs, values["ours"], values["pml"], what)
 
     fns = {"ours": lambda: ours.step(inputs, indices)}
     if "pml" not in errors:
@@ -392,20 +424,7 @@ def run_row(row: Row, shape: Shape, args: argparse.Namespace, device: torch.devi
         max_foreign=None if args.max_foreign < 0 else args.max_foreign,  # resolved in main()
         max_wait_s=args.max_wait,
     )
-    result.discarded = comparison.discarded
-    result.noisy = comparison.noisy
-    result.ours_ms = 1e3 * comparison.median("ours")
-    result.number = comparison.number
-    result.rounds = len(comparison.times["ours"])
-    spreads = [f"ours ±{comparison.spread('ours'):.0%}"]
-    if "pml" in errors:
-        notes.insert(0, f"PML: {errors['pml']}")
-    else:
-        result.pml_ms = 1e3 * comparison.median("pml")
-        result.speedup = comparison.ratio("pml", "ours")
-        spreads.append(f"PML ±{comparison.spread('pml'):.0%}")
-    result.spread = ", ".join(spreads)
-    result.note = "; ".join(notes)
+    _record_timing(result, comparison, errors, notes)
     return result
 
 

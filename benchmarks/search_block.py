@@ -1,5 +1,5 @@
-"""Where the exact CPU search spends its time: one score block of ``dmlkit.metrics.knn`` against the same
-work done by numpy's BLAS and by faiss.
+"""Where the exact CPU search spends its time: one score block of ``dmlkit.search.torch_backend`` against
+the same work done by numpy's BLAS and by faiss.
 
     python benchmarks/search_block.py                  # 1 thread, d = 128 and 512
     python benchmarks/search_block.py --threads 2 --dims 128
@@ -8,15 +8,15 @@ work done by numpy's BLAS and by faiss.
 For each d, one block of the torch search (256 queries × 65,536 gallery items) is timed in its parts:
 
 - ``torch addmm``: the score product 2⟨q, g⟩ − ‖g‖² (torch's BLAS; MKL in the PyPI wheels);
-- ``torch topk``: :func:`dmlkit.metrics.knn.topk_stable` with k = 100 on that block;
+- ``torch topk``: :func:`dmlkit.search.torch_backend.topk_stable` with k = 100 on that block;
 - ``numpy matmul``: the same product with numpy's BLAS (OpenBLAS in the PyPI wheels), threads limited
   with threadpoolctl;
 - ``faiss IndexFlatL2.search``: the whole job faiss does (product + top-100) for 8× as many queries,
   divided by 8 (faiss runs its BLAS path in 4,096-query blocks; a 256-query call would understate it).
 
 Times are medians of interleaved rounds (``common.compare``), so a burst of foreign load hits every
-variant alike. The block shape is the search's own (:data:`dmlkit.metrics.knn.GALLERY_TILE` columns,
-:data:`~dmlkit.metrics.knn.MAX_BLOCK_ELEMENTS` scores).
+variant alike. The block shape is the search's own (:data:`dmlkit.search.torch_backend.GALLERY_TILE` columns,
+:data:`~dmlkit.search.torch_backend.MAX_BLOCK_ELEMENTS` scores).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compare, machine_description, replace_section
 
-from dmlkit.metrics.knn import GALLERY_TILE, MAX_BLOCK_ELEMENTS, topk_stable
+from dmlkit.search.torch_backend import GALLERY_TILE, MAX_BLOCK_ELEMENTS, topk_stable
 
 K = 100
 HEADING = "## Exact k-NN search on the CPU: where the time goes"

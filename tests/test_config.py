@@ -250,3 +250,11 @@ def test_help_shows_each_default_once_and_names_real_commands(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: a timestamp)" in text and "(default: a timestamp) (default" not in text
     assert "dmlkit list losses" in text and "`dmlkit losses`" not in text
+
+
+def test_configuration_doc_lists_every_key_with_its_flag() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    for flag in flag_names():
+        assert f"`{flag}`" in text, flag

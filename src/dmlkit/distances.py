@@ -79,7 +79,9 @@ class Distance(ABC):
     # -- the formulas ----------------------------------------------------------------------------------------
 
     @abstractmethod
-    def matrix(self, query: torch.Tensor, ref: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    def matrix(
+        self, query: torch.Tensor, ref: torch.Tensor | None = None, scale: float = 1.0
+    ) -> torch.Tensor:
         """``scale ×`` the ``len(query) × len(ref)`` matrix (``ref`` None: ``query`` against itself)."""
 
     @abstractmethod
@@ -111,7 +113,22 @@ class Distance(ABC):
         """Whether rows are L2-normalised before the formula."""
         return self.normalize_embeddings
 
-    # -- identity ----------------------------------------------------------------------------------------------
+    @property
+    def is_cosine(self) -> bool:
+        """Whether the values are cosines: inner products of L2-normalised rows (bounded by ±1)."""
+        return self.index_metric == "inner_product" and self.normalizes
+
+    def _rows(
+        self, query: torch.Tensor, ref: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both sides upcast to one dtype (:func:`upcast`) and L2-normalised if this distance normalises."""
+        x, y = _common(query, ref)
+        if self.normalizes:
+            x = F.normalize(x, p=2, dim=1)
+            y = None if y is None else F.normalize(y, p=2, dim=1)
+        return x, y
+
+    # -- identity ------------------------------------------------------------------------------------------
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, str):
@@ -161,9 +178,7 @@ def _unit_rows_backward(
     return grad.addcmul(unit, dot, value=-1.0).mul_(factor)
 
 
-def _gram_forward(
-    xn: torch.Tensor, yn: torch.Tensor, same: bool, kind: str, scale: float
-) -> torch.Tensor:
+def _gram_forward(xn: torch.Tensor, yn: torch.Tensor, same: bool, kind: str, scale: float) -> torch.Tensor:
     """``scale·⟨x, y⟩`` (kind ``dot``) or ``‖x‖² + ‖y‖² − 2⟨x, y⟩`` clamped at 0 (``squared``), square-rooted
     for ``euclidean``; rows already normalised if they should be."""
     if kind == "dot":
@@ -240,28 +255,29 @@ class _GramDistance(Distance):
 
     kind: ClassVar[str] = "dot"
 
-    def matrix(self, query: torch.Tensor, ref: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    def matrix(
+        self, query: torch.Tensor, ref: torch.Tensor | None = None, scale: float = 1.0
+    ) -> torch.Tensor:
         """With autograd, the Gram form and its closed-form backward (:class:`_GramMatrix`); without (mining,
         sampling), L2 distances come from ``torch.cdist``, the values of PML's ``LpDistance``."""
         with torch.autocast(device_type=query.device.type, enabled=False):
             x, y = _common(query, ref)
             if y is x:
                 y = None
-            if self.kind != "dot" and not _needs_grad(x, y):
-                if self.normalizes:
-                    x = F.normalize(x, p=2, dim=1)
-                    y = None if y is None else F.normalize(y, p=2, dim=1)
+            if self.kind == "dot":  # the scale is folded into the product (and its backward)
+                return _GramMatrix.apply(x, y, self.kind, self.normalizes, scale)  # type: ignore[no-any-return]
+            if _needs_grad(x, y):
+                mat = _GramMatrix.apply(x, y, self.kind, self.normalizes, 1.0)
+            else:
+                x, y = self._rows(x, y)
                 mat = torch.cdist(x, x if y is None else y)
                 mat = mat.pow(2) if self.kind == "squared" else mat
-                return mat if scale == 1.0 else mat * scale
-            return _GramMatrix.apply(x, y, self.kind, self.normalizes, scale)  # type: ignore[no-any-return]
+            return mat if scale == 1.0 else mat * scale
 
     def paired(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=a.device.type, enabled=False):
-            x, y = _common(a, b)
+            x, y = self._rows(a, b)
             assert y is not None
-            if self.normalizes:
-                x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
             if self.kind == "dot":
                 return (x * y).sum(1)
             squared = (x - y).pow(2).sum(1)
@@ -331,12 +347,11 @@ class SNR(Distance):
     squared-L2 Gram computation (the unbiased ``1/(D − 1)`` cancels).
     """
 
-    def matrix(self, query: torch.Tensor, ref: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    def matrix(
+        self, query: torch.Tensor, ref: torch.Tensor | None = None, scale: float = 1.0
+    ) -> torch.Tensor:
         with torch.autocast(device_type=query.device.type, enabled=False):
-            x, y = _common(query, ref)
-            if self.normalizes:
-                x = F.normalize(x, p=2, dim=1)
-                y = None if y is None else F.normalize(y, p=2, dim=1)
+            x, y = self._rows(query, ref)
             xc = x - x.mean(dim=1, keepdim=True)
             yc = xc if y is None else y - y.mean(dim=1, keepdim=True)
             x2 = xc.pow(2).sum(1)
@@ -347,10 +362,8 @@ class SNR(Distance):
 
     def paired(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=a.device.type, enabled=False):
-            x, y = _common(a, b)
+            x, y = self._rows(a, b)
             assert y is not None
-            if self.normalizes:
-                x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
             return torch.var(x - y, dim=1) / torch.var(x, dim=1)
 
 
@@ -395,37 +408,3 @@ __all__ = [
     "resolve",
     "upcast",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# TRANSITIONAL (removed before the refactor lands): the old string API, kept only so the tree imports while
-# each area moves to the objects. Do not use.
-
-DISTANCES: tuple[str, ...] = ("euclidean", "squared_euclidean", "cosine", "dot")
-
-
-def check_distance(distance: str) -> None:
-    if distance not in DISTANCES:
-        from dmlkit.errors import UnknownNameError, unknown_name_message
-
-        raise UnknownNameError(unknown_name_message("distance", distance, DISTANCES))
-
-
-def is_similarity(distance: str) -> bool:
-    check_distance(distance)
-    return distance in ("cosine", "dot")
-
-
-def pairwise(x: torch.Tensor, y: torch.Tensor | None = None, distance: str = "cosine") -> torch.Tensor:
-    check_distance(distance)
-    if y is None:
-        y = x
-    if distance == "cosine":
-        return F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
-    if distance == "dot":
-        return x @ y.T
-    squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.T)).clamp_min(0.0)
-    if distance == "squared_euclidean":
-        return squared
-    zero = squared == 0
-    return torch.sqrt(squared + zero.to(squared.dtype) * 1e-16) * (~zero).to(squared.dtype)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dmlkit import metrics as metrics_lib
+from dmlkit.distances import DistanceLike
 from dmlkit.errors import ConfigError
 
 
@@ -90,7 +91,7 @@ def evaluate_model(
     progress: bool = False,
     seed: int = 0,
     description: str = "eval",
-    distance: str = "cosine",
+    distance: DistanceLike = "cosine",
     backend: str = "torch",
 ) -> metrics_lib.RetrievalResults:
     """Leave-one-out retrieval metrics of ``model`` on ``dataset`` (every item is a query), with

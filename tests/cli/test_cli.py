@@ -120,6 +120,30 @@ def test_eval_per_class_and_examples(trained_run: Path, tmp_path: Path, capsys) 
     assert ".png or .jpg" in capsys.readouterr().err
 
 
+def test_eval_examples_search_once(trained_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """--examples draws from the evaluation's own results: one search serves the metrics and the picture,
+    kept as deep as the deeper of the two needs."""
+    from dmlkit.search.torch_backend import TorchSearch
+
+    depths: list[int] = []
+    original = TorchSearch.search
+
+    def counting(self, inputs, request):
+        depths.append(request.k)
+        return original(self, inputs, request)
+
+    monkeypatch.setattr(TorchSearch, "search", counting)
+    capsys.readouterr()
+    grid = str(tmp_path / "grid.png")
+    assert main(["eval", "--checkpoint", str(trained_run), "--metrics", "recall@1,recall@2", "--examples",
+                 grid, "--examples-top", "6", "--json", "--no-progress"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert depths == [6] and report["examples"]["top"] == 6
+    assert main(["eval", "--checkpoint", str(trained_run), "--metrics", "recall@8", "--examples", grid,
+                 "--examples-top", "3", "--no-progress"]) == 0  # fmt: skip
+    assert depths == [6, 8]
+
+
 def test_unknown_metric_names_fail_before_loading(trained_run: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "absent.pt"), "--metrics", "recall@1,recal@5"]) == 2

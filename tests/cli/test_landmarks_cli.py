@@ -209,12 +209,12 @@ def _write_gnd(path: Path, data: dict) -> Path:
 def test_revisited_errors_name_the_culprit(
     trained_run: Path, revisited, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import dmlkit.cli.landmarks as cli_landmarks
+    import dmlkit.cli.common as cli_common
 
     def no_embedding(*args, **kwargs):
         raise AssertionError("embedding started before the inputs were checked")
 
-    monkeypatch.setattr(cli_landmarks, "compute_embeddings", no_embedding)
+    monkeypatch.setattr(cli_common, "compute_embeddings", no_embedding)
     data = revisited["data"]
     base = ["eval", "--checkpoint", str(trained_run), "--no-progress"]
 

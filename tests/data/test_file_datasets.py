@@ -172,3 +172,23 @@ def test_real_clothing_csv() -> None:
     assert not set(splits.train.class_names) & set(splits.test.class_names)
     image, label, _ = splits.train[0]
     assert image.shape == (3, 64, 64) and 0 <= label < splits.train.num_classes
+
+
+def test_one_listing_one_decoder(tree: Path) -> None:
+    """``data.images``: the datasets' listing skips hidden entries; the CLI's keeps them, takes GIF/TIFF."""
+    from dmlkit.data import images
+
+    _image(tree / "alpha" / ".cache" / "4.png", 1)
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tree / "alpha" / "5.gif")
+    listed = images.image_files(tree / "alpha", skip_hidden=True)
+    assert [p.relative_to(tree).as_posix() for p in listed] == [
+        "alpha/0.png", "alpha/1.png", "alpha/2.png", "alpha/more/3.jpg"
+    ]  # fmt: skip
+    everything = images.image_files(tree / "alpha", extensions=images.EMBED_EXTENSIONS, skip_hidden=False)
+    assert {p.name for p in everything} == {"0.png", "1.png", "2.png", "3.jpg", "4.png", "5.gif"}
+    assert set(images.EMBED_EXTENSIONS) - images.IMAGE_EXTENSIONS == {".gif", ".tif", ".tiff"}
+    assert images.load_image(tree / "alpha" / "0.png", channels=1).mode == "L"
+    assert images.load_image(tree / "alpha" / "5.gif").mode == "RGB"
+    (tree / "broken.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"cannot read image '.*broken\.png'"):
+        images.load_image(tree / "broken.png")

@@ -11,7 +11,7 @@ import torch
 from dmlkit import losses
 from dmlkit.errors import ConfigError, DataError, UnknownNameError
 from dmlkit.losses.base import BaseLoss, masked_logsumexp, reduce
-from dmlkit.miners.tuples import TUPLE_KINDS
+from dmlkit.tuples import TUPLE_KINDS
 
 F64 = {"rtol": 1e-8, "atol": 1e-12}
 
@@ -101,6 +101,57 @@ def test_reductions_against_formulas() -> None:
         reduce(x, "avg")
 
 
+def test_reducers_are_a_registry_with_masked_and_divisor_forms() -> None:
+    assert losses.reducers.available() == ["avg_non_zero", "mean", "sum"]
+    with pytest.raises(UnknownNameError, match="unknown reduction 'mena'; did you mean 'mean'"):
+        losses.reducers.build("mena")
+    with pytest.raises(UnknownNameError, match="reduction 'means'; did you mean 'mean'"):
+        losses.build("contrastive", reduction="means")
+    x = torch.tensor([0.0, 2.0, -1.0, 1.0, 3.0], dtype=torch.float64)
+    mask = torch.tensor([True, True, True, False, False])
+    count, active = torch.tensor(3), torch.tensor(1)
+    expected_divisor = {"mean": 3, "avg_non_zero": 1, "sum": 1}
+    for name in losses.reducers.available():
+        reducer = losses.reducers.build(name)
+        assert repr(losses.build("contrastive", reduction=name).reducer) == repr(reducer)
+        torch.testing.assert_close(reducer.masked(x, mask), reduce(x[mask], name))
+        torch.testing.assert_close(reducer(x), reduce(x, name))
+        assert int(reducer.divisor(count, active)) == expected_divisor[name]
+
+
+def test_protocols_describe_the_losses() -> None:
+    loss = losses.build("contrastive")
+    assert isinstance(loss, losses.Loss) and isinstance(
+        losses.build("multiple", losses=["triplet"]), losses.Loss
+    )
+    assert not isinstance(torch.nn.MSELoss(), losses.Loss)  # a foreign loss: no tuple_kinds, accepts_ref, ...
+
+
+SNR_READY = {"num_classes": 4, "embedding_size": 6}
+
+
+@pytest.mark.parametrize("name", sorted(set(losses.available()) - {"multiple"}))
+def test_snr_distance_works_or_is_refused_by_name(name: str) -> None:
+    """``distance="snr"`` (asymmetric, unbounded) for every loss: a finite value and gradient, or a
+    ConfigError naming the distance."""
+    cls = losses.REGISTRY.get(name)
+    params = inspect.signature(cls).parameters
+    if "distance" not in params:
+        pytest.skip("no distance")
+    extra = {key: value for key, value in SNR_READY.items() if key in params}
+    try:
+        loss = losses.build(name, distance="snr", **extra)
+    except ConfigError as exc:
+        assert "distance" in str(exc) and "snr" in str(exc)
+        return
+    assert loss.distance == "snr" and not loss.is_similarity
+    emb, labels = batch()
+    emb.requires_grad_()
+    value = loss(emb, labels)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(emb.grad).all()
+
+
 def test_masked_logsumexp_matches_pml() -> None:
     lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
     g = torch.Generator().manual_seed(1)
@@ -141,8 +192,8 @@ def test_losses_without_tuple_kinds_or_ref_refuse_them() -> None:
     class ProxyLike(BaseLoss):
         accepts_ref = False
 
-        def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-            return embeddings.sum()
+        def compute_loss(self, batch):
+            return batch.embeddings.sum()
 
     emb, labels = batch()
     loss = ProxyLike()

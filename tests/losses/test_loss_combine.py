@@ -4,6 +4,7 @@ against the weighted sum of individually built losses and miners, and against PM
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -157,6 +158,43 @@ def test_a_reference_set_call_is_answered_by_the_members_that_accept_one() -> No
 def test_declared_attributes_match_the_built_instance(members) -> None:
     built = build_multiple(members)
     assert declared_attributes(members) == (built.tuple_kinds, built.accepts_ref)
+
+
+def test_capabilities_of_a_configuration_without_building_it() -> None:
+    for name in losses.available():
+        cls = losses.REGISTRY.get(name)
+        if name != "multiple":
+            assert losses.capabilities(name, {}) == (cls.tuple_kinds, cls.accepts_ref)
+    members = [{"name": "contrastive", "miner": "batch_hard"}, "p2sgrad"]
+    assert losses.capabilities("multiple", {"losses": members}) == declared_attributes(members)
+    assert losses.capabilities("multiple", {"losses": members}) == (frozenset(), True)
+    with pytest.raises(ConfigError, match=re.escape("loss 'multiple' needs loss_args {losses: ")):
+        losses.capabilities("multiple", {})
+    with pytest.raises(UnknownNameError, match="did you mean 'multisimilarity'"):
+        losses.capabilities("multisimilarty", {})
+
+
+def test_a_miner_is_checked_against_the_configured_kinds() -> None:
+    multiple = losses.REGISTRY.get("multiple")
+    only_own = [{"name": "contrastive", "miner": "batch_hard"}, "p2sgrad"]
+    kinds, _ = losses.capabilities("multiple", {"losses": only_own})
+    with pytest.raises(
+        ConfigError,
+        match="miner 'batch_hard' outputs triplets, which no member of this 'multiple' loss without its own "
+        "miner can use",
+    ):
+        miners.check_fits(multiple, kinds, "batch_hard")
+    miners.check_fits(multiple, losses.capabilities("multiple", {"losses": ["contrastive"]})[0], "batch_hard")
+    for name in ("contrastive", "p2sgrad"):  # the class's kinds: check_compatible's messages
+        cls = losses.REGISTRY.get(name)
+        for miner in miners.available():
+            try:
+                miners.check_compatible(cls, miner)
+            except ConfigError as expected:
+                with pytest.raises(ConfigError, match=re.escape(str(expected))):
+                    miners.check_fits(cls, losses.capabilities(name, {})[0], miner)
+            else:
+                miners.check_fits(cls, losses.capabilities(name, {})[0], miner)
 
 
 def test_num_classes_and_embedding_size_go_to_the_members_that_need_them() -> None:

@@ -2,7 +2,8 @@
 
 Covers the code paths that the PML reference tests reach only partly: the sort-based same-label search
 and the binary-search all-triplets count (used above a size threshold, forced here by monkeypatching
-the thresholds), the fused distance matrix and listed triplets with repeats.
+the thresholds) and listed triplets with repeats. (The distances' own fused backward pass is tested in
+tests/test_distances.py.)
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import dmlkit.losses.pair as pair
-import dmlkit.miners.tuples as tuples_module
+import dmlkit.tuples as tuples_module
 from dmlkit import losses
-from dmlkit.losses.base import PairLoss, farther_by, fused_distance_matrix
-from dmlkit.miners.tuples import distance_matrix, to_triplets
-
-DISTANCES = ["euclidean", "squared_euclidean", "cosine", "dot"]
+from dmlkit.losses.base import PairLoss
+from dmlkit.tuples import Batch, to_triplets
 
 
 def batch(n: int, ref: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -31,45 +30,6 @@ def batch(n: int, ref: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
         labels,
         torch.randn(2 * n, 6, dtype=torch.float64, generator=g),
         torch.randint(0, 6, (2 * n,), generator=g),
-    )
-
-
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("ref", [False, True])
-def test_fused_distance_matrix_matches_autograd(distance: str, normalize: bool, ref: bool) -> None:
-    x, _, r, _ = batch(7, ref)
-    weights = torch.randn(7, 14 if ref else 7, dtype=torch.float64)
-    if not ref:
-        weights.fill_diagonal_(0)  # the distance of an item to itself has no derivative
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    r1 = r2 = None
-    if ref:
-        r1, r2 = r.clone().requires_grad_(), r.clone().requires_grad_()
-    fused = fused_distance_matrix(x1, r1, distance, normalize, 1.0)
-    plain = distance_matrix(x2, r2, distance, normalize)
-    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-14)
-    (fused * weights).sum().backward()
-    (plain * weights).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-13)
-    if ref:
-        torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-12, atol=1e-13)
-        assert torch.autograd.gradcheck(
-            lambda a, b: fused_distance_matrix(a, b, distance, normalize), (x1, r1)
-        )
-    else:
-        assert torch.autograd.gradcheck(
-            lambda a: fused_distance_matrix(a, None, distance, normalize) * weights, (x1,)
-        )
-
-
-@pytest.mark.parametrize("scale", [1.0, 12.5])
-def test_fused_similarity_scale(scale: float) -> None:
-    x, _, r, _ = batch(5, True)
-    x = x.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: fused_distance_matrix(a, r, "cosine", True, scale), (x,))
-    torch.testing.assert_close(
-        fused_distance_matrix(x, r, "cosine", True, scale), scale * F.normalize(x) @ F.normalize(r).T
     )
 
 
@@ -98,7 +58,7 @@ def test_contrastive_all_pairs_matches_pair_lists(
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     fused = loss(x1, labels, None, r, rl)
     fused_stats = loss.last_stats
-    plain = PairLoss.compute_loss(loss, x2, labels, None, r, rl)  # gathers over the listed pairs
+    plain = PairLoss.compute_loss(loss, Batch(x2, labels, r, rl))  # gathers over the listed pairs
     assert fused_stats == loss.last_stats
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-14)
     fused.backward()
@@ -106,10 +66,26 @@ def test_contrastive_all_pairs_matches_pair_lists(
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-14)
 
 
+def plain_matrix(x: torch.Tensor, y: torch.Tensor | None, name: str, normalize: bool) -> torch.Tensor:
+    """The distance matrix written out for autograd (√ with a zero gradient at 0)."""
+    if normalize or name == "cosine":
+        x = F.normalize(x, p=2, dim=1)
+        y = None if y is None else F.normalize(y, p=2, dim=1)
+    y = x if y is None else y
+    if name in ("cosine", "dot"):
+        return x @ y.T
+    squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.T)).clamp_min(0.0)
+    if name == "squared_euclidean":
+        return squared
+    zero = squared == 0
+    return torch.sqrt(squared + zero.to(squared.dtype) * 1e-16) * (~zero).to(squared.dtype)
+
+
 def triplet_reference(loss, x, labels, indices, r, rl) -> tuple[torch.Tensor, int, int]:
     a, p, n = to_triplets(indices, labels, rl, "all")
-    mat = distance_matrix(x, r, loss.distance, loss.normalize_embeddings)
-    hinge = F.relu(farther_by(mat[a, p], mat[a, n], loss.is_similarity) + loss.margin)
+    mat = plain_matrix(x, r, str(loss.distance), loss.normalize_embeddings)
+    ap, an = mat[a, p], mat[a, n]
+    hinge = F.relu((an - ap if loss.is_similarity else ap - an) + loss.margin)
     return loss.reduce(hinge), a.numel(), int((hinge > 0).sum())
 
 

@@ -30,7 +30,7 @@ from pair_checks import (
 
 from dmlkit import losses
 from dmlkit.errors import ConfigError
-from dmlkit.miners.tuples import all_triplets, random_triplets
+from dmlkit.tuples import Batch, all_triplets, random_triplets
 
 pml = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -519,7 +519,7 @@ def test_quadruplet_random_fourth_negative_matches_loop_on_the_same_draws(source
     torch.manual_seed(5)
     value = loss(emb, labels, indices_tuple, ref, ref_labels)
     # the same global RNG state gives the same draws; the loop checks each one is a valid fourth sample
-    a, p, n = loss.triplets(indices_tuple, labels, ref_labels)
+    a, p, n = loss.triplets(Batch(emb, labels, ref, ref_labels, indices_tuple=indices_tuple))
     assert sorted(zip(a.tolist(), p.tolist(), n.tolist(), strict=True)) == sorted(triplets)
     torch.manual_seed(5)
     fourth, valid = loss.sample_fourth_negatives(a, n, labels, ref_labels)

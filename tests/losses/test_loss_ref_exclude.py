@@ -12,7 +12,7 @@ import torch
 
 from dmlkit import losses
 from dmlkit.errors import ConfigError, DataError
-from dmlkit.miners.tuples import all_pairs
+from dmlkit.tuples import all_pairs
 
 DIM = 8
 REF_LOSSES = [n for n in losses.available() if losses.REGISTRY.get(n).accepts_ref]

@@ -194,7 +194,7 @@ def test_degenerate_labels_match_pml(name, kwargs, pml_factory, labels_name) -> 
 
 
 def test_triplets_per_anchor_matches_pml_on_the_same_triplets() -> None:
-    from dmlkit.miners.tuples import random_triplets
+    from dmlkit.tuples import random_triplets
 
     emb, labels = make_batch(24, 8, 5, torch.float64, seed=11)
     torch.manual_seed(123)

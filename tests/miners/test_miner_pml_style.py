@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dmlkit import miners
+from dmlkit import miners, tuples
 from dmlkit.errors import ConfigError, UnknownNameError
 
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -326,8 +326,8 @@ def test_uniform_histogram_follows_pml(with_ref: bool) -> None:
     args = (emb, labels, ref, ref_labels) if with_ref else (emb, labels)
     kw = {"num_bins": 7, "pos_per_bin": 3, "neg_per_bin": 5}
     miner = miners.build("uniform_histogram", seed=1, **kw)
-    mat = miner.distance_matrix(emb, ref if with_ref else None)
-    pos, neg = miners.tuples.label_masks(labels, ref_labels if with_ref else None)
+    mat = miner.distance.matrix(emb, ref if with_ref else None)
+    pos, neg = tuples.label_masks(labels, ref_labels if with_ref else None)
     theirs = pml_miners.UniformHistogramMiner(**kw)(*args)
     ours = miner(*args)
     assert [len(x) for x in ours] == [len(x) for x in theirs]

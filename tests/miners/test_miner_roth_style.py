@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import stats
 
-from dmlkit import miners
+from dmlkit import miners, tuples
 from dmlkit.errors import ConfigError, UnknownNameError
-from dmlkit.miners.tuples import label_masks
+from dmlkit.tuples import label_masks
 
 STOCHASTIC = [
     "random",
@@ -328,7 +328,7 @@ def test_random_is_uniform_over_all_triplets_without_replacement() -> None:
         out = list(zip(*(t.tolist() for t in miner(emb, labels)), strict=True))
         assert len(out) == 6 and len(set(out)) == 6  # batch-size many, without replacement
         counts.update(out)
-    a, p, n = miners.tuples.all_triplets(labels)
+    a, p, n = tuples.all_triplets(labels)
     everything = list(zip(a.tolist(), p.tolist(), n.tolist(), strict=True))
     assert set(counts) == set(everything)
     assert pvalue([counts[t] for t in everything], np.ones(len(everything))) > 1e-3

@@ -184,6 +184,34 @@ def test_explicit_knob_and_errors() -> None:
     assert check_schedule("semihard", None) is None
 
 
+def test_hardness_is_a_declared_capability() -> None:
+    miner = miners.build("triplet_margin", margin=0.3)
+    assert isinstance(miner, miners.HardMiner) and isinstance(miner, miners.Miner)
+    assert miner.hardness_knob == "margin" and miner.hardness == 0.3
+    miner.set_hardness(0.1)
+    assert miner.margin == miner.hardness == 0.1
+    rho = miners.build("rho_distance")
+    rho.set_hardness(0.4, knob="cp")
+    assert rho.cp == 0.4 and rho.hardness == 0.5  # the default knob (lower_cutoff) is untouched
+    lifted = miners.build("lifted")
+    assert lifted.hardness is None
+    with pytest.raises(ConfigError, match="miner 'lifted' has no hardness knob"):
+        lifted.set_hardness(0.5)
+    with pytest.raises(UnknownNameError, match=r"'margn'; did you mean 'margin'"):
+        miner.set_hardness(0.5, knob="margn")
+
+    class Foreign(torch.nn.Module):
+        hardness_knob = "margin"
+
+        def __init__(self, margin: float = 0.1) -> None:
+            super().__init__()
+            self.margin = margin
+
+    assert not isinstance(Foreign(), miners.HardMiner)
+    with pytest.raises(ConfigError, match="'Foreign' is not a dmlkit miner"):
+        MinerSchedule.parse("linear:start=0,end=1").apply(Foreign(), 0.5)  # type: ignore[arg-type]
+
+
 def test_progressive_hard_mining_makes_tuples_harder() -> None:
     g = torch.Generator().manual_seed(1)
     emb = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1)

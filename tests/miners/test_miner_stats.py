@@ -10,7 +10,7 @@ import torch
 
 from dmlkit import losses, miners
 from dmlkit.miners import base
-from dmlkit.miners.tuples import pairs_to_triplets
+from dmlkit.tuples import pairs_to_triplets
 
 KEYS = {"mean_pos_distance", "mean_neg_distance", "frac_hard", "frac_semihard", "frac_easy"}
 
@@ -65,7 +65,7 @@ def test_stats_match_brute_force(name: str, kwargs: dict, with_ref: bool) -> Non
     count_keys = {"num_triplets"} if len(out) == 3 else {"num_pos_pairs", "num_neg_pairs"}
     assert set(stats) == KEYS | count_keys
     assert stats.get("num_triplets", len(out[0])) == len(out[0])
-    mat = miner.distance_matrix(emb, ref if with_ref else None)
+    mat = miner.distance.matrix(emb, ref if with_ref else None)
     expected = brute_force(miner, mat, out, float(getattr(miner, "margin", 0.2)))
     for key, value in expected.items():
         assert stats[key] == pytest.approx(value, abs=1e-9), key
@@ -80,7 +80,7 @@ def test_pair_fractions_with_many_positives_per_anchor() -> None:
     ref_labels = torch.arange(120) % 2
     miner = miners.build("lifted")
     out = miner(emb, labels, ref, ref_labels)
-    expected = brute_force(miner, miner.distance_matrix(emb, ref), out, 0.2)
+    expected = brute_force(miner, miner.distance.matrix(emb, ref), out, 0.2)
     assert miner.last_stats["frac_hard"] == pytest.approx(expected["frac_hard"], abs=1e-12)
     assert miner.last_stats["frac_easy"] == pytest.approx(expected["frac_easy"], abs=1e-12)
 

@@ -8,17 +8,40 @@ import torch
 from torch import nn
 
 from dmlkit.errors import ConfigError, UnknownNameError
-from dmlkit.models import available_backbones, backbone_exists, build_model
+from dmlkit.models import backbones, build_model
 
 
 def test_available_backbones() -> None:
-    assert available_backbones() == ["small_cnn", "timm:<model>", "torchvision:<model>"]
+    assert backbones.available() == ["small_cnn", "timm:<model>", "torchvision:<model>"]
     for name in ("small_cnn", "timm:resnet18", "torchvision:resnet18"):
-        assert backbone_exists(name)
+        assert backbones.exists(name)
     for name in ("small_cn", "timm:resnet81", "torchvision:resnet81", "resnet18"):
-        assert not backbone_exists(name)
+        assert not backbones.exists(name)
     with pytest.raises(UnknownNameError, match="small_cnn"):
         build_model("small_cn")
+
+
+def test_the_backbone_registry_resolves_prefixed_names() -> None:
+    registry = backbones.REGISTRY
+    assert registry.kind == "backbone" and registry.available() == backbones.available()
+    assert "timm:resnet18" in registry and "small_cnn" in registry and "timm:resnet81" not in registry
+    with pytest.raises(UnknownNameError, match="did you mean 'timm:resnet18'"):
+        registry.get("timm:resnet81")
+    with pytest.raises(UnknownNameError, match="Valid choices: small_cnn, timm:<model>, torchvision:<model>"):
+        backbones.build("keras:resnet18")  # not a family: an unknown built-in name
+    with pytest.raises(UnknownNameError, match="'widths'"):
+        backbones.build("small_cnn", width=[8])
+
+
+def test_heads_registry() -> None:
+    from dmlkit.models import heads
+
+    assert heads.available() == ["identity", "linear"]
+    assert heads.build("linear", in_features=6, embedding_size=3)(torch.randn(2, 6)).shape == (2, 3)
+    assert (
+        heads.for_embedding_size(6, 3).out_features == 3
+        and heads.for_embedding_size(6, None).out_features == 6
+    )
 
 
 def test_timm_resnet_on_small_grayscale_images() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import io
+import pydoc
 import warnings
 from collections import Counter
 from typing import Any
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dmlkit import samplers
 from dmlkit.errors import ConfigError, DataError, UnknownNameError
+from dmlkit.registry import extends
 
 LABELS = labels_from_sizes([5, 9, 4, 12, 7, 3, 8, 6, 10, 2, 11, 6], seed=1)  # 83 items, 12 classes
 KWARGS: dict[str, dict[str, Any]] = {"m_per_class": {"samples_per_class": 3}, "random": {}}
@@ -52,6 +55,79 @@ def test_unknown_name_and_misspelt_keyword_suggest_the_right_one() -> None:
         samplers.build("m_per_class", LABELS, 12, sample_per_class=3)
     with pytest.raises(UnknownNameError, match="did you mean 'world_size'"):
         samplers.build("random", LABELS, 12, worldsize=2)
+
+
+PK_OPTIONS: dict[str, Any] = {"samples_per_class": 4, "batches_per_epoch": None}
+POOL_OPTIONS: dict[str, Any] = {
+    "samples_per_class": 4,
+    "pool_factor": 4,
+    "batches_per_epoch": None,
+    "distance": "euclidean",
+}
+#: Every registered sampler's own options, in constructor order, with their defaults.
+OWN_OPTIONS: dict[str, dict[str, Any]] = {
+    "class_random": PK_OPTIONS,
+    "d2_coreset": {**POOL_OPTIONS, "power": 1.0},
+    "disthist_batchmatch": {**POOL_OPTIONS, "num_candidates": 10, "bins": 50, "reference_size": 1024},
+    "greedy_coreset": POOL_OPTIONS,
+    "hierarchical": {
+        "super_labels": inspect.Parameter.empty,
+        "samples_per_class": 4,
+        "super_classes_per_batch": 2,
+        "batches_per_super_tuple": 4,
+        "batches_per_epoch": None,
+    },
+    "intra_class_uniform": PK_OPTIONS,
+    "m_per_class": PK_OPTIONS,
+    "random": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_OPTIONS))
+def test_signature_is_labels_batch_size_own_options_then_shared_keyword_only_options(name: str) -> None:
+    assert sorted(OWN_OPTIONS) == samplers.available()
+    cls = samplers.REGISTRY.get(name)
+    params = list(inspect.signature(cls).parameters.values())
+    positional, keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    assert [(p.name, p.kind, p.default) for p in params[:2]] == [
+        ("labels", positional, inspect.Parameter.empty),
+        ("batch_size", positional, inspect.Parameter.empty),
+    ]
+    own = params[2:-4]
+    assert [(p.name, p.default) for p in own] == list(OWN_OPTIONS[name].items())
+    assert all(p.kind == positional for p in own)
+    shared = {"seed": 0, "rank": 0, "world_size": 1, "drop_last": name == "random"}
+    assert [(p.name, p.default) for p in params[-4:]] == list(shared.items())
+    assert all(p.kind == keyword for p in params[-4:])
+    assert samplers.REGISTRY.parameters(name) == {p.name: p for p in params}  # what the config reads
+    assert str(inspect.signature(cls)) in pydoc.render_doc(cls, renderer=pydoc.plaintext)  # help()
+
+
+@pytest.mark.parametrize("name", sorted(OWN_OPTIONS))
+def test_every_misspelt_option_raises_with_the_closest_name(name: str) -> None:
+    cls = samplers.REGISTRY.get(name)
+    required = {"super_labels": (LABELS // 3) % 3} if name == "hierarchical" else {}
+    for option in [*OWN_OPTIONS[name], "seed", "rank", "world_size", "drop_last"]:
+        with pytest.raises(UnknownNameError, match=f"did you mean '{option}'"):
+            samplers.build(name, LABELS, 12, **required, **{option[:-1]: 1})
+        with pytest.raises(TypeError, match=f"'{option[:-1]}'"):
+            cls(LABELS, 12, **required, **{option[:-1]: 1})  # direct construction checks the signature too
+    with pytest.raises(TypeError):  # the shared options after the own ones are keyword-only
+        cls(LABELS, 12, *OWN_OPTIONS[name].values(), 0)
+
+
+def test_extends_appends_own_options_after_the_base_ones_and_refuses_a_clash() -> None:
+    base = samplers.D2CoresetSampler
+    assert list(inspect.signature(base.configure).parameters)[1:] == [*POOL_OPTIONS, "power"]
+
+    def no_kwargs(self: Any, power: float = 1.0) -> None: ...
+
+    def clash(self: Any, distance: str = "cosine", **inherited: Any) -> None: ...
+
+    with pytest.raises(TypeError, match="must end with"):
+        extends(samplers.EmbeddingBatchSampler.configure)(no_kwargs)
+    with pytest.raises(TypeError, match=r"redeclares options .*\['distance'\]"):
+        extends(samplers.EmbeddingBatchSampler.configure)(clash)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -78,6 +78,15 @@ def test_registry_lists_every_sampler_and_class_random_is_m_per_class() -> None:
     assert not samplers.MPerClassSampler.needs_embeddings and not samplers.BatchSampler.needs_embeddings
 
 
+def test_samplers_without_embeddings_refuse_them() -> None:
+    """``needs_embeddings`` is the declaration a trainer checks before ``update_embeddings``."""
+    for name in ("m_per_class", "intra_class_uniform", "hierarchical"):
+        sampler = make(name)
+        assert not sampler.needs_embeddings
+        with pytest.raises(ConfigError, match=f"{type(sampler).__name__} does not choose batches"):
+            sampler.update_embeddings(torch.arange(3), torch.zeros(3, 4))
+
+
 def test_misspelt_names_and_keywords_suggest_the_right_one() -> None:
     with pytest.raises(UnknownNameError, match="did you mean 'greedy_coreset'"):
         samplers.build("greedy_corset", LABELS, 12)

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 from dmlkit import samplers
 from dmlkit.errors import ConfigError, DataError, UnknownNameError
 from dmlkit.samplers.coreset import (
-    d2_coreset_select,
+    coreset_select,
+    d2_rule,
     distance_histogram,
-    greedy_coreset_select,
+    farthest_item,
     histogram_wasserstein,
 )
 
@@ -306,7 +307,7 @@ def test_greedy_selection_rule_picks_the_farthest_group() -> None:
     available = torch.tensor([False, True, True, True])
     centers = torch.tensor([True, False, False, False])
     rng = np.random.default_rng(0)
-    assert greedy_coreset_select(dist, group_of, available, centers, 2, rng) == [2, 1]
+    assert coreset_select(dist, group_of, available, centers, 2, rng, farthest_item) == [2, 1]
 
 
 def test_d2_draws_far_points_with_probability_proportional_to_squared_distance() -> None:
@@ -319,7 +320,8 @@ def test_d2_draws_far_points_with_probability_proportional_to_squared_distance()
     centers = torch.tensor([True, False, False])
     rng = np.random.default_rng(1)
     for power, expected in ((1.0, 0.9), (2.0, 81 / 82), (0.0, 0.5)):
-        draws = [d2_coreset_select(dist, group_of, available, centers, 1, rng, power)[0] for _ in range(1000)]
+        rule = d2_rule(power)
+        draws = [coreset_select(dist, group_of, available, centers, 1, rng, rule)[0] for _ in range(1000)]
         assert abs(np.mean(np.array(draws) == 2) - expected) < 0.045, power  # > 2.8 standard errors
 
 
@@ -331,7 +333,7 @@ def test_d2_groups_weigh_all_their_items() -> None:
     available = torch.tensor([False, True, True])
     centers = torch.tensor([True, False, False, False, False])
     rng = np.random.default_rng(2)
-    draws = [d2_coreset_select(dist, group_of, available, centers, 1, rng)[0] for _ in range(1000)]
+    draws = [coreset_select(dist, group_of, available, centers, 1, rng, d2_rule())[0] for _ in range(1000)]
     assert abs(np.mean(np.array(draws) == 1) - 2 / 3) < 0.045
 
 

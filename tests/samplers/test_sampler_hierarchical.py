@@ -191,3 +191,21 @@ def test_property_composition(
                 assert len(set(labels[chunk].tolist())) == 1
                 assert len(set(chunk)) == min(k, images)
         assert len(set(labels[batch].tolist())) == spb * q
+
+
+def test_super_labels_from_class_names_or_a_mapping() -> None:
+    class Named:
+        class_names = ("a/x", "a/y", "b/z")
+        labels = (0, 1, 2, 2, 0)
+
+    assert samplers.super_labels_of(Named(), None).tolist() == [0, 0, 1, 1, 0]
+    assert samplers.super_labels_of(Named(), {"a/x": "q", "a/y": "p", "b/z": "p"}).tolist() == [1, 0, 0, 0, 1]
+    with pytest.raises(ConfigError, match=r"no super-class for class\(es\) \['b/z'\]"):
+        samplers.super_labels_of(Named(), {"a/x": "q", "a/y": "p"})
+
+    class Flat:
+        class_names = ("x", "y")
+        labels = (0, 1)
+
+    with pytest.raises(ConfigError, match="needs super-classes"):
+        samplers.super_labels_of(Flat(), None)

@@ -104,7 +104,7 @@ def test_every_sampler_trains_and_resumes_exactly(tiny_config, sampler) -> None:
 
 
 def test_hierarchical_sampler_uses_super_classes_from_class_names(tiny_config) -> None:
-    from dmlkit.train.loop import super_labels_of
+    from dmlkit.samplers import super_labels_of
 
     class Named:
         class_names = ("a/x", "a/y", "b/z")

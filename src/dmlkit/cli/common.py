@@ -1,9 +1,9 @@
-"""Helpers shared by the subcommands that work from a checkpoint."""
+"""Helpers shared by the subcommands that work from a checkpoint: load it, list and embed image files."""
 
 from __future__ import annotations
 
+import argparse
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from dmlkit import models
+from dmlkit.data import transforms
+from dmlkit.data.images import EMBED_EXTENSIONS, image_files, load_image
 from dmlkit.errors import DataError
+from dmlkit.inference import compute_embeddings
 from dmlkit.train import checkpoint as ckpt
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -27,42 +28,46 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
     return model.to(device).eval(), checkpoint
 
 
+def _csv_images(source: Path, image_column: str | None) -> tuple[list[Path], list[str]]:
+    """The images a CSV's image column lists (relative to the CSV's folder; a missing suffix is guessed)."""
+    with source.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        column = image_column or next(
+            (c for c in ("image", "path", "file", "filename") if c in columns), None
+        )
+        if column is None or column not in columns:
+            raise DataError(
+                f"{source}: no image column (looked for {image_column or 'image/path/file/filename'}; "
+                f"columns are {columns})"
+            )
+        ids = [row[column] for row in reader]
+    paths = []
+    for item in ids:
+        path = Path(item) if Path(item).is_absolute() else source.parent / item
+        if not path.suffix and not path.exists():
+            path = next((path.with_suffix(e) for e in EMBED_EXTENSIONS if path.with_suffix(e).exists()), path)
+        if not path.is_file():
+            raise DataError(f"{source}: image '{item}' not found at {path}")
+        paths.append(path)
+    return paths, ids
+
+
 def list_images(source: str | Path, image_column: str | None = None) -> tuple[list[Path], list[str]]:
     """Image files of a folder (recursive, sorted) or of a CSV's image column; returns (paths, ids).
 
-    Ids are paths relative to the folder (or as written in the CSV).
+    Ids are paths relative to the folder (or as written in the CSV). Extensions: ``EMBED_EXTENSIONS`` of
+    :mod:`dmlkit.data.images` (any case).
     """
     source = Path(source)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = image_files(source, recursive=True, extensions=EMBED_EXTENSIONS, skip_hidden=False)
         if not paths:
-            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {source}")
+            raise DataError(f"no image files ({', '.join(EMBED_EXTENSIONS)}) under {source}")
         return paths, [str(p.relative_to(source)) for p in paths]
     if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            column = image_column or next(
-                (c for c in ("image", "path", "file", "filename") if c in columns), None
-            )
-            if column is None or column not in columns:
-                raise DataError(
-                    f"{source}: no image column (looked for {image_column or 'image/path/file/filename'}; "
-                    f"columns are {columns})"
-                )
-            ids = [row[column] for row in reader]
-        paths = []
-        for item in ids:
-            path = Path(item) if Path(item).is_absolute() else source.parent / item
-            if not path.suffix and not path.exists():
-                path = next(
-                    (path.with_suffix(e) for e in IMAGE_EXTENSIONS if path.with_suffix(e).exists()), path
-                )
-            if not path.is_file():
-                raise DataError(f"{source}: image '{item}' not found at {path}")
-            paths.append(path)
-        return paths, ids
-    if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
+        return _csv_images(source, image_column)
+    if source.is_file() and source.suffix.lower() in EMBED_EXTENSIONS:
         return [source], [source.name]
     raise DataError(f"{source}: not an image, a folder of images or a CSV file")
 
@@ -73,13 +78,15 @@ def ids_path(embeddings_path: str | Path) -> Path:
     return path.with_name(path.name.removesuffix(".npy") + ".ids.json")
 
 
-def write_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
+def eval_transform(checkpoint: dict[str, Any]) -> Any:
+    """The checkpoint's evaluation pipeline (``transforms.build("eval", **data_spec)``)."""
+    return transforms.build("eval", **checkpoint["data_spec"])
 
 
 class FilesDataset(torch.utils.data.Dataset):
     """Unlabelled image files for ``embed`` / ``search``: yields ``(image, -1, index)``.
 
+    Files are decoded by :func:`dmlkit.data.images.load_image` (``L`` for one channel, else ``RGB``).
     ``boxes`` (optional, one per path): crop image i to ``boxes[i]`` = ``(x1, y1, x2, y2)`` pixels with
     PIL's ``Image.crop`` before ``transform`` (``None``: the whole image), as revisitop crops queries.
     """
@@ -95,28 +102,56 @@ class FilesDataset(torch.utils.data.Dataset):
             raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
         self.paths = paths
         self.transform = transform
-        self.mode = "L" if channels == 1 else "RGB"
+        self.channels = channels
         self.boxes = boxes
+
+    @classmethod
+    def for_checkpoint(
+        cls,
+        paths: list[Path],
+        checkpoint: dict[str, Any],
+        boxes: Sequence[tuple[float, float, float, float] | None] | None = None,
+    ) -> FilesDataset:
+        """The files as the checkpoint's model sees them: its eval pipeline and number of channels."""
+        return cls(paths, eval_transform(checkpoint), checkpoint["data_spec"]["channels"], boxes)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        from PIL import Image
-
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert(self.mode)
-        except Exception as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+        image = load_image(self.paths[index], self.channels)
         box = self.boxes[index] if self.boxes is not None else None
         if box is not None:
             image = image.crop(box)
         return self.transform(image), -1, index
 
 
-def eval_transform(checkpoint: dict[str, Any]) -> Any:
-    from dmlkit.data import transforms
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """Add the required ``--checkpoint`` (a checkpoint file or a run folder), read by :func:`load_model`."""
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder"
+    )
 
-    return transforms.build("eval", **checkpoint["data_spec"])
+
+def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--batch-size``, ``--num-workers``, ``--device`` and ``--no-progress`` (read by :func:`embed`)."""
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def embed(
+    model: torch.nn.Module, dataset: Any, args: argparse.Namespace, device: Any, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings, labels) of ``dataset`` with the options of :func:`add_embedding_arguments`
+    (``--batch-size``, ``--num-workers``, ``--no-progress``); ``what`` labels the progress bar."""
+    return compute_embeddings(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        description=what,
+    )

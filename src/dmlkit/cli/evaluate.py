@@ -1,4 +1,5 @@
-"""``dmlkit eval``: retrieval metrics of a checkpoint on a dataset split."""
+"""dmlkit eval: leave-one-out retrieval metrics of a checkpoint on a split (default: the dataset and
+metrics the checkpoint was trained with, test split), or a landmark benchmark (--revisited, --gldv2)."""
 
 from __future__ import annotations
 
@@ -7,33 +8,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dmlkit import data as data_lib
+from dmlkit import distances
 from dmlkit import metrics as metrics_lib
+from dmlkit import search as search_lib
 from dmlkit.cli import landmarks
-from dmlkit.cli.common import load_model
+from dmlkit.cli.common import add_checkpoint_argument, add_embedding_arguments, embed, load_model
+from dmlkit.cli.parser import SuggestingParser
 from dmlkit.config import ComponentSpec, DataSection, config_from_checkpoint
 from dmlkit.config import parse_list as _parse_list
 from dmlkit.config import parse_mapping as _parse_mapping
-from dmlkit.distances import DISTANCES
 from dmlkit.errors import ConfigError
-from dmlkit.inference import compute_embeddings, resolve_device
+from dmlkit.inference import resolve_device
 from dmlkit.train.data import build_data
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "eval",
-        allow_abbrev=False,
-        help="evaluate a checkpoint",
-        description="Leave-one-out retrieval metrics of a checkpoint on a split (default: the dataset and "
-        "metrics the checkpoint was trained with, test split), or a landmark benchmark (--revisited, "
-        "--gldv2).",
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder"
-    )
+def add_parser(cli: SuggestingParser) -> None:
+    parser = cli.add_parser("eval", help="evaluate a checkpoint", description=__doc__)
+    add_checkpoint_argument(parser)
     parser.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's)")
     parser.add_argument(
         "--data-root", default=None, help="dataset folder or file (default: the checkpoint's)"
@@ -54,21 +46,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--distance",
-        choices=DISTANCES,
+        choices=distances.available(indexable=True),
         default=None,
         help="distance of the k-NN search and of dists@* (default: the checkpoint's eval_distance, "
         "else cosine)",
     )
     parser.add_argument(
         "--backend",
-        choices=metrics_lib.BACKENDS,
+        choices=search_lib.available(),
         default=None,
         help="k-NN search: torch (exact), faiss-flat (exact), faiss-ivf / faiss-hnsw (approximate, need "
         "faiss); default: the checkpoint's eval_backend, else torch; see docs/metrics.md",
     )
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    add_embedding_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument(
         "--per-class",
@@ -89,7 +79,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="failures",
         help="which queries --examples draws: failures (top-1 wrong first, default), random, first",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     landmarks.add_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -113,22 +102,18 @@ def run(args: argparse.Namespace) -> int:
     dataset_name = args.dataset or trained.data.dataset.name
     dataset = build_data(_data_section(args, trained.data), trained.run.seed).split(args.split)
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
-    embeddings, labels = compute_embeddings(
-        model,
-        dataset,
-        batch_size=args.batch_size,
-        device=device,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-        description="eval",
-    )
+    embeddings, labels = embed(model, dataset, args, device, "eval")
+    # One search serves the metrics and the pictures: it keeps as many neighbours as either needs.
+    k = None
+    if args.examples:
+        k = max(metrics_lib.choose_k(metric_names, labels), _examples_top(args, len(labels))) or None
     results = metrics_lib.evaluate(
-        embeddings, labels, metrics=tuple(metric_names), seed=trained.run.seed, distance=args.distance,
+        embeddings, labels, metrics=tuple(metric_names), k=k, seed=trained.run.seed, distance=args.distance,
         backend=args.backend,
     )  # fmt: skip
     values = {name: float(results.metrics[name]) for name in metric_names}
     without = results.num_queries_without_relevant
-    examples = _draw_examples(args, results, embeddings, labels, dataset) if args.examples else None
+    examples = _draw_examples(args, results, dataset) if args.examples else None
     if args.json:
         print(
             json.dumps(
@@ -200,34 +185,22 @@ def _check_examples(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
 
 
-def _draw_examples(
-    args: argparse.Namespace,
-    results: metrics_lib.RetrievalResults,
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    dataset: data_lib.base.ImageDataset,
-) -> dict[str, Any]:
-    """Draw ``--num-examples`` queries with their ``--examples-top`` results into ``--examples``.
+def _examples_top(args: argparse.Namespace, num_items: int) -> int:
+    """Results drawn per query: ``--examples-top``, at most the other items of the split."""
+    return min(args.examples_top, num_items - 1)
 
-    The queries are picked from the evaluation's results; their neighbours are searched again with
-    k = ``--examples-top`` (the evaluation may have kept fewer), excluding each query itself by id.
-    """
+
+def _draw_examples(
+    args: argparse.Namespace, results: metrics_lib.RetrievalResults, dataset: data_lib.base.ImageDataset
+) -> dict[str, Any]:
+    """Draw ``--num-examples`` queries with their ``--examples-top`` results into ``--examples``, from the
+    evaluation's own results (searched with k ≥ ``--examples-top``)."""
     queries = metrics_lib.pick_queries(results, args.num_examples, args.examples_mode, seed=0)
     if not queries:
         raise ConfigError("--examples: no query has a relevant item in this split; nothing to draw")
-    chosen = torch.tensor(queries)
-    top = min(args.examples_top, len(embeddings) - 1)
-    shown = metrics_lib.evaluate(
-        embeddings[chosen], labels[chosen], embeddings, labels, metrics=("recall@1",), k=top,
-        distance=args.distance, backend=args.backend, query_ids=chosen, gallery_ids=torch.arange(len(labels)),
-    )  # fmt: skip
+    top = _examples_top(args, results.num_queries)
     picture = metrics_lib.retrieval_grid(
-        shown,
-        lambda i: dataset.load(queries[i]),
-        dataset,
-        queries=list(range(len(queries))),
-        top=top,
-        label_text=lambda code: dataset.class_names[int(code)],
+        results, dataset, queries=queries, top=top, label_text=lambda code: dataset.class_names[int(code)]
     )
     path = Path(args.examples)
     path.parent.mkdir(parents=True, exist_ok=True)

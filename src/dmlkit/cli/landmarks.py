@@ -19,34 +19,22 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dmlkit import metrics as metrics_lib
-from dmlkit.cli.common import FilesDataset, eval_transform, load_model
+from dmlkit import search
+from dmlkit.cli.common import FilesDataset, embed, load_model
 from dmlkit.config import config_from_checkpoint
 from dmlkit.data import landmarks as files
-from dmlkit.distances import check_distance
 from dmlkit.errors import ConfigError, DataError
-from dmlkit.inference import compute_embeddings, resolve_device
+from dmlkit.inference import resolve_device
 from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
 
 USAGES: tuple[str, ...] = ("private", "public", "all")
-#: Options of the ordinary ``dmlkit eval`` that a landmark benchmark replaces (attribute → flag).
-DATASET_OPTIONS: dict[str, str] = {
-    "dataset": "--dataset",
-    "data_root": "--data-root",
-    "dataset_args": "--dataset-args",
-    "split": "--split",
-    "metrics": "--metrics",
-}
-#: Options that only a landmark benchmark reads (attribute → flag).
-REVISITED_OPTIONS: dict[str, str] = {"images": "--images", "no_query_crop": "--no-query-crop"}
-GLDV2_OPTIONS: dict[str, str] = {
-    "query_images": "--query-images",
-    "index_images": "--index-images",
-    "usage": "--usage",
-}
-SHARED_OPTIONS: dict[str, str] = {"image_ext": "--image-ext"}
+#: Options (argparse destinations) of the ordinary ``dmlkit eval`` that a landmark benchmark replaces.
+DATASET_OPTIONS: tuple[str, ...] = ("dataset", "data_root", "dataset_args", "split", "metrics")
+#: Options that only one landmark benchmark reads, and those both read.
+REVISITED_OPTIONS: tuple[str, ...] = ("images", "no_query_crop")
+GLDV2_OPTIONS: tuple[str, ...] = ("query_images", "index_images", "usage")
+SHARED_OPTIONS: tuple[str, ...] = ("image_ext",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
-    return [flag for dest, flag in options.items() if getattr(args, dest, None) not in (None, False)]
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, options: tuple[str, ...]) -> list[str]:
+    """The flags of ``options`` that were given."""
+    return [_flag(dest) for dest in options if getattr(args, dest, None) not in (None, False)]
 
 
 def dispatch(args: argparse.Namespace) -> int | None:
@@ -108,7 +101,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
     no landmark-only option was given and return ``None`` (the ordinary ``dmlkit eval`` goes on)."""
     mode = "--revisited" if args.revisited is not None else "--gldv2" if args.gldv2 is not None else None
     if mode is None:
-        stray = _given(args, {**REVISITED_OPTIONS, **GLDV2_OPTIONS, **SHARED_OPTIONS})
+        stray = _given(args, REVISITED_OPTIONS + GLDV2_OPTIONS + SHARED_OPTIONS)
         if stray:
             raise ConfigError(f"{', '.join(stray)} only apply with --revisited or --gldv2")
         return None
@@ -126,21 +119,6 @@ def dispatch(args: argparse.Namespace) -> int | None:
 def _extension(args: argparse.Namespace) -> str:
     ext = args.image_ext or ".jpg"
     return ext if ext.startswith(".") else f".{ext}"
-
-
-def _embed(
-    model: torch.nn.Module, dataset: FilesDataset, args: argparse.Namespace, device: Any, what: str
-) -> torch.Tensor:
-    embeddings, _ = compute_embeddings(
-        model,
-        dataset,
-        batch_size=args.batch_size,
-        device=device,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-        description=what,
-    )
-    return embeddings
 
 
 def _finite(values: dict[str, float]) -> dict[str, float | None]:
@@ -176,7 +154,7 @@ def run_revisited(args: argparse.Namespace) -> int:
             "supported there"
         )
     if args.distance is not None:
-        check_distance(args.distance)
+        search.check_searchable(args.distance)
     ground_truth = files.load_revisited_gnd(args.revisited)
     images = Path(args.images)
     if not images.is_dir():
@@ -200,10 +178,10 @@ def run_revisited(args: argparse.Namespace) -> int:
     distance = (
         args.distance or config_from_checkpoint(checkpoint["config"], str(args.checkpoint)).eval.eval_distance
     )
-    transform, channels = eval_transform(checkpoint), checkpoint["data_spec"]["channels"]
-    gallery = _embed(model, FilesDataset(gallery_paths, transform, channels), args, device, "gallery")
+    gallery, _ = embed(model, FilesDataset.for_checkpoint(gallery_paths, checkpoint), args, device, "gallery")
     boxes = ground_truth.bbx if crop else None
-    query = _embed(model, FilesDataset(query_paths, transform, channels, boxes), args, device, "queries")
+    queries = FilesDataset.for_checkpoint(query_paths, checkpoint, boxes)
+    query, _ = embed(model, queries, args, device, "queries")
     results = revisited_map(ground_truth.gnd, query=query, gallery=gallery, distance=distance, device=device)
     header = (
         f"revisited {ground_truth.path.name}: {results.num_queries} queries "
@@ -226,9 +204,7 @@ def run_gldv2(args: argparse.Namespace) -> int:
     wrong = _given(args, REVISITED_OPTIONS)
     if wrong:
         raise ConfigError(f"{', '.join(wrong)} only apply with --revisited, not with --gldv2")
-    missing = [
-        flag for dest, flag in GLDV2_OPTIONS.items() if dest != "usage" and getattr(args, dest) is None
-    ]
+    missing = [_flag(dest) for dest in ("query_images", "index_images") if getattr(args, dest) is None]
     if missing:
         raise ConfigError(
             f"--gldv2 needs {' and '.join(missing)} (folders in the GLDv2 a/b/c/abc....jpg layout)"
@@ -263,9 +239,8 @@ def run_gldv2(args: argparse.Namespace) -> int:
     distance = args.distance or trained.eval_distance
     backend = args.backend or trained.eval_backend
     metrics_lib.check_options([], distance, backend)
-    transform, channels = eval_transform(checkpoint), checkpoint["data_spec"]["channels"]
-    gallery = _embed(model, FilesDataset(index_paths, transform, channels), args, device, "index")
-    query = _embed(model, FilesDataset(query_paths, transform, channels), args, device, "queries")
+    gallery, _ = embed(model, FilesDataset.for_checkpoint(index_paths, checkpoint), args, device, "index")
+    query, _ = embed(model, FilesDataset.for_checkpoint(query_paths, checkpoint), args, device, "queries")
     relevant = [[position[image_id] for image_id in q.relevant] for q in scored]
     results = gldv2_map(
         relevant, query=query, gallery=gallery, distance=distance, backend=backend, device=device

@@ -1,25 +1,26 @@
-"""``dmlkit search``: the top-k gallery items of query images, as a table or JSON."""
+"""dmlkit search: embed query images and print their k nearest gallery items (a gallery written by
+``dmlkit embed``), as a table or JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import numpy as np
 import torch
 
-from dmlkit.cli.common import FilesDataset, eval_transform, ids_path, list_images, load_model
+from dmlkit import distances
+from dmlkit.cli.common import FilesDataset, ids_path, list_images, load_model
+from dmlkit.cli.parser import SuggestingParser
 from dmlkit.errors import DataError
 from dmlkit.inference import compute_embeddings, resolve_device
-from dmlkit.metrics import knn
+from dmlkit.search import RetrievalResults, search
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "search",
-        allow_abbrev=False,
-        help="search a gallery of embeddings with query images",
-        description="Embed query images and print their k nearest gallery items (from `dmlkit embed`).",
+def add_parser(cli: SuggestingParser) -> None:
+    parser = cli.add_parser(
+        "search", help="search a gallery of embeddings with query images", description=__doc__
     )
     parser.add_argument("--checkpoint", required=True, help="the checkpoint that embedded the gallery")
     parser.add_argument("--gallery", required=True, help=".npy written by `dmlkit embed` (ids beside it)")
@@ -28,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--distance",
         default=None,
-        help="cosine, euclidean, squared_euclidean or dot (default: the gallery's)",
+        help=f"{', '.join(distances.available(indexable=True))} (default: the gallery's)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="auto")
@@ -59,21 +60,10 @@ def run(args: argparse.Namespace) -> int:
             f"{model.embedding_size} dimensions"
         )
     paths, query_ids = list_images(args.query)
-    dataset = FilesDataset(paths, eval_transform(checkpoint), checkpoint["data_spec"]["channels"])
-    queries, _ = compute_embeddings(model, dataset, device=device)
+    queries, _ = compute_embeddings(model, FilesDataset.for_checkpoint(paths, checkpoint), device=device)
     distance = args.distance or meta.get("distance", "cosine")
     k = min(args.k, len(gallery))
-    scores, indices = knn(queries, gallery, k=k, distance=distance)
-    results = [
-        {
-            "query": qid,
-            "neighbours": [
-                {"rank": r + 1, "id": gallery_ids[int(i)], "score": float(s)}
-                for r, (i, s) in enumerate(zip(indices[q], scores[q], strict=True))
-            ],
-        }
-        for q, qid in enumerate(query_ids)
-    ]
+    results = _listing(search(queries, gallery, k=k, distance=distance), query_ids, gallery_ids)
     if args.json:
         print(json.dumps({"distance": distance, "k": k, "results": results}, indent=2))
         return 0
@@ -84,3 +74,17 @@ def run(args: argparse.Namespace) -> int:
         for n in entry["neighbours"]:
             print(f"  {n['rank']:>4}  {n['id']:<{width}}  {n['score']:>10.4f}")
     return 0
+
+
+def _listing(found: RetrievalResults, query_ids: list[str], gallery_ids: list[str]) -> list[dict[str, Any]]:
+    """Per query, its neighbours as ``{"rank", "id", "score"}`` (score in the distance's units)."""
+    return [
+        {
+            "query": qid,
+            "neighbours": [
+                {"rank": r + 1, "id": gallery_ids[int(i)], "score": float(s)}
+                for r, (i, s) in enumerate(zip(found.topk_indices[q], found.topk_distances[q], strict=True))
+            ],
+        }
+        for q, qid in enumerate(query_ids)
+    ]

@@ -1,4 +1,6 @@
-"""``dmlkit train``: train an embedding model (defaults: the built-in synthetic dataset)."""
+"""dmlkit train: train an embedding model. With no arguments: the built-in synthetic glyph dataset,
+zero-shot split, multi-similarity loss, P×K batches; prints test metrics before and after. Every option is
+a flag and a key of its section in a --config YAML file (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,7 @@ from dmlkit.errors import ConfigError
 
 
 def add_parser(cli: SuggestingParser) -> None:
-    parser = cli.add_parser(
-        "train",
-        help="train a model",
-        description="Train an embedding model. With no arguments: the built-in synthetic glyph dataset, "
-        "zero-shot split, multi-similarity loss, P×K batches; prints test metrics before and after. "
-        "Every option is a flag and a key of its section in a --config YAML file.",
-    )
+    parser = cli.add_parser("train", help="train a model", description=__doc__)
     parser.add_argument("--config", metavar="YAML", help="YAML file of config sections (flags override it)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     add_config_arguments(parser)

@@ -12,13 +12,12 @@ flag names, so a key means the same in a YAML section, on the command line and i
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dmlkit import data as data_lib
-from dmlkit import distances, losses, metrics, miners, models, samplers
+from dmlkit import distances, losses, memory, metrics, miners, models, samplers
 from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
 from dmlkit.train import optim
 
@@ -28,6 +27,12 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
     if callable(default):
         return Field(default_factory=default, description=help, **kwargs)
     return Field(default, description=help, **kwargs)
+
+
+def _component(name: str | None, help: str, args_help: str) -> Any:
+    """A component field: its default (``name`` with no arguments, or None) and the help of both flags."""
+    default = (lambda: ComponentSpec(name=name)) if name is not None else None
+    return _field(default, help, json_schema_extra={"args_help": args_help})
 
 
 def _check_choice(kind: str, value: str, choices: list[str]) -> str:
@@ -83,10 +88,8 @@ class DataSection(Section):
 
     key: ClassVar[str] = "data"
 
-    dataset: ComponentSpec = _field(
-        lambda: ComponentSpec(name="synthetic"),
-        "dataset name (see `dmlkit list datasets`)",
-        json_schema_extra={"args_help": "extra keyword arguments of the dataset"},
+    dataset: ComponentSpec = _component(
+        "synthetic", "dataset name (see `dmlkit list datasets`)", "extra keyword arguments of the dataset"
     )
     data_root: str | None = _field(None, "dataset folder or file (not needed by 'synthetic')")
     val_fraction: float = _field(
@@ -94,10 +97,10 @@ class DataSection(Section):
     )
     num_workers: int = _field(0, "DataLoader worker processes", ge=0)
     skip_unreadable: bool = _field(False, "drop unreadable images (reporting how many) instead of failing")
-    sampler: ComponentSpec = _field(
-        lambda: ComponentSpec(name="m_per_class"),
+    sampler: ComponentSpec = _component(
+        "m_per_class",
         "batch sampler name (see `dmlkit list samplers`)",
-        json_schema_extra={"args_help": "extra keyword arguments of the sampler"},
+        "extra keyword arguments of the sampler",
     )
     batch_size: int = _field(128, "images per batch", gt=0)
     samples_per_class: int = _field(4, "images per class in a batch (K of P×K)", gt=0)
@@ -150,11 +153,8 @@ class ModelSection(Section):
     freeze_bn: bool = _field(False, "keep BatchNorm layers in eval mode with frozen affine parameters")
 
     def check(self, config: TrainConfig) -> None:
-        if not models.backbone_exists(self.backbone):
-            raise UnknownNameError(
-                unknown_name_message("backbone", self.backbone, models.available_backbones())
-            )
-        models.check_pooling(self.pooling)
+        models.backbones.REGISTRY.get(self.backbone)
+        models.pooling.REGISTRY.get(self.pooling)
 
 
 class ObjectiveSection(Section):
@@ -162,15 +162,13 @@ class ObjectiveSection(Section):
 
     key: ClassVar[str] = "objective"
 
-    loss: ComponentSpec = _field(
-        lambda: ComponentSpec(name="multisimilarity"),
+    loss: ComponentSpec = _component(
+        "multisimilarity",
         "loss name (see `dmlkit list losses`)",
-        json_schema_extra={"args_help": "loss hyperparameters, e.g. '{alpha: 2, beta: 50}'"},
+        "loss hyperparameters, e.g. '{alpha: 2, beta: 50}'",
     )
-    miner: ComponentSpec | None = _field(
-        None,
-        "miner name, or none (see `dmlkit list miners`)",
-        json_schema_extra={"args_help": "miner hyperparameters"},
+    miner: ComponentSpec | None = _component(
+        None, "miner name, or none (see `dmlkit list miners`)", "miner hyperparameters"
     )
     miner_schedule: str | dict[str, Any] | None = _field(
         None,
@@ -199,7 +197,7 @@ class ObjectiveSection(Section):
         losses.REGISTRY.check_kwargs(
             loss.name, loss.args, provided_by_caller=("num_classes", "embedding_size")
         )
-        tuple_kinds, accepts_ref = _loss_capabilities(loss.name, loss.args)
+        tuple_kinds, accepts_ref = losses.capabilities(loss.name, loss.args)
         memory_size = config.memory.xbm_size
         if memory_size is not None and not accepts_ref:
             takes_ref = [n for n in losses.available() if losses.REGISTRY.get(n).accepts_ref]
@@ -209,34 +207,9 @@ class ObjectiveSection(Section):
             )
         if self.miner is not None:
             miners.REGISTRY.check_kwargs(self.miner.name, self.miner.args)
-            _check_miner_fits(loss.name, tuple_kinds, self.miner.name)
+            miners.check_fits(losses.REGISTRY.get(loss.name), tuple_kinds, self.miner.name)
             if self.miner_schedule is not None:
                 miners.check_schedule(self.miner.name, self.miner_schedule)
-
-
-def _loss_capabilities(name: str, args: dict[str, Any]) -> tuple[frozenset[str], bool]:
-    # INTERIM: moves into dmlkit.losses once the losses refactor lands.
-    cls = losses.REGISTRY.get(name)
-    if name == "multiple":
-        from dmlkit.losses.combine import declared_attributes
-
-        if "losses" not in args:
-            raise ConfigError("loss 'multiple' needs loss_args {losses: [{name: ..., weight: ...}, ...]}")
-        return declared_attributes(args["losses"])
-    return cls.tuple_kinds, cls.accepts_ref
-
-
-def _check_miner_fits(loss: str, tuple_kinds: frozenset[str], miner: str) -> None:
-    # INTERIM: moves into dmlkit.miners once the miners refactor lands.
-    if loss == "multiple":
-        kind = miners.REGISTRY.get(miner).output_kind
-        if kind not in tuple_kinds:
-            raise ConfigError(
-                f"miner '{miner}' outputs {kind}, which no member of this 'multiple' loss without its own "
-                "miner can use"
-            )
-        return
-    miners.check_compatible(losses.REGISTRY.get(loss), miner)
 
 
 class MemorySection(Section):
@@ -258,17 +231,7 @@ class MemorySection(Section):
     @classmethod
     def _count_or_ratio(cls, value: Any) -> Any:
         # "1.0" on the command line is a ratio, "1000" a count: decided by the text, not by int coercion.
-        if isinstance(value, str):
-            text = value.strip()
-            return int(text) if text.isdigit() else float(text)
-        return value
-
-    @field_validator("xbm_size")
-    @classmethod
-    def _positive_size(cls, value: int | float | None) -> int | float | None:
-        if value is not None and (isinstance(value, bool) or not value > 0 or not math.isfinite(value)):
-            raise ValueError(f"xbm_size must be a positive count or ratio, got {value}")
-        return value
+        return None if value is None else memory.parse_size(value)
 
 
 class OptimSection(Section):

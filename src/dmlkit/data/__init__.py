@@ -1,27 +1,26 @@
 """Datasets for zero-shot retrieval: ``build(name, root, **kwargs)`` → :class:`DatasetSplits`.
 
-Registered names: ``synthetic`` (built in, the default), ``folder``, ``csv``, ``omniglot``.
+Registered names (:data:`REGISTRY`, :func:`available`): ``synthetic`` (built in, the default),
+``folder``, ``csv``, ``omniglot``. Image files are listed, decoded and checked by :mod:`dmlkit.data.images`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dmlkit.data import transforms
+from dmlkit.data import images, transforms
 from dmlkit.data.base import (
-    DATASETS,
-    IMAGE_EXTENSIONS,
+    REGISTRY,
     ArrayImageDataset,
     DatasetSplits,
     FileImageDataset,
     ImageDataset,
     item_seed,
-    verify_images,
 )
 from dmlkit.data.datasets import render_glyphs
+from dmlkit.data.images import IMAGE_EXTENSIONS, load_image, verify_images
 from dmlkit.data.splits import class_disjoint_split, split_class_names
 
-REGISTRY = DATASETS
 DEFAULT_DATASET = "synthetic"
 
 
@@ -34,6 +33,11 @@ def build(name: str, root: str | None = None, **kwargs: Any) -> DatasetSplits:
     return REGISTRY.build(name, root=root, **kwargs)
 
 
+def available() -> list[str]:
+    """Names accepted by :func:`build`."""
+    return REGISTRY.available()
+
+
 def data_spec(splits: DatasetSplits) -> dict[str, Any]:
     """Plain data rebuilding the dataset's pipelines: ``transforms.build(kind, **data_spec(splits))``.
 
@@ -41,11 +45,6 @@ def data_spec(splits: DatasetSplits) -> dict[str, Any]:
     checkpoint can embed new images exactly as the model was evaluated.
     """
     return splits.spec()
-
-
-def available() -> list[str]:
-    """Names accepted by :func:`build`."""
-    return REGISTRY.available()
 
 
 __all__ = [
@@ -60,7 +59,9 @@ __all__ = [
     "build",
     "class_disjoint_split",
     "data_spec",
+    "images",
     "item_seed",
+    "load_image",
     "render_glyphs",
     "split_class_names",
     "transforms",

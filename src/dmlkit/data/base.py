@@ -1,16 +1,15 @@
 """Image datasets with class labels, stable item ids and deterministic per-item augmentation.
 
 :class:`ImageDataset` is the common interface; :class:`ArrayImageDataset` keeps small datasets in memory as
-``uint8`` tensors and :class:`FileImageDataset` decodes image files lazily with PIL. Builders return a
-:class:`DatasetSplits` whose ``train`` and ``test`` datasets have disjoint classes (zero-shot retrieval).
+``uint8`` tensors and :class:`FileImageDataset` decodes image files lazily with PIL. Builders, registered in
+:data:`REGISTRY`, return a :class:`DatasetSplits` whose ``train`` and ``test`` datasets have disjoint
+classes (zero-shot retrieval).
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dmlkit.data import transforms
-from dmlkit.errors import DataError
+from dmlkit.data.images import load_image
+from dmlkit.errors import ConfigError, DataError
 from dmlkit.registry import Registry
 
 Transform = Callable[[Any], Any]
-
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 
 def item_seed(augment_seed: int, epoch: int, index: int) -> int:
@@ -211,12 +209,7 @@ class FileImageDataset(ImageDataset):
             raise DataError(f"{len(self.paths)} paths for {len(self.labels)} labels")
 
     def load(self, index: int) -> Image.Image:
-        path = str(self.paths[index])
-        try:
-            with Image.open(path) as image:
-                return image.convert("L" if self.channels == 1 else "RGB")
-        except Exception as exc:
-            raise DataError(f"cannot read image '{path}': {exc}") from exc
+        return load_image(str(self.paths[index]), self.channels)
 
     def _select(self, indices: np.ndarray, labels: np.ndarray, class_names: list[str]) -> ImageDataset:
         return FileImageDataset(
@@ -254,8 +247,49 @@ class DatasetSplits:
         """The dataset's ``train`` or ``eval`` pipeline."""
         return transforms.build(kind, **self.spec())
 
+    @classmethod
+    def checked(
+        cls,
+        train: ImageDataset,
+        test: ImageDataset,
+        image_size: int,
+        channels: int,
+        name: str,
+        transform_args: dict[str, Any],
+        source: str,
+    ) -> DatasetSplits:
+        """What every builder returns: the splits, each checked by :func:`check_split` (``source`` names the
+        data in the error), with ``train.transform = transform("train")`` and ``test.transform =
+        transform("eval")``."""
+        check_split(train, "train", source)
+        check_split(test, "test", source)
+        splits = cls(train, test, image_size, channels, name, transform_args)
+        train.transform, test.transform = splits.transform("train"), splits.transform("eval")
+        return splits
 
-DATASETS: Registry[DatasetSplits] = Registry("dataset")
+
+#: The dataset builders: ``REGISTRY.build(name, root=..., **kwargs)`` → :class:`DatasetSplits`.
+REGISTRY: Registry[DatasetSplits] = Registry("dataset")
+
+
+def dataset_root(root: str | None, dataset: str, expected: str) -> Path:
+    """``root`` with ``~`` expanded; ``ConfigError`` naming ``dataset`` and the ``expected`` root if None."""
+    if root is None:
+        raise ConfigError(f"dataset '{dataset}' needs root: {expected}")
+    return Path(root).expanduser()
+
+
+def dataset_file(root: str | None, dataset: str, expected: str, default_name: str, what: str) -> Path:
+    """The data file ``root``, or ``root/default_name`` when ``root`` is a folder (see :func:`dataset_root`).
+
+    Raises ``DataError`` ``"<what> not found: '<path>'"`` when that file does not exist.
+    """
+    path = dataset_root(root, dataset, expected)
+    if path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise DataError(f"{what} not found: '{path}'")
+    return path
 
 
 def check_split(dataset: ImageDataset, split: str, source: str) -> None:
@@ -267,48 +301,15 @@ def check_split(dataset: ImageDataset, split: str, source: str) -> None:
         )
 
 
-def _is_readable(path: str) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:
-        return False
-
-
-def verify_images(paths: Sequence[str], skip_unreadable: bool, source: str) -> np.ndarray:
-    """Check that every file opens as an image (PIL header parse + ``verify``); boolean mask of good ones.
-
-    Unreadable or missing files raise ``DataError`` naming the first few, unless ``skip_unreadable`` is set,
-    in which case they are dropped with a warning that reports how many.
-    """
-    # decoding headers is I/O bound: threads overlap the file reads
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        ok = np.fromiter(pool.map(_is_readable, paths, chunksize=64), dtype=bool, count=len(paths))
-    bad = [paths[i] for i in np.flatnonzero(~ok)]
-    if bad:
-        shown = ", ".join(f"'{p}'" for p in bad[:3]) + (" ..." if len(bad) > 3 else "")
-        if not skip_unreadable:
-            raise DataError(
-                f"{len(bad)} missing or unreadable image(s) in '{source}': {shown} "
-                "(pass skip_unreadable=True to drop them)"
-            )
-        warnings.warn(
-            f"skipped {len(bad)} missing or unreadable image(s) of {len(paths)} in '{source}': {shown}",
-            stacklevel=3,
-        )
-    return ok
-
-
 __all__ = [
-    "DATASETS",
-    "IMAGE_EXTENSIONS",
+    "REGISTRY",
     "ArrayImageDataset",
     "DatasetSplits",
     "FileImageDataset",
     "ImageDataset",
     "check_split",
+    "dataset_file",
+    "dataset_root",
     "item_seed",
     "to_float_image",
-    "verify_images",
 ]

@@ -1,21 +1,25 @@
-"""Metric-learning losses, picked by name: ``build(name, **kwargs)`` and ``available()``.
+"""Metric-learning losses, picked by name: ``build(name, **kwargs)``, ``available()`` and, for a
+configuration not built yet, ``capabilities(name, args)``.
 
-See ``docs/losses.md`` for the table of losses and the calling convention, and
-:mod:`dmlkit.losses.base` for the base classes new losses derive from.
+See ``docs/losses.md`` for the table of losses and the calling convention, :mod:`dmlkit.losses.base` for
+the base classes new losses derive from (and the :class:`Loss` protocol the trainer relies on), and
+:mod:`dmlkit.losses.reducers` for the reductions.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from torch import nn
 
-from dmlkit.losses import combine, margin_softmax, pair, proxy, ranking, softmax_family
+from dmlkit.losses import combine, margin_softmax, pair, proxy, ranking, reducers, softmax_family
 from dmlkit.losses.base import (
     PAIRS_AND_TRIPLETS,
-    REDUCTIONS,
     REGISTRY,
     BaseLoss,
+    Loss,
+    LossInputs,
     MatrixPairLoss,
     PairLoss,
     TripletLoss,
@@ -36,12 +40,20 @@ def available() -> list[str]:
     return REGISTRY.available()
 
 
+def capabilities(name: str, args: Mapping[str, Any]) -> tuple[frozenset[str], bool]:
+    """``(tuple_kinds, accepts_ref)`` of the loss ``name`` built with the keyword arguments ``args``,
+    without building it (no data needed): the class's, or for a combination (``multiple``) those its
+    members give it (:meth:`BaseLoss.capabilities`). Unknown names raise ``UnknownNameError``."""
+    return cast(type[BaseLoss], REGISTRY.get(name)).capabilities(args)
+
+
 __all__ = [
     "PAIRS_AND_TRIPLETS",
-    "REDUCTIONS",
     "REGISTRY",
     "BaseLoss",
     "ContrastiveLoss",
+    "Loss",
+    "LossInputs",
     "MatrixPairLoss",
     "MultiSimilarityLoss",
     "PairLoss",
@@ -49,12 +61,14 @@ __all__ = [
     "TripletMarginLoss",
     "available",
     "build",
+    "capabilities",
     "combine",
     "margin_softmax",
     "pair",
     "proxy",
     "ranking",
     "reduce",
+    "reducers",
     "register",
     "softmax_family",
 ]

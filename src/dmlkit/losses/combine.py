@@ -11,8 +11,8 @@ from torch import nn
 
 from dmlkit import miners
 from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
-from dmlkit.losses.base import PAIRS_AND_TRIPLETS, REGISTRY, BaseLoss, register
-from dmlkit.miners.tuples import IndicesTuple, tuple_kind
+from dmlkit.losses.base import PAIRS_AND_TRIPLETS, REGISTRY, BaseLoss, Batch, register
+from dmlkit.tuples import tuple_kind
 
 #: Keys of one member's configuration.
 MEMBER_KEYS: tuple[str, ...] = ("name", "weight", "args", "miner", "miner_args")
@@ -85,30 +85,20 @@ def check_members(losses: Sequence[object]) -> list[dict[str, Any]]:
     return specs
 
 
-def _combined_attributes(members: Sequence[tuple[object, bool]]) -> tuple[frozenset[str], bool]:
-    """``(tuple_kinds, accepts_ref)`` of a combination of ``(loss or loss class, has own miner)``."""
-    kinds = frozenset().union(
-        *(getattr(m, "tuple_kinds", frozenset()) for m, own_miner in members if not own_miner)
-    )
-    return kinds, any(getattr(m, "accepts_ref", False) for m, _ in members)
-
-
-class _Declared:
-    """Stand-in carrying a nested ``multiple`` configuration's attributes."""
-
-    def __init__(self, tuple_kinds: frozenset[str], accepts_ref: bool) -> None:
-        self.tuple_kinds, self.accepts_ref = tuple_kinds, accepts_ref
+def _combined_attributes(members: Sequence[tuple[frozenset[str], bool, bool]]) -> tuple[frozenset[str], bool]:
+    """``(tuple_kinds, accepts_ref)`` of a combination of members ``(tuple_kinds, accepts_ref, has own
+    miner)``."""
+    kinds = frozenset().union(*(member_kinds for member_kinds, _, own_miner in members if not own_miner))
+    return kinds, any(accepts_ref for _, accepts_ref, _ in members)
 
 
 def declared_attributes(losses: Sequence[object]) -> tuple[frozenset[str], bool]:
     """``(tuple_kinds, accepts_ref)`` that ``multiple`` built from ``losses`` will have, without building
     it (e.g. to check a miner or a cross-batch memory against a configuration)."""
-    members: list[tuple[object, bool]] = []
+    members = []
     for spec in check_members(losses):
-        cls = REGISTRY.get(spec["name"])
-        if cls is MultipleLosses:
-            cls = _Declared(*declared_attributes(spec["args"].get("losses", ())))  # type: ignore[assignment]
-        members.append((cls, spec["miner"] is not None))
+        cls: type[BaseLoss] = REGISTRY.get(spec["name"])  # type: ignore[assignment]
+        members.append((*cls.capabilities(spec["args"]), spec["miner"] is not None))
     return _combined_attributes(members)
 
 
@@ -152,21 +142,28 @@ class MultipleLosses(BaseLoss):
     tuple_kinds: ClassVar[frozenset[str]] = PAIRS_AND_TRIPLETS
     accepts_ref: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset(SUPPLIED)
+    takes_shared_options: ClassVar[bool] = False
 
-    def __init__(
+    @classmethod
+    def capabilities(cls, args: Mapping[str, Any]) -> tuple[frozenset[str], bool]:
+        """The configured combination's: see :func:`declared_attributes` (``args`` must hold ``losses``)."""
+        if "losses" not in args:
+            raise ConfigError("loss 'multiple' needs loss_args {losses: [{name: ..., weight: ...}, ...]}")
+        return declared_attributes(args["losses"])
+
+    def configure(
         self,
         losses: Sequence[object] = (),
         num_classes: int | None = None,
         embedding_size: int | None = None,
     ) -> None:
-        super().__init__()
         specs = check_members(losses)
         supplied = {"num_classes": num_classes, "embedding_size": embedding_size}
         members: list[nn.Module] = []
         member_miners: dict[str, nn.Module] = {}
         for k, spec in enumerate(specs):
             args = dict(spec["args"])
-            for key in getattr(REGISTRY.get(spec["name"]), "needs", frozenset()):
+            for key in REGISTRY.get(spec["name"]).needs:  # type: ignore[attr-defined]
                 if key in args:
                     continue
                 if supplied[key] is None:
@@ -186,32 +183,26 @@ class MultipleLosses(BaseLoss):
         self.embedding_size = embedding_size
         # instance attributes shadow the permissive class attributes (see the class docstring)
         self.tuple_kinds, self.accepts_ref = _combined_attributes(  # type: ignore[misc]
-            [(m, str(k) in self.miners) for k, m in enumerate(members)]
+            [(m.tuple_kinds, m.accepts_ref, str(k) in self.miners) for k, m in enumerate(members)]
         )
         self._ran: list[int] = []
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        kind = None if indices_tuple is None else tuple_kind(indices_tuple)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        kind = None if batch.indices_tuple is None else tuple_kind(batch.indices_tuple)
         total: torch.Tensor | None = None
         self._ran = []
+        emb, labels = batch.embeddings, batch.labels
+        ref = {"ref_emb": batch.ref_emb, "ref_labels": batch.ref_labels, "ref_exclude": batch.exclude}
         for k, (loss, weight) in enumerate(zip(self.losses, self.weights, strict=True)):
-            if ref_emb is not None and not getattr(loss, "accepts_ref", False):
+            if batch.ref_emb is not None and not loss.accepts_ref:
                 continue  # a reference-set call is for the members that compare with a reference set
-            ref = (ref_emb, ref_labels)
             if str(k) in self.miners:  # (nn.ModuleDict has no .get)
-                tuples = self.miners[str(k)](embeddings, labels, *ref, ref_exclude=self.excluded)
-            elif kind is not None and kind in getattr(loss, "tuple_kinds", frozenset()):
-                tuples = indices_tuple
+                tuples = self.miners[str(k)](emb, labels, **ref)
+            elif kind is not None and kind in loss.tuple_kinds:
+                tuples = batch.indices_tuple
             else:
                 tuples = None
-            value = loss(embeddings, labels, tuples, *ref, ref_exclude=self.excluded)
+            value = loss(emb, labels, indices_tuple=tuples, **ref)
             self._stats[f"{self.names[k]}/loss"] = value.detach()
             self._ran.append(k)
             term = value * weight
@@ -225,11 +216,10 @@ class MultipleLosses(BaseLoss):
         ``"{index}_{name}/"``."""
         stats = super().last_stats
         for k in self._ran:
-            loss = self.losses[k]
-            for key, val in (getattr(loss, "last_stats", None) or {}).items():
+            for key, val in self.losses[k].last_stats.items():
                 stats[f"{self.names[k]}/{key}"] = float(val)
             if str(k) in self.miners:
-                for key, val in (getattr(self.miners[str(k)], "last_stats", None) or {}).items():
+                for key, val in self.miners[str(k)].last_stats.items():
                     stats[f"{self.names[k]}/miner/{key}"] = float(val)
         return stats
 

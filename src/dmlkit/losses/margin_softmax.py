@@ -20,16 +20,15 @@ Statistics: ``avg_angle``, the mean target angle ``θ_{i,y_i}`` in degrees (PML'
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from dmlkit.losses.base import register
-from dmlkit.losses.proxy import ClassLoss, check_distance_among, check_positive_int, cosine_matrix
-from dmlkit.miners.tuples import IndicesTuple, distance_matrix
+from dmlkit.losses.base import Batch, register
+from dmlkit.losses.proxy import ClassLoss, check_positive_int, cosine_matrix
 
 
 class MarginSoftmaxLoss(ClassLoss):
@@ -42,20 +41,13 @@ class MarginSoftmaxLoss(ClassLoss):
 
     #: True when the logits are ``scale · (ψ or cos)`` with a constant scale (fused path)
     constant_scale: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = ("cosine",)
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float,
-        scale: float,
-        distance: str,
-        normalize_embeddings: bool,
-        reduction: str,
-        weights_per_class: int = 1,
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, normalize_embeddings, reduction)
-        check_distance_among(distance, ("cosine",), self.registry_name or type(self).__name__)
+    def configure(self, margin: float, scale: float, weights_per_class: int = 1) -> None:
+        """Each loss of the family declares its own defaults of ``margin`` and ``scale`` and hands them on;
+        ``weights_per_class``: class vectors per class (the columns of ``W``)."""
+        self._target_cos: torch.Tensor | None = None  # the last call's target cosines, for ``avg_angle``
         self.margin = float(margin)
         self.scale = float(scale)
         self.W = nn.Parameter(torch.empty(self.embedding_size, self.num_classes * weights_per_class))
@@ -78,15 +70,9 @@ class MarginSoftmaxLoss(ClassLoss):
     ) -> torch.Tensor:
         return logits * self.scale
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        sample_w = self.classes(embeddings, labels, indices_tuple)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        embeddings, labels = batch.embeddings, batch.labels
+        sample_w = self.classes(batch)
         weights = self.param(self.W, embeddings)
         cos = self.cosine(embeddings, weights)
         target = labels.unsqueeze(1)
@@ -106,7 +92,7 @@ class MarginSoftmaxLoss(ClassLoss):
     def last_stats(self) -> dict[str, float]:
         """Base statistics plus ``avg_angle`` (degrees), computed only when read."""
         stats = super().last_stats
-        target_cos = getattr(self, "_target_cos", None)
+        target_cos = self._target_cos
         if target_cos is not None:
             stats["avg_angle"] = math.degrees(float(torch.acos(target_cos.clamp(-1, 1)).mean()))
         return stats
@@ -165,21 +151,9 @@ class LargeMarginSoftmaxLoss(MarginSoftmaxLoss):
     gradient; ``k`` is piecewise constant (no gradient), as in PML. Scale ``s = scale``.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: int = 4,
-        scale: float = 1.0,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        int_margin = check_positive_int(margin, "margin", self.registry_name)
-        super().__init__(
-            num_classes, embedding_size, int_margin, scale, distance, normalize_embeddings, reduction
-        )
-        self.int_margin = int_margin
+    def configure(self, margin: int = 4, scale: float = 1.0) -> None:  # type: ignore[override]
+        self.int_margin = check_positive_int(margin, "margin", self.who)
+        super().configure(self.int_margin, scale)
 
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
         m = self.int_margin
@@ -221,21 +195,10 @@ class CosFaceLoss(MarginSoftmaxLoss):
     ``ψ(θ) = cos θ − m`` with ``m = margin``; logits ``s · (ψ or cos θ)``, ``s = scale``.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float = 0.35,
-        scale: float = 64.0,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(
-            num_classes, embedding_size, margin, scale, distance, normalize_embeddings, reduction
-        )
-
     constant_scale = True
+
+    def configure(self, margin: float = 0.35, scale: float = 64.0) -> None:  # type: ignore[override]
+        super().configure(margin, scale)
 
     def target_logit_and_slope(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cos - self.margin, torch.ones_like(cos)
@@ -255,19 +218,10 @@ class ArcFaceLoss(MarginSoftmaxLoss):
     equal to PML's ``cos(acos(cos θ) + m)`` up to rounding, with a finite gradient at ``cos θ = ±1``.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float = 28.6,
-        scale: float = 64.0,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(
-            num_classes, embedding_size, margin, scale, distance, normalize_embeddings, reduction
-        )
+    constant_scale = True
+
+    def configure(self, margin: float = 28.6, scale: float = 64.0) -> None:  # type: ignore[override]
+        super().configure(margin, scale)
         self._init_angular_margin()
 
     def _init_angular_margin(self) -> None:
@@ -275,8 +229,6 @@ class ArcFaceLoss(MarginSoftmaxLoss):
         self._cos_m, self._sin_m = math.cos(radians), math.sin(radians)
         self._threshold = -math.cos(radians)  # θ ≤ π − m  ⇔  cos θ ≥ cos(π − m) = −cos m
         self._fallback = radians * math.sin(radians)
-
-    constant_scale = True
 
     def target_logit_and_slope(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         clamped = cos.clamp(-1.0, 1.0)
@@ -301,23 +253,12 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     :meth:`get_outliers` finds samples far from their class's dominant sub-centre.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float = 28.6,
-        scale: float = 64.0,
-        sub_centers: int = 3,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
+    def configure(  # type: ignore[override]
+        self, margin: float = 28.6, scale: float = 64.0, sub_centers: int = 3
     ) -> None:
-        k = check_positive_int(sub_centers, "sub_centers", "subcenter_arcface")
-        MarginSoftmaxLoss.__init__(
-            self, num_classes, embedding_size, margin, scale, distance, normalize_embeddings, reduction, k
-        )
+        self.sub_centers = check_positive_int(sub_centers, "sub_centers", self.who)
+        MarginSoftmaxLoss.configure(self, margin, scale, self.sub_centers)
         self._init_angular_margin()
-        self.sub_centers = k
 
     def cosine(self, embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cos = cosine_matrix(embeddings, weights, columns=True)
@@ -340,10 +281,10 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         ``embedding_size × num_classes`` matrix of dominant sub-centres. (PML returns the pair regardless
         of ``return_dominant_centers``.)
         """
-        self.classes(embeddings, labels, None)
+        self.classes(Batch(embeddings, labels))
         weights = self.param(self.W, embeddings)
         k = self.sub_centers
-        cos = distance_matrix(embeddings, weights.t(), "cosine").view(-1, self.num_classes, k)
+        cos = self.distance.matrix(embeddings, weights.t()).view(-1, self.num_classes, k)
         own = cos[torch.arange(len(labels), device=labels.device), labels]  # B × K: own class's sub-centres
         votes = torch.bincount(labels * k + own.argmax(1), minlength=self.num_classes * k)
         dominant = votes.view(self.num_classes, k).argmax(1)  # C
@@ -377,36 +318,24 @@ class P2SGradLoss(ClassLoss):
     """
 
     tuple_kinds: ClassVar[frozenset[str]] = frozenset()
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = ("cosine",)
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, normalize_embeddings, reduction)
-        check_distance_among(distance, ("cosine",), "p2sgrad")
+    def configure(self) -> None:
         self.weight = nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
         with torch.no_grad():
             self.weight.uniform_(-1, 1)
             self.weight.copy_(_unit_columns(self.weight))
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        self.classes(embeddings, labels, None)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        embeddings, labels = batch.embeddings, batch.labels
+        self.classes(batch)
         with torch.no_grad():
             # .data: the projection is not part of the graph, and must not bump the parameter's version
             # counter (a graph from an earlier forward pass may still need the old values).
             self.weight.data.copy_(_unit_columns(self.weight.data))
         weights = self.param(self.weight, embeddings)
+        # PML's formula: the columns are unit vectors already (renormalised above), only x is divided
         cos = (embeddings @ weights / embeddings.norm(dim=1, keepdim=True)).clamp(-1, 1)
         errors = (cos - F.one_hot(labels, self.num_classes).to(cos.dtype)).square()
         return self.reduce(errors.reshape(-1))

@@ -8,33 +8,28 @@ pair-based losses) or with gathered entries (mined triplets). Nothing loops over
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from dmlkit.distances import Distance
 from dmlkit.errors import ConfigError
 from dmlkit.losses.base import (
     PAIRS_AND_TRIPLETS,
     BaseLoss,
+    Batch,
     MatrixPairLoss,
     PairLoss,
     TripletLoss,
-    farther_by,
+    check_choice,
     masked_logsumexp,
     register,
 )
-from dmlkit.miners.tuples import (
-    TRIPLETS,
-    IndicesTuple,
-    Pairs,
-    label_masks,
-    paired_distance,
-    to_pairs,
-    tuple_kind,
-)
+from dmlkit.losses.reducers import Reducer
+from dmlkit.tuples import TRIPLETS, Pairs, Triplets, pair_counts, tuple_kind
 
 
 @register("contrastive")
@@ -46,72 +41,61 @@ class ContrastiveLoss(PairLoss):
     default) and the two are summed.
     """
 
-    def __init__(
-        self,
-        pos_margin: float = 0.0,
-        neg_margin: float = 1.0,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "avg_non_zero"}
+
+    def configure(self, pos_margin: float = 0.0, neg_margin: float = 1.0) -> None:
         self.pos_margin = float(pos_margin)
         self.neg_margin = float(neg_margin)
 
     def pair_losses(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sim = self.is_similarity
-        return (
-            F.relu(farther_by(pos, self.pos_margin, sim)),
-            F.relu(farther_by(self.neg_margin, neg, sim)),
-        )
+        farther = self.distance.margin
+        return F.relu(farther(pos, self.pos_margin)), F.relu(farther(self.neg_margin, neg))
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        if indices_tuple is not None:  # mined pairs: gathered values (a pair mined twice counts twice)
-            return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        if batch.indices_tuple is not None:  # mined pairs: gathered values (a pair mined twice counts twice)
+            return super().compute_loss(batch)
         # All pairs: the negative pairs are every entry of the matrix but the same-label ones, which are
         # few (found from sorted labels): dense passes for the negatives, gathers for the rest.
-        mat = self.fused_distance_matrix(embeddings, ref_emb)
-        rows, cols, is_pos = self.same_label_entries(labels, ref_labels)
+        mat = self.matrix(batch)
+        rows, cols, is_pos = batch.same_label_entries()
+        num_neg = rows.new_full((), mat.numel() - rows.numel())  # (a fill: no host-to-device copy)
+        if batch.exclude is not None:
+            num_neg -= batch.exclude.sum() - batch.exclude[rows, cols].sum()
+        counts = torch.stack([is_pos.sum(), num_neg])
         loss, active = _AllPairsHinge.apply(
             mat,
             rows,
             cols,
             is_pos,
-            self.excluded,
-            self.is_similarity,
-            self.pos_margin,
-            self.neg_margin,
-            self.reduction,
+            batch.exclude,
+            self.distance,
+            (self.pos_margin, self.neg_margin),
+            counts,
+            self.reducer,
         )
-        num_excluded_neg = 0
-        if self.excluded is not None:
-            num_excluded_neg = self.excluded.sum() - self.excluded[rows, cols].sum()
         self.record(
-            num_pos_pairs=is_pos.sum(),
-            num_neg_pairs=mat.numel() - rows.numel() - num_excluded_neg,
+            num_pos_pairs=counts[0],
+            num_neg_pairs=counts[1],
             num_active_pos_pairs=active[0],
             num_active_neg_pairs=active[1],
         )
         return loss  # type: ignore[no-any-return]
 
+    def extra_repr(self) -> str:
+        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, " + super().extra_repr()
+
 
 class _AllPairsHinge(torch.autograd.Function):
-    """Contrastive loss over all pairs of a ``B × R`` matrix ``m``, fused: ``reduce [farther_by(m, m⁺)]₊``
-    over the positive pairs plus ``reduce [farther_by(m⁻, m)]₊`` over the negative ones.
+    """Contrastive loss over all pairs of a ``B × R`` matrix ``m``, fused: ``reduce [margin(m, m⁺)]₊`` over
+    the positive pairs plus ``reduce [margin(m⁻, m)]₊`` over the negative ones (``margin``: the distance's
+    :meth:`~dmlkit.distances.Distance.margin`).
 
-    ``(rows, cols)``: the same-label entries (:func:`~dmlkit.miners.tuples.same_label_entries`), positives
+    ``(rows, cols)``: the same-label entries (:meth:`~dmlkit.tuples.Batch.same_label_entries`), positives
     where ``is_pos``; every other entry is a negative pair unless ``excluded`` (a boolean mask or None).
-    Reductions as :func:`dmlkit.losses.base.reduce` on the pair lists (``mean``, ``avg_non_zero``, ``sum``).
-    The gradient of ``m`` is ``±1/divisor`` on the active pairs: two dense passes in the backward instead of
-    autograd's chain of gathers, masks and reductions. Also returns the int64 numbers of active positive and
-    negative pairs.
+    ``counts``: the numbers of positive and negative pairs (int64, shape 2). The reducer divides each sum by
+    its :meth:`~dmlkit.losses.reducers.Reducer.divisor`. The gradient of ``m`` is ``±1/divisor`` on the
+    active pairs: two dense passes in the backward instead of autograd's chain of gathers, masks and
+    reductions. Also returns the int64 numbers of active positive and negative pairs.
     """
 
     @staticmethod
@@ -122,34 +106,24 @@ class _AllPairsHinge(torch.autograd.Function):
         cols: torch.Tensor,
         is_pos: torch.Tensor,
         excluded: torch.Tensor | None,
-        sim: bool,
-        pos_margin: float,
-        neg_margin: float,
-        reduction: str,
+        distance: Distance,
+        margins: tuple[float, float],
+        counts: torch.Tensor,
+        reducer: Reducer,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pos_h = farther_by(mat[rows, cols], pos_margin, sim).clamp_min_(0.0)
+        pos_h = distance.margin(mat[rows, cols], margins[0]).clamp_min_(0.0)
         pos_h.masked_fill_(~is_pos, 0.0)  # self pairs and excluded pairs are no positives
-        neg_h = farther_by(neg_margin, mat, sim)
+        neg_h = distance.margin(margins[1], mat)
         neg_h[rows, cols] = 0.0  # same-label pairs are no negatives
         if excluded is not None:
             neg_h.masked_fill_(excluded, 0.0)
         neg_h.clamp_min_(0.0)
         active = torch.stack([torch.count_nonzero(pos_h), torch.count_nonzero(neg_h)])
         sums = torch.stack([pos_h.sum(), neg_h.sum()])
-        if reduction == "avg_non_zero":
-            divisors = active.clamp_min(1).to(mat.dtype)
-        elif reduction == "mean":
-            num_neg = mat.numel() - rows.numel()
-            if excluded is not None:
-                num_neg -= int(excluded.sum()) - int(excluded[rows, cols].sum())
-            divisors = mat.new_tensor([max(int(is_pos.sum()), 1), max(num_neg, 1)])
-        elif reduction == "sum":
-            divisors = mat.new_ones(2)
-        else:
-            raise ValueError(f"unknown reduction {reduction!r}")
+        divisors = reducer.divisor(counts, active).clamp_min(1).to(mat.dtype)
         loss = sums.div_(divisors).sum()
         ctx.save_for_backward(rows, cols, pos_h, neg_h, divisors)
-        ctx.sim = sim
+        ctx.sim = distance.is_similarity
         ctx.mark_non_differentiable(active)
         return loss, active
 
@@ -157,8 +131,7 @@ class _AllPairsHinge(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, cols, pos_h, neg_h, divisors = ctx.saved_tensors
-        # ∂/∂m of farther_by(m, m⁺) is +1 for a distance, −1 for a similarity; of farther_by(m⁻, m) the
-        # opposite
+        # ∂/∂m of margin(m, m⁺) is +1 for a distance, −1 for a similarity; of margin(m⁻, m) the opposite
         step = (-grad if ctx.sim else grad) / divisors
         zero = step.new_zeros(())
         grad_mat = torch.where(neg_h > 0, -step[1], zero)
@@ -176,76 +149,62 @@ class TripletMarginLoss(TripletLoss):
     smaller of ``d(a,n)`` and ``d(p,n)``. Reduced with ``avg_non_zero`` by default.
     """
 
-    def __init__(
-        self,
-        margin: float = 0.05,
-        swap: bool = False,
-        smooth_loss: bool = False,
-        triplets_per_anchor: int | Literal["all"] = "all",
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction, triplets_per_anchor)
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "avg_non_zero"}
+
+    def configure(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False) -> None:
         self.margin = float(margin)
         self.swap = bool(swap)
         self.smooth_loss = bool(smooth_loss)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        mat = self.fused_distance_matrix(embeddings, ref_emb)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        mat = self.matrix(batch)
         sim = self.is_similarity
-        plain = not self.swap and not self.smooth_loss and self.reduction in ("mean", "avg_non_zero", "sum")
-        if plain and indices_tuple is None and self.triplets_per_anchor == "all":
+        plain = not self.swap and not self.smooth_loss
+        if plain and batch.indices_tuple is None and self.triplets_per_anchor == "all":
             # every triplet, never listed: hinge sums from each anchor's positives and negatives
-            rows, cols, is_pos = self.same_label_entries(labels, ref_labels)
+            rows, cols, is_pos = batch.same_label_entries()
             c, x, num_triplets = _anchor_hinge_operands(
-                mat, rows, cols, is_pos, self.excluded, sim, self.margin
+                mat, rows, cols, is_pos, batch.exclude, sim, self.margin
             )
-            loss, active = _AllTripletsHinge.apply(c, x, num_triplets, self.reduction)
+            loss, active = _AllTripletsHinge.apply(c, x, num_triplets, self.reducer)
             self.record(num_triplets=num_triplets, num_active_triplets=active)
             return loss  # type: ignore[no-any-return]
-        a, p, n = self.triplets(indices_tuple, labels, ref_labels)
+        a, p, n = self.triplets(batch)
         if plain:
-            loss, active = _ListedTripletsHinge.apply(mat, a, p, n, sim, self.margin, self.reduction)
+            loss, active = _ListedTripletsHinge.apply(mat, a, p, n, sim, self.margin, self.reducer)
             self.record(num_triplets=a.numel(), num_active_triplets=active)
             return loss  # type: ignore[no-any-return]
         ap, an = mat[a, p], mat[a, n]
         if self.swap:
             # p and n index the reference set, so d(p, n) is a reference-to-reference distance; PML
             # reads mat[p, n], which is only right when the reference set is the batch.
-            if ref_emb is None:
-                pn = mat[p, n]
-            else:
-                pn = paired_distance(ref_emb[p], ref_emb[n], self.distance, self.normalize_embeddings)  # type: ignore[arg-type]
+            pn = _between_references(self.distance, batch, mat, p, n)
             an = torch.maximum(an, pn) if sim else torch.minimum(an, pn)
-        violation = farther_by(ap, an, sim) + self.margin
+        violation = self.distance.margin(ap, an) + self.margin
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         self.record(num_triplets=a.numel(), num_active_triplets=torch.count_nonzero(losses))
         return self.reduce(losses)
 
 
-def _hinge_divisor(
-    active: torch.Tensor, count: int, reduction: str, like: torch.Tensor
-) -> torch.Tensor | float:
-    """Divisor of a hinge sum: the active terms (``avg_non_zero``), all ``count`` terms (``mean``) or 1."""
-    if reduction == "avg_non_zero":
-        return active.clamp_min(1).to(like.dtype)
-    if reduction == "mean":
-        return float(max(count, 1))
-    if reduction == "sum":
-        return 1.0
-    raise ValueError(f"unknown reduction {reduction!r}")
+def _between_references(
+    distance: Distance, batch: Batch, mat: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> torch.Tensor:
+    """``d(ref[i], ref[j])`` for reference items ``i``, ``j``: read from ``mat`` (the ``batch × reference``
+    matrix) when the reference set is the batch, else computed pair by pair."""
+    if batch.ref_emb is None:
+        return mat[i, j]
+    return distance.paired(batch.ref_emb[i], batch.ref_emb[j])
+
+
+def _hinge_divisor(reducer: Reducer, active: torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
+    """Divisor of a sum of ``count`` hinge terms, ``active`` of them non-zero (≥ 1, in ``like``'s dtype)."""
+    # new_full fills on the device: a tensor made from a Python number would be a synchronising copy
+    return reducer.divisor(active.new_full((), count), active).clamp_min(1).to(like.dtype)
 
 
 class _ListedTripletsHinge(torch.autograd.Function):
-    """``reduce [farther_by(m[a,p], m[a,n]) + margin]₊`` over listed triplets, fused.
+    """``reduce [margin(m[a,p], m[a,n]) + margin]₊`` over listed triplets (``margin(x, y)``: ``x − y`` for a
+    distance, ``y − x`` for a similarity), fused.
 
     The two values of a triplet are read from the flattened matrix; the backward pass adds ``±1/divisor``
     of the active triplets into a zero matrix with two ``index_add_`` (no autograd chain of advanced
@@ -261,7 +220,7 @@ class _ListedTripletsHinge(torch.autograd.Function):
         n: torch.Tensor,
         sim: bool,
         margin: float,
-        reduction: str,
+        reducer: Reducer,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         flat = mat.reshape(-1)
         row = a * mat.shape[1]
@@ -269,11 +228,10 @@ class _ListedTripletsHinge(torch.autograd.Function):
         ap, an = flat.index_select(0, at_p), flat.index_select(0, at_n)
         hinge = (an - ap if sim else ap - an).add_(margin).clamp_min_(0.0)
         active = torch.count_nonzero(hinge)
-        divisor = _hinge_divisor(active, a.numel(), reduction, mat)
+        divisor = _hinge_divisor(reducer, active, a.numel(), mat)
         loss = hinge.sum() / divisor
-        tensor_divisor = isinstance(divisor, torch.Tensor)
-        ctx.save_for_backward(at_p, at_n, hinge, divisor if tensor_divisor else None)
-        ctx.divisor, ctx.sim, ctx.shape = None if tensor_divisor else divisor, sim, mat.shape
+        ctx.save_for_backward(at_p, at_n, hinge, divisor)
+        ctx.sim, ctx.shape = sim, mat.shape
         ctx.mark_non_differentiable(active)
         return loss, active
 
@@ -281,7 +239,7 @@ class _ListedTripletsHinge(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         at_p, at_n, hinge, divisor = ctx.saved_tensors
-        step = grad / (ctx.divisor if divisor is None else divisor)
+        step = grad / divisor
         # ∂/∂m[a,p] = +1 and ∂/∂m[a,n] = −1 for a distance (the opposite for a similarity)
         weights = (hinge > 0).to(hinge.dtype).mul_(-step if ctx.sim else step)
         grad_flat = hinge.new_zeros(ctx.shape[0] * ctx.shape[1])
@@ -302,7 +260,7 @@ def _anchor_hinge_operands(
     of triplets.
 
     ``(rows, cols, is_pos)``: the same-label entries and which of them are positives
-    (:meth:`~dmlkit.losses.base.BaseLoss.same_label_entries`); ``excluded``: pairs that are no negatives
+    (:meth:`~dmlkit.tuples.Batch.same_label_entries`); ``excluded``: pairs that are no negatives
     either. ``c`` (``B × P``, P the most positives of an anchor): ``m[a,p] + margin`` (``margin − s[a,p]``
     for a similarity) for each positive, ``−inf`` padding; ``x`` (``B × R``): ``m[a,n]`` (``−s[a,n]``) for
     each negative, ``+inf`` for same-label and excluded entries. Then ``c − x`` is the triplet's violation
@@ -347,7 +305,7 @@ class _AllTripletsHinge(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, c: torch.Tensor, x: torch.Tensor, num_triplets: int, reduction: str
+        ctx: Any, c: torch.Tensor, x: torch.Tensor, num_triplets: int, reducer: Reducer
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_rows, width = c.shape
         if num_rows * width * x.shape[1] <= _DENSE_TRIPLETS:
@@ -368,10 +326,8 @@ class _AllTripletsHinge(torch.autograd.Function):
             x_sum = (torch.where(count_x > 0, x, 0.0).to(acc) * count_x).sum()
             total = (c_sum - x_sum).to(c.dtype)
         active = count_c.sum()
-        divisor = _hinge_divisor(active, num_triplets, reduction, c)
-        tensor_divisor = isinstance(divisor, torch.Tensor)
-        ctx.save_for_backward(count_c, count_x, divisor if tensor_divisor else None)
-        ctx.divisor = None if tensor_divisor else divisor
+        divisor = _hinge_divisor(reducer, active, num_triplets, c)
+        ctx.save_for_backward(count_c, count_x, divisor)
         ctx.mark_non_differentiable(active)
         return total / divisor, active
 
@@ -379,38 +335,21 @@ class _AllTripletsHinge(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         count_c, count_x, divisor = ctx.saved_tensors
-        step = grad / (ctx.divisor if divisor is None else divisor)
+        step = grad / divisor
         return count_c * step, count_x * -step, None, None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _pair_counts(
-    pairs: Pairs, shape: tuple[int, int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 ``(pos, neg)`` matrices counting how often each pair occurs in mined pairs (duplicates add)."""
-    a1, p, a2, n = pairs
-    pos = torch.zeros(shape, dtype=torch.long, device=device)
-    neg = torch.zeros(shape, dtype=torch.long, device=device)
-    pos.index_put_((a1, p), torch.ones_like(a1), accumulate=True)
-    neg.index_put_((a2, n), torch.ones_like(a2), accumulate=True)
-    return pos, neg
-
-
 def _pair_weights(
-    indices_tuple: IndicesTuple | None,
-    labels: torch.Tensor,
-    ref_labels: torch.Tensor | None,
-    shape: tuple[int, int],
-    device: torch.device,
-    exclude: torch.Tensor | None = None,
+    batch: Batch, mat: torch.Tensor, pairs: Pairs | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive/negative pair multiplicities: boolean label masks without a miner (``exclude``: pairs
-    that are neither), counts with one."""
-    if indices_tuple is None:
-        return label_masks(labels, ref_labels, exclude)
-    return _pair_counts(to_pairs(indices_tuple, labels, ref_labels), shape, device)
+    """Positive/negative pair multiplicities over ``mat``'s entries: the boolean label masks without a miner
+    (excluded pairs are neither), how often the mined pairs (``pairs``, if already converted) list each."""
+    if batch.indices_tuple is None:
+        return batch.label_masks()
+    return pair_counts(batch.to_pairs() if pairs is None else pairs, tuple(mat.shape), mat.device)  # type: ignore[arg-type]
 
 
 def _times(weights: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -480,11 +419,6 @@ def _mean_hinge_over_fourth(
     return mean, valid_count > 0
 
 
-def _check_choice(loss: str, key: str, value: object, allowed: tuple[object, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{loss}: {key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
 # ---------------------------------------------------------------------------------------------- margin
 
 
@@ -511,19 +445,16 @@ class MarginLoss(TripletLoss):
     are weighted sums over the ``query × reference`` matrix.
     """
 
-    def __init__(
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "avg_non_zero"}
+
+    def configure(
         self,
         margin: float = 0.2,
         nu: float = 0.0,
         beta: float = 1.2,
-        triplets_per_anchor: int | Literal["all"] = "all",
         learn_beta: bool = False,
         num_classes: int | None = None,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
     ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction, triplets_per_anchor)
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):
@@ -538,40 +469,30 @@ class MarginLoss(TripletLoss):
         else:
             self.register_buffer("beta", init)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        mat = self.distance_matrix(embeddings, ref_emb)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        mat = self.matrix(batch)
         beta = self.beta.to(mat.dtype)
         per_class = beta.numel() > 1
-        sim = self.is_similarity
-        listed = (
-            tuple_kind(indices_tuple) == TRIPLETS
-            if indices_tuple is not None
-            else self.triplets_per_anchor != "all"
-        )
+        farther, labels = self.distance.margin, batch.labels
+        if batch.indices_tuple is None:
+            listed = self.triplets_per_anchor != "all"
+        else:
+            listed = tuple_kind(batch.indices_tuple) == TRIPLETS
         if listed:
-            a, p, n = self.triplets(indices_tuple, labels, ref_labels)
+            a, p, n = self.triplets(batch)
             b = beta[labels[a]] if per_class else beta
-            pos = F.relu(farther_by(mat[a, p], b, sim) + self.margin)
-            neg = F.relu(farther_by(b, mat[a, n], sim) + self.margin)
+            pos = F.relu(farther(mat[a, p], b) + self.margin)
+            neg = F.relu(farther(b, mat[a, n]) + self.margin)
             hinge_sum = pos.sum() + neg.sum()
             num_active_terms = (pos > 0).sum() + (neg > 0).sum()
-            num_triplets = torch.tensor(a.numel(), device=mat.device)
+            num_triplets = a.new_full((), a.numel())
             num_inactive = ((pos == 0) & (neg == 0)).sum()
             beta_sum = b.sum() if per_class else None
         else:
-            cpos, cneg = _pair_weights(
-                indices_tuple, labels, ref_labels, tuple(mat.shape), mat.device, self.excluded
-            )  # type: ignore[arg-type]
+            cpos, cneg = _pair_weights(batch, mat)
             b = beta[labels].unsqueeze(1) if per_class else beta
-            pos = F.relu(farther_by(mat, b, sim) + self.margin)
-            neg = F.relu(farther_by(b, mat, sim) + self.margin)
+            pos = F.relu(farther(mat, b) + self.margin)
+            neg = F.relu(farther(b, mat) + self.margin)
             npos, nneg = cpos.sum(1), cneg.sum(1)  # per anchor; each (a, p) recurs nneg[a] times
             hinge_sum = ((pos * cpos).sum(1) * nneg).sum() + ((neg * cneg).sum(1) * npos).sum()
             active_pos = _times(cpos, pos > 0).sum(1)
@@ -581,12 +502,7 @@ class MarginLoss(TripletLoss):
             num_triplets = triplets_per_row.sum()
             num_inactive = ((npos - active_pos) * (nneg - active_neg)).sum()
             beta_sum = (beta[labels] * triplets_per_row).sum() if per_class else None
-        if self.reduction == "avg_non_zero":
-            divisor = num_active_terms
-        elif self.reduction == "mean":
-            divisor = 2 * num_triplets
-        else:
-            divisor = torch.ones_like(num_triplets)
+        divisor = self.reducer.divisor(2 * num_triplets, num_active_terms)
         loss = hinge_sum / divisor.clamp_min(1)
         if self.learn_beta:
             if beta_sum is not None:  # per-class β: divided like the hinge terms (0 if nothing to divide)
@@ -626,46 +542,31 @@ class LiftedStructureLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "mean"}
 
-    def __init__(
-        self,
-        neg_margin: float = 1.0,
-        pos_margin: float = 0.0,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
+    def configure(self, neg_margin: float = 1.0, pos_margin: float = 0.0) -> None:
         self.neg_margin = float(neg_margin)
         self.pos_margin = float(pos_margin)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        pairs = batch.to_pairs()
+        a1, p, a2, _ = pairs
         self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
         if a1.numel() == 0 or a2.numel() == 0:
-            return self.zero_loss(embeddings)
-        mat = self.distance_matrix(embeddings, ref_emb)
-        sim = self.is_similarity
-        if indices_tuple is None:
-            neg_weights = self.label_masks(labels, ref_labels)[1]
-        else:
-            neg_weights = _pair_counts((a1, p, a2, n), tuple(mat.shape), mat.device)[1]  # type: ignore[arg-type]
-        row_lse, row_has = _log_weighted_lse(farther_by(self.neg_margin, mat, sim), neg_weights)
+            return self.zero_loss(batch.embeddings)
+        mat = self.matrix(batch)
+        farther = self.distance.margin
+        row_lse, row_has = _log_weighted_lse(
+            farther(self.neg_margin, mat), _pair_weights(batch, mat, pairs)[1]
+        )
         lse, has = row_lse[a1], row_has[a1]
-        if ref_emb is None:
+        if batch.own_reference:
             # negatives of i and of j: log(e^{lse_i} + e^{lse_j}); a self pair (i, i) counts its row once
             has_p = row_has[p] & (p != a1)
             lowest = torch.finfo(mat.dtype).min
             both = torch.logaddexp(torch.where(has, lse, lowest), torch.where(has_p, row_lse[p], lowest))
             lse = torch.where(has | has_p, both, 0.0)
-        losses = F.relu(lse + farther_by(mat[a1, p], self.pos_margin, sim)).pow(2) / 2
+        losses = F.relu(lse + farther(mat[a1, p], self.pos_margin)).pow(2) / 2
         self.record(num_active_pos_pairs=(losses > 0).sum())
         return self.reduce(losses)
 
@@ -686,22 +587,16 @@ class GeneralizedLiftedStructureLoss(MatrixPairLoss):
     anchors by default; mined pairs restrict ``P_i``/``N_i`` (a pair mined twice counts once).
     """
 
-    def __init__(
-        self,
-        neg_margin: float = 1.0,
-        pos_margin: float = 0.0,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "mean"}
+
+    def configure(self, neg_margin: float = 1.0, pos_margin: float = 0.0) -> None:
         self.neg_margin = float(neg_margin)
         self.pos_margin = float(pos_margin)
 
     def matrix_loss(self, mat: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
-        sim = self.is_similarity
-        pos = masked_logsumexp(farther_by(mat, self.pos_margin, sim), pos_mask, add_one=False)
-        neg = masked_logsumexp(farther_by(self.neg_margin, mat, sim), neg_mask, add_one=False)
+        farther = self.distance.margin
+        pos = masked_logsumexp(farther(mat, self.pos_margin), pos_mask, add_one=False)
+        neg = masked_logsumexp(farther(self.neg_margin, mat), neg_mask, add_one=False)
         return F.relu(pos + neg)
 
     def extra_repr(self) -> str:
@@ -738,27 +633,15 @@ class NPairsLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "dot", "reduction": "mean"}
 
-    def __init__(
-        self, distance: str = "dot", normalize_embeddings: bool = True, reduction: str = "mean"
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a1, p, _, _ = self.to_pairs(indices_tuple, labels, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        a1, p, _, _ = batch.to_pairs()
         if a1.numel() == 0:
             self.record(num_pairs=0)
-            return self.zero_loss(embeddings)
-        a, p = _first_positive_pair_per_label(a1, p, labels)
-        ref = embeddings if ref_emb is None else ref_emb
-        mat = self.distance_matrix(embeddings[a], ref[p])
+            return self.zero_loss(batch.embeddings)
+        a, p = _first_positive_pair_per_label(a1, p, batch.labels)
+        mat = self.distance.matrix(batch.embeddings[a], batch.reference[p])
         logits = mat if self.is_similarity else -mat
         targets = torch.arange(a.numel(), device=logits.device)
         self.record(num_pairs=a.numel())
@@ -783,42 +666,28 @@ class AngularLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "mean"}
+    allowed_distances = ("euclidean",)
 
-    def __init__(
-        self,
-        alpha: float = 40.0,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        _check_choice("angular", "distance", distance, ("euclidean",))
-        _check_choice("angular", "normalize_embeddings", bool(normalize_embeddings), (True,))
+    def configure(self, alpha: float = 40.0) -> None:
+        check_choice(self.who, "normalize_embeddings", self.normalize_embeddings, (True,))
         if not 0 < alpha < 90:
             raise ConfigError(f"angular: alpha must be in (0, 90) degrees, got {alpha}")
         self.alpha = float(alpha)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a1, p, a2, _ = self.to_pairs(indices_tuple, labels, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        a1, p, a2, _ = batch.to_pairs()
         self.record(num_pos_pairs=a1.numel())
         if a1.numel() == 0 or a2.numel() == 0:
-            return self.zero_loss(embeddings)
-        x = F.normalize(embeddings, p=2, dim=1)
-        ref = x if ref_emb is None else F.normalize(ref_emb, p=2, dim=1)
+            return self.zero_loss(batch.embeddings)
+        x = F.normalize(batch.embeddings, p=2, dim=1)
+        ref = x if batch.ref_emb is None else F.normalize(batch.ref_emb, p=2, dim=1)
         xa, xp = x[a1], ref[p]
         tan2 = math.tan(math.radians(self.alpha)) ** 2
         f = (4 * tan2) * ((xa + xp) @ ref.T) - (2 * (1 + tan2)) * (xa * xp).sum(1, keepdim=True)
-        ref_l = labels if ref_labels is None else ref_labels
-        negatives = labels[a1].unsqueeze(1) != ref_l.unsqueeze(0)
-        if self.excluded is not None:
-            negatives &= ~self.excluded[a1]
+        negatives = batch.labels[a1].unsqueeze(1) != batch.reference_labels.unsqueeze(0)
+        if batch.exclude is not None:
+            negatives &= ~batch.exclude[a1]
         return self.reduce(masked_logsumexp(f, negatives, add_one=True))
 
     def extra_repr(self) -> str:
@@ -828,68 +697,28 @@ class AngularLoss(BaseLoss):
 # ---------------------------------------------------------------------------------------------- SNR
 
 
-def snr_matrix(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """Signal-to-noise-ratio distance ``d(x, y) = var(x − y) / var(x)`` (Yuan et al., CVPR 2019, Eq. 5).
-
-    With ``x̃ = x − mean(x)`` (centred over dimensions) ``var(x − y) / var(x) = ‖x̃ − ỹ‖² / ‖x̃‖²``, so the
-    matrix is a centred squared-euclidean Gram computation; the unbiased ``1/(D−1)`` cancels.
-    """
-    xc = x - x.mean(dim=1, keepdim=True)
-    yc = xc if y is None else y - y.mean(dim=1, keepdim=True)
-    x2 = xc.pow(2).sum(1)
-    y2 = x2 if y is None else yc.pow(2).sum(1)
-    diff = (x2.unsqueeze(1) + y2.unsqueeze(0) - 2.0 * (xc @ yc.T)).clamp_min(0.0)
-    return diff / x2.unsqueeze(1)
-
-
 @register("snr")
-class SignalToNoiseRatioContrastiveLoss(PairLoss):
+class SignalToNoiseRatioContrastiveLoss(ContrastiveLoss):
     """Contrastive loss on the signal-to-noise-ratio distance (Yuan, Chen, Wang, Yu, Shi & Jia,
     "Signal-to-Noise Ratio: A Robust Distance Metric for Deep Metric Learning", CVPR 2019; PML
     ``SignalToNoiseRatioContrastiveLoss``).
 
-    ``d_SNR(a, x) = var(x_a − x) / var(x_a)`` (:func:`snr_matrix`; asymmetric, anchor in the denominator),
-    then the contrastive loss: ``[d − m⁺]₊`` on positive and ``[m⁻ − d]₊`` on negative pairs, each set
-    reduced with ``avg_non_zero`` by default and the two summed. ``distance`` can only be ``"snr"``;
+    :class:`ContrastiveLoss` with ``distance="snr"``: ``d_SNR(a, x) = var(x_a − x) / var(x_a)``
+    (:class:`dmlkit.distances.SNR`; asymmetric, anchor in the denominator), ``[d − m⁺]₊`` on positive and
+    ``[m⁻ − d]₊`` on negative pairs, each set reduced with ``avg_non_zero`` by default and the two summed.
+    ``distance`` can only be ``"snr"`` (the contrastive loss itself takes it too);
     ``normalize_embeddings`` (default True, as PML's ``SNRDistance``) L2-normalises first.
     """
 
-    def __init__(
-        self,
-        pos_margin: float = 0.0,
-        neg_margin: float = 1.0,
-        distance: str = "snr",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
-    ) -> None:
-        _check_choice("snr", "distance", distance, ("snr",))
-        super().__init__(None, normalize_embeddings, reduction)
-        self.distance = distance
-        self.pos_margin = float(pos_margin)
-        self.neg_margin = float(neg_margin)
-
-    @property
-    def is_similarity(self) -> bool:
-        return False
-
-    def distance_matrix(self, embeddings: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
-        if self.normalize_embeddings:
-            embeddings = F.normalize(embeddings, p=2, dim=1)
-            ref_emb = None if ref_emb is None else F.normalize(ref_emb, p=2, dim=1)
-        return snr_matrix(embeddings, ref_emb)
-
-    def pair_losses(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.relu(pos - self.pos_margin), F.relu(self.neg_margin - neg)
-
-    def extra_repr(self) -> str:
-        return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, " + super().extra_repr()
+    defaults: ClassVar[dict[str, Any]] = {"distance": "snr", "reduction": "avg_non_zero"}
+    allowed_distances = ("snr",)
 
 
 # ---------------------------------------------------------------------------------------------- quadruplet
 
 
 @register("quadruplet")
-class QuadrupletLoss(TripletLoss):
+class QuadrupletLoss(BaseLoss):
     """Quadruplet loss (Chen, Chen, Zhang & Huang, "Beyond Triplet Loss: A Deep Quadruplet Network for
     Person Re-identification", CVPR 2017, Eq. 4) as in Roth et al., "Revisiting Training Strategies and
     Generalization Performance in Deep Metric Learning", ICML 2020 (``criteria/quadruplet.py``, flags
@@ -914,17 +743,16 @@ class QuadrupletLoss(TripletLoss):
     reference items when ``ref_emb`` is given.
     """
 
-    def __init__(
+    tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "mean"}
+
+    def configure(
         self,
         margin_alpha_1: float = 0.2,
         margin_alpha_2: float = 0.2,
         fourth_negatives: Literal["all", "random"] = "all",
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
     ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        _check_choice("quadruplet", "fourth_negatives", fourth_negatives, ("all", "random"))
+        check_choice(self.who, "fourth_negatives", fourth_negatives, ("all", "random"))
         self.margin_alpha_1 = float(margin_alpha_1)
         self.margin_alpha_2 = float(margin_alpha_2)
         self.fourth_negatives = fourth_negatives
@@ -962,37 +790,28 @@ class QuadrupletLoss(TripletLoss):
         valid = count > 0
         return order[pos.clamp(0, ref_l.numel() - 1)], valid
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a, p, n = self.triplets(indices_tuple, labels, ref_labels)
-        mat = self.distance_matrix(embeddings, ref_emb)
-        sim = self.is_similarity
+    @staticmethod
+    def triplets(batch: Batch) -> Triplets:
+        """The call's triplets: mined (pairs joined on their anchor) or all (``triplets_per_anchor`` of the
+        triplet losses is no option here)."""
+        return batch.to_triplets("all")
+
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        a, p, n = self.triplets(batch)
+        mat = self.matrix(batch)
+        distance, sim, labels = self.distance, self.is_similarity, batch.labels
         ap = mat[a, p]
-        triplet_losses = F.relu(farther_by(ap, mat[a, n], sim) + self.margin_alpha_1)
+        triplet_losses = F.relu(distance.margin(ap, mat[a, n]) + self.margin_alpha_1)
         if self.fourth_negatives == "random":
-            fourth, valid = self.sample_fourth_negatives(a, n, labels, ref_labels)
-            n_v, f_v = n[valid], fourth[valid]
-            if ref_emb is None:
-                nn_dist = mat[n_v, f_v]
-            else:
-                nn_dist = paired_distance(
-                    ref_emb[n_v],
-                    ref_emb[f_v],
-                    self.distance,
-                    self.normalize_embeddings,  # type: ignore[arg-type]
-                )
-            quad_losses = F.relu(farther_by(ap[valid], nn_dist, sim) + self.margin_alpha_2)
+            fourth, valid = self.sample_fourth_negatives(a, n, labels, batch.ref_labels)
+            nn_dist = _between_references(distance, batch, mat, n[valid], fourth[valid])
+            quad_losses = F.relu(distance.margin(ap[valid], nn_dist) + self.margin_alpha_2)
         else:
-            ref_l = labels if ref_labels is None else ref_labels
+            ref_l = batch.reference_labels
             uniq, row_of = torch.unique(n, return_inverse=True)
             # distances from each distinct negative to every reference item (the batch: already in mat)
-            rows = mat[uniq] if ref_emb is None else self.distance_matrix(ref_emb[uniq], ref_emb)
+            ref = batch.ref_emb
+            rows = mat[uniq] if ref is None else distance.matrix(ref[uniq], ref)
             # [d(a,p) + α₂ − d(n,k)]₊ for a distance, [s(n,k) − s(a,p) + α₂]₊ for a similarity
             c = (-ap if sim else ap) + self.margin_alpha_2
             quad_losses, valid = _mean_hinge_over_fourth(
@@ -1035,42 +854,25 @@ class TupletMarginLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = ("cosine",)
 
-    def __init__(
-        self,
-        margin: float = 5.73,
-        scale: float = 64.0,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        _check_choice("tuplet_margin", "distance", distance, ("cosine",))
+    def configure(self, margin: float = 5.73, scale: float = 64.0) -> None:
         self.margin = float(margin)
         self.scale = float(scale)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        pairs = batch.to_pairs()
+        a1, p, a2, _ = pairs
         self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
         if a1.numel() == 0 or a2.numel() == 0:
-            return self.zero_loss(embeddings)
-        mat = self.distance_matrix(embeddings, ref_emb)
+            return self.zero_loss(batch.embeddings)
+        mat = self.matrix(batch)
         eps = torch.finfo(mat.dtype).eps
         pos = mat[a1, p].clamp(-1 + eps, 1 - eps)
         pos_margin = torch.cos(torch.acos(pos) - math.radians(self.margin))
-        if indices_tuple is None:
-            neg_weights = self.label_masks(labels, ref_labels)[1]
-        else:
-            neg_weights = _pair_counts((a1, p, a2, n), tuple(mat.shape), mat.device)[1]  # type: ignore[arg-type]
         # log(1 + Σ_n e^{s·s_an − s·c}) = softplus(lse_n(s·s_an) − s·c): one log-sum-exp per anchor row
-        row_lse, row_has = _log_weighted_lse(self.scale * mat, neg_weights)
+        row_lse, row_has = _log_weighted_lse(self.scale * mat, _pair_weights(batch, mat, pairs)[1])
         inside = row_lse[a1] - self.scale * pos_margin
         losses = torch.where(row_has[a1], torch.logaddexp(torch.zeros_like(inside), inside), 0.0)
         return self.reduce(losses)
@@ -1093,15 +895,9 @@ class IntraPairVarianceLoss(PairLoss):
     summed. Default ``cosine``.
     """
 
-    def __init__(
-        self,
-        pos_eps: float = 0.01,
-        neg_eps: float = 0.01,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+
+    def configure(self, pos_eps: float = 0.01, neg_eps: float = 0.01) -> None:
         self.pos_eps = float(pos_eps)
         self.neg_eps = float(neg_eps)
 
@@ -1137,34 +933,24 @@ class ThresholdConsistentMarginLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "avg_non_zero"}
+    allowed_distances = ("cosine",)
 
-    def __init__(
+    def configure(
         self,
         lambda_plus: float = 1.0,
         lambda_minus: float = 1.0,
         margin_plus: float = 0.9,
         margin_minus: float = 0.5,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
     ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        _check_choice("threshold_consistent_margin", "distance", distance, ("cosine",))
         self.lambda_plus = float(lambda_plus)
         self.lambda_minus = float(lambda_minus)
         self.margin_plus = float(margin_plus)
         self.margin_minus = float(margin_minus)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
-        mat = self.distance_matrix(embeddings, ref_emb)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        a1, p, a2, n = batch.to_pairs()
+        mat = self.matrix(batch)
         pos_losses = F.relu(self.margin_plus - mat[a1, p])
         neg_losses = F.relu(mat[a2, n] - self.margin_minus)
         self.record(
@@ -1205,19 +991,11 @@ class DynamicSoftMarginLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "mean"}
+    allowed_distances = ("euclidean", "squared_euclidean")
 
-    def __init__(
-        self,
-        min_val: float = -2.0,
-        num_bins: int = 10,
-        momentum: float = 0.01,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        _check_choice("dynamic_soft_margin", "distance", distance, ("euclidean", "squared_euclidean"))
-        _check_choice("dynamic_soft_margin", "normalize_embeddings", bool(normalize_embeddings), (True,))
+    def configure(self, min_val: float = -2.0, num_bins: int = 10, momentum: float = 0.01) -> None:
+        check_choice(self.who, "normalize_embeddings", self.normalize_embeddings, (True,))
         if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 2:
             raise ConfigError(f"dynamic_soft_margin: num_bins must be an int >= 2, got {num_bins!r}")
         if min_val >= 0:
@@ -1247,22 +1025,15 @@ class DynamicSoftMarginLoss(BaseLoss):
         new = new.scatter_add(0, (idx + 1).clamp_max(self.num_bins - 1), momentum * frac)
         return new / new.sum()
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        a, p, n = self.to_triplets(indices_tuple, labels, ref_labels, "all")
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        a, p, n = batch.to_triplets("all")
         self.record(num_triplets=a.numel())
         if a.numel() == 0:
-            return self.zero_loss(embeddings)
-        mat = self.distance_matrix(embeddings, ref_emb)
+            return self.zero_loss(batch.embeddings)
+        mat = self.matrix(batch)
         x = mat[a, p] - mat[a, n]
         hist = self.updated_histogram(x)
-        if self.training and torch.is_grad_enabled() and embeddings.requires_grad:
+        if self.training and torch.is_grad_enabled() and batch.embeddings.requires_grad:
             self.hist = hist
         cdf = torch.cumsum(hist, 0)
         return self.reduce(cdf[self._bins(x.detach())[0]] * x)

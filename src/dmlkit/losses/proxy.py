@@ -14,7 +14,7 @@ they: as per-sample weights (PML ``convert_to_weights``, see :func:`sample_weigh
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,37 +22,20 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dmlkit.errors import ConfigError, DataError
-from dmlkit.losses.base import PAIRS_AND_TRIPLETS, BaseLoss, farther_by, register
-from dmlkit.miners.tuples import IndicesTuple, distance_matrix
+from dmlkit.losses.base import (
+    PAIRS_AND_TRIPLETS,
+    SIMILARITIES,
+    BaseLoss,
+    Batch,
+    check_positive,
+    register,
+    sample_weights,
+)
 
 CLASS_NEEDS: frozenset[str] = frozenset({"num_classes", "embedding_size"})
-SIMILARITIES: tuple[str, ...] = ("cosine", "dot")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def sample_weights(
-    indices_tuple: IndicesTuple | None, batch_size: int, dtype: torch.dtype, anchors_only: bool = False
-) -> torch.Tensor | None:
-    """Per-sample weights from a miner's output (PML ``convert_to_weights``), None meaning "all 1".
-
-    ``wᵢ = countᵢ / maxⱼ countⱼ`` where ``countᵢ`` is how often sample ``i`` occurs in the indices tuple:
-    anywhere (anchors, positives and negatives alike), or only as an anchor with ``anchors_only`` (PML's
-    ``using_ref``, which ProxyNCA sets). Samples that never occur get 0. An absent or empty indices tuple
-    weighs every sample 1.
-    """
-    if indices_tuple is None:
-        return None
-    if anchors_only:
-        parts = [indices_tuple[0]] if len(indices_tuple) == 3 else [indices_tuple[0], indices_tuple[2]]
-    else:
-        parts = list(indices_tuple)
-    if all(t.numel() == 0 for t in indices_tuple):
-        return None
-    counts = torch.bincount(torch.cat([t.reshape(-1).long() for t in parts]), minlength=batch_size)
-    counts = counts.to(dtype)
-    return counts / counts.max()
 
 
 def check_class_labels(labels: torch.Tensor, num_classes: int, who: str) -> None:
@@ -78,14 +61,13 @@ def check_positive_int(value: object, what: str, who: str) -> int:
     return int(value)
 
 
-def check_distance_among(distance: str, allowed: tuple[str, ...], who: str) -> None:
-    if distance not in allowed:
-        raise ConfigError(f"{who}: distance must be one of {', '.join(map(repr, allowed))}, got {distance!r}")
-
-
 class _CosineMatrix(torch.autograd.Function):
     """``cos(x_i, w_c)`` for the rows of ``x`` (B × d) and the class vectors of ``w`` (its columns, d × C,
     or its rows, C × d), with a fused backward pass.
+
+    A loss-private fast path, not a second cosine: :class:`dmlkit.distances.Cosine` gives the same values
+    (up to rounding), but would normalise a copy of every class vector and, for a ``d × C`` parameter,
+    produce its gradient through a transposed view (a strided, slow accumulation into the parameter).
 
     Normalises the ``B × C`` product instead of the inputs, ``cos = (x w) ⊙ (a bᵀ)`` with ``a = 1/‖x_i‖``
     and ``b = 1/‖w_c‖`` (norms clamped at 1e-12 as in ``F.normalize``), and writes the gradient in closed
@@ -147,56 +129,45 @@ def cosine_matrix(x: torch.Tensor, w: torch.Tensor, columns: bool) -> torch.Tens
 class ClassLoss(BaseLoss):
     """Base of the losses with one or more learnable vectors per class (proxies, class weights).
 
-    Subclasses implement :meth:`compute_loss`; :meth:`classes` validates the labels and returns the miner
-    weights, and :meth:`param` casts a parameter to the embeddings' dtype (differentiably, so the
-    parameter keeps its own dtype and receives its gradient in it).
+    ``num_classes`` and ``embedding_size`` are shared options of this family, the first two (positional)
+    parameters of every such loss, as in PML; subclasses create their class vectors in ``configure`` and
+    implement :meth:`compute_loss`; :meth:`classes` validates the labels and returns the miner weights, and
+    :meth:`param` casts a parameter to the embeddings' dtype (differentiably, so the parameter keeps its
+    own dtype and receives its gradient in it).
     """
 
     tuple_kinds: ClassVar[frozenset[str]] = PAIRS_AND_TRIPLETS
     accepts_ref: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = CLASS_NEEDS
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        distance: str | None,
-        normalize_embeddings: bool,
-        reduction: str,
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        who = self.registry_name or type(self).__name__
-        self.num_classes = check_positive_int(num_classes, "num_classes", who)
-        self.embedding_size = check_positive_int(embedding_size, "embedding_size", who)
+    def shared_options(self, num_classes: int, embedding_size: int, **shared: Any) -> None:
+        """The loss options, then the shape of the class vectors (the first two, positional, arguments of
+        every such loss, as in PML)."""
+        super().shared_options(**shared)
+        self.num_classes = check_positive_int(num_classes, "num_classes", self.who)
+        self.embedding_size = check_positive_int(embedding_size, "embedding_size", self.who)
 
-    def classes(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        anchors_only: bool = False,
-    ) -> torch.Tensor | None:
+    def classes(self, batch: Batch, anchors_only: bool = False) -> torch.Tensor | None:
         """Check labels and width; return the miner weights (None: every sample weighs 1)."""
-        who = self.registry_name or type(self).__name__
+        embeddings = batch.embeddings
         if embeddings.shape[1] != self.embedding_size:
             raise DataError(
-                f"{who}: embeddings have width {embeddings.shape[1]}, the loss was built for "
+                f"{self.who}: embeddings have width {embeddings.shape[1]}, the loss was built for "
                 f"embedding_size={self.embedding_size}"
             )
-        check_class_labels(labels, self.num_classes, who)
-        return sample_weights(indices_tuple, embeddings.shape[0], embeddings.dtype, anchors_only)
+        check_class_labels(batch.labels, self.num_classes, self.who)
+        return sample_weights(batch.indices_tuple, embeddings.shape[0], embeddings.dtype, anchors_only)
 
     def matrix_to(self, embeddings: torch.Tensor, w: torch.Tensor, columns: bool) -> torch.Tensor:
         """The loss's distance between the embeddings and the class vectors of ``w`` (columns of a d × C
         matrix when ``columns``, else rows of a C × d one).
 
-        Cosine (``cosine``, or ``dot`` on normalised inputs) goes through :func:`cosine_matrix`; other
-        distances through :func:`dmlkit.miners.tuples.distance_matrix`.
+        Cosines (``cosine``, or ``dot`` on normalised inputs) go through the fast path
+        :func:`cosine_matrix`, other distances through :meth:`dmlkit.distances.Distance.matrix`.
         """
-        if self.distance == "cosine" or (self.distance == "dot" and self.normalize_embeddings):
+        if self.distance.is_cosine:
             return cosine_matrix(embeddings, w, columns)
-        rows = w.t() if columns else w
-        return distance_matrix(embeddings, rows, self.distance, self.normalize_embeddings)  # type: ignore[arg-type]
+        return self.distance.matrix(embeddings, w.t() if columns else w)
 
     @staticmethod
     def param(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -231,31 +202,18 @@ class ProxyNCALoss(ClassLoss):
     to exactly 0; we use ``log_softmax`` and keep them (identical otherwise).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        softmax_scale: float = 1.0,
-        distance: str = "squared_euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, normalize_embeddings, reduction)
+    defaults: ClassVar[dict[str, Any]] = {"distance": "squared_euclidean", "reduction": "mean"}
+
+    def configure(self, softmax_scale: float = 1.0) -> None:
         self.softmax_scale = float(softmax_scale)
         self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         nn.init.normal_(self.proxies)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        weights = self.classes(embeddings, labels, indices_tuple, anchors_only=True)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        embeddings, labels = batch.embeddings, batch.labels
+        weights = self.classes(batch, anchors_only=True)
         proxies = self.param(self.proxies, embeddings)
-        if self.distance == "squared_euclidean" and self.normalize_embeddings:
+        if self.distance == "squared_euclidean" and self.distance.normalizes:
             # ‖x̂ − p̂‖² = 2 − 2 cos(x, p), and the constant drops out of the softmax
             logits = cosine_matrix(embeddings, proxies, columns=False) * (2.0 * self.softmax_scale)
         else:
@@ -286,38 +244,24 @@ class ProxyAnchorLoss(ClassLoss):
     Statistics: ``num_pos_proxies`` (``|P⁺|``).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        margin: float = 0.1,
-        alpha: float = 32.0,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, normalize_embeddings, reduction)
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+
+    def configure(self, margin: float = 0.1, alpha: float = 32.0) -> None:
         self.margin = float(margin)
         self.alpha = float(alpha)
         self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        weights = self.classes(embeddings, labels, indices_tuple)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        embeddings, labels = batch.embeddings, batch.labels
+        weights = self.classes(batch)
         mat = self.matrix_to(embeddings, self.param(self.proxies, embeddings), columns=False)  # B × C
-        sim = self.is_similarity
+        farther = self.distance.margin
         target = labels.unsqueeze(1)
         # Each sample is a positive of exactly one proxy: the positive term is a per-class log-sum-exp
         # over B values, and only the negative term needs the B × C matrix (its positives masked out).
-        pos_exp = self.alpha * farther_by(mat.gather(1, target).squeeze(1), self.margin, sim)
-        neg_exp = self.alpha * farther_by(-self.margin, mat, sim)
+        pos_exp = self.alpha * farther(mat.gather(1, target).squeeze(1), self.margin)
+        neg_exp = self.alpha * farther(-self.margin, mat)
         if weights is not None:
             offset = weights - 1
             pos_exp = pos_exp + offset
@@ -368,44 +312,28 @@ class SoftTripleLoss(ClassLoss):
     initialised with Kaiming-uniform, ``a=√5`` (PML's default).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        centers_per_class: int = 10,
-        la: float = 20.0,
-        gamma: float = 0.1,
-        margin: float = 0.01,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = SIMILARITIES
+
+    def configure(
+        self, centers_per_class: int = 10, la: float = 20.0, gamma: float = 0.1, margin: float = 0.01
     ) -> None:
-        super().__init__(num_classes, embedding_size, distance, normalize_embeddings, reduction)
-        check_distance_among(distance, SIMILARITIES, "softtriple")
-        if gamma <= 0:
-            raise ConfigError(f"softtriple: gamma must be > 0, got {gamma}")
-        self.centers_per_class = check_positive_int(centers_per_class, "centers_per_class", "softtriple")
+        check_positive(self.who, gamma=gamma)
+        self.centers_per_class = check_positive_int(centers_per_class, "centers_per_class", self.who)
         self.la = float(la)
         self.gamma = float(gamma)
         self.margin = float(margin)
         self.fc = nn.Parameter(torch.empty(self.embedding_size, self.num_classes * self.centers_per_class))
         nn.init.kaiming_uniform_(self.fc, a=math.sqrt(5))
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        weights = self.classes(embeddings, labels, indices_tuple)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        embeddings, labels = batch.embeddings, batch.labels
+        weights = self.classes(batch)
         sims = self.matrix_to(embeddings, self.param(self.fc, embeddings), columns=True)
         sims = sims.view(-1, self.num_classes, self.centers_per_class)
         # cosines are ≤ 1, so exp(γ⁻¹(s − 1)) cannot overflow; it underflows only when 2γ⁻¹ is large
-        bounded = self.distance == "cosine" or (self.distance == "dot" and self.normalize_embeddings)
         limit = 80.0 if sims.dtype == torch.float32 else 700.0
-        shift = 1.0 if bounded and 2.0 / self.gamma < limit else None
+        shift = 1.0 if self.distance.is_cosine and 2.0 / self.gamma < limit else None
         logits = self.la * _SoftTripleSimilarity.apply(sims, 1.0 / self.gamma, shift)
         if self.margin != 0:
             target = logits.gather(1, labels.unsqueeze(1))
@@ -467,36 +395,21 @@ class NormalizedSoftmaxLoss(ClassLoss):
     in every forward pass.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        temperature: float = 0.05,
-        distance: str = "dot",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, normalize_embeddings, reduction)
-        if temperature <= 0:
-            raise ConfigError(f"normsoftmax: temperature must be > 0, got {temperature}")
+    defaults: ClassVar[dict[str, Any]] = {"distance": "dot", "reduction": "mean"}
+
+    def configure(self, temperature: float = 0.05) -> None:
+        check_positive(self.who, temperature=temperature)
         self.temperature = float(temperature)
         self.W = nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
         nn.init.normal_(self.W)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        weights = self.classes(embeddings, labels, indices_tuple)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        embeddings, labels = batch.embeddings, batch.labels
+        weights = self.classes(batch)
         classes = self.param(self.W, embeddings)
-        if self.distance == "cosine" or (self.distance == "dot" and self.normalize_embeddings):
-            mat = cosine_matrix(embeddings, classes, columns=True)  # normalises the class weights itself
-        else:
-            mat = self.matrix_to(embeddings, F.normalize(classes, p=2, dim=0), columns=True)
+        if not self.distance.is_cosine:  # (a cosine normalises the class weights itself)
+            classes = F.normalize(classes, p=2, dim=0)
+        mat = self.matrix_to(embeddings, classes, columns=True)
         scale = 1.0 / self.temperature if self.is_similarity else -1.0 / self.temperature
         losses = F.cross_entropy(mat * scale, labels, reduction="none")
         return self.weighted_reduce(losses, weights)
@@ -530,20 +443,10 @@ class ManifoldLoss(ClassLoss):
     """
 
     tuple_kinds: ClassVar[frozenset[str]] = frozenset()
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = SIMILARITIES
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        lambdaC: float = 1.0,
-        alpha: float = 0.8,
-        margin: float = 5e-4,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(num_classes, embedding_size, distance, normalize_embeddings, reduction)
-        check_distance_among(distance, SIMILARITIES, "manifold")
+    def configure(self, lambdaC: float = 1.0, alpha: float = 0.8, margin: float = 5e-4) -> None:
         if lambdaC < 0:
             raise ConfigError(f"manifold: lambdaC must be >= 0, got {lambdaC}")
         if not 0 < alpha < 1:
@@ -554,24 +457,17 @@ class ManifoldLoss(ClassLoss):
         self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         nn.init.normal_(self.proxies)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        self.classes(embeddings, labels, None)
-        n = embeddings.shape[0]
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        self.classes(batch)
+        embeddings, n = batch.embeddings, batch.embeddings.shape[0]
         nodes = torch.cat([embeddings, self.param(self.proxies, embeddings)], dim=0)
-        affinity = torch.exp(self.distance_matrix(nodes, None).clamp_min(0) * 2.0)
+        affinity = torch.exp(self.distance.matrix(nodes).clamp_min(0) * 2.0)
         affinity = affinity.masked_fill(torch.eye(len(nodes), dtype=torch.bool, device=nodes.device), 0.0)
         scale = affinity.sum(1).rsqrt()
         normalized = affinity * scale.unsqueeze(1) * scale.unsqueeze(0)
         system = torch.eye(len(nodes), dtype=nodes.dtype, device=nodes.device) - self.alpha * normalized
         manifold = (1.0 - self.alpha) * torch.linalg.inv(system)
-        target = labels.unsqueeze(1)
+        target = batch.labels.unsqueeze(1)
         if self.lambdaC == 0:
             return self.reduce(_manifold_term(manifold[:n, n:], target, self.margin))
         rows = F.normalize(manifold[:n], dim=1) @ F.normalize(manifold[n:], dim=1).t()

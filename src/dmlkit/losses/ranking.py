@@ -7,14 +7,20 @@ a reference set (each query ranks the reference set instead of the rest of the b
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from dmlkit.errors import ConfigError
-from dmlkit.losses.base import PAIRS_AND_TRIPLETS, BaseLoss, register
-from dmlkit.losses.softmax_family import SIMILARITIES, anchor_weights, masked_reduce, require_distance
-from dmlkit.miners.tuples import IndicesTuple
+from dmlkit.losses.base import (
+    PAIRS_AND_TRIPLETS,
+    SIMILARITIES,
+    BaseLoss,
+    Batch,
+    anchor_weights,
+    register,
+)
+from dmlkit.tuples import pair_masks
 
 
 def _linear_histogram(
@@ -56,34 +62,20 @@ class FastAPLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "squared_euclidean", "reduction": "mean"}
+    allowed_distances = ("euclidean", "squared_euclidean")
+    distance_reason = "the bins span the distance range"
 
-    def __init__(
-        self,
-        num_bins: int = 10,
-        distance: str = "squared_euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        require_distance(
-            "fastap", distance, ("euclidean", "squared_euclidean"), "the bins span the distance range"
-        )
-        if not normalize_embeddings:
+    def configure(self, num_bins: int = 10) -> None:
+        if not self.normalize_embeddings:
             raise ConfigError("fastap: normalize_embeddings must be True (the bins span [0, 2^p])")
         if int(num_bins) < 1:
             raise ConfigError(f"fastap: num_bins must be ≥ 1, got {num_bins}")
         self.num_bins = int(num_bins)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        mat = self.distance_matrix(embeddings, ref_emb)
-        pos_mask, neg_mask = self.label_masks(labels, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        mat = self.matrix(batch)
+        pos_mask, neg_mask = batch.label_masks()
         pos, neg = pos_mask.to(mat.dtype), neg_mask.to(mat.dtype)
         highest = 4.0 if self.distance == "squared_euclidean" else 2.0
         width = highest / self.num_bins
@@ -96,12 +88,14 @@ class FastAPLoss(BaseLoss):
         num_pos = pos_mask.sum(dim=1)
         has_pos = num_pos > 0
         fast_ap = fast_ap.sum(dim=1) / num_pos.clamp_min(1).to(mat.dtype)
-        weights = anchor_weights(indices_tuple, embeddings.shape[0], ref_emb is not None, fast_ap)
-        losses = (1 - fast_ap) * weights
+        # Without negatives H_k = H⁺_k and FastAP = Σ_k h⁺_k / |P| = 1 exactly (the kernels sum to 1 over
+        # the nodes), a constant: the rounding of the soft histogram must not leak into the loss.
+        fast_ap = torch.where(neg_mask.any(dim=1), fast_ap, torch.ones_like(fast_ap))
+        losses = (1 - fast_ap) * anchor_weights(batch, fast_ap)
         # PML returns 0 when no histogram term survives (distances outside the bins); kept, sync-free.
         has_pos = has_pos & keep.any()
         self.record(num_anchors=has_pos.sum())
-        return masked_reduce(losses, has_pos, self.reduction)
+        return self.reducer.masked(losses, has_pos)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, " + super().extra_repr()
@@ -128,19 +122,18 @@ class RankedListLoss(BaseLoss):
     Statistics: ``num_pos_pairs``, ``num_neg_pairs`` (pairs in the violating sets).
     """
 
-    def __init__(
+    defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "mean"}
+    allowed_distances = ("euclidean", "squared_euclidean")
+    distance_reason = "it ranks distances"
+
+    def configure(
         self,
         margin: float = 0.4,
         Tn: float = 10.0,
         imbalance: float = 0.5,
         alpha: float | None = None,
         Tp: float = 0.0,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
     ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        require_distance("ranked_list", distance, ("euclidean", "squared_euclidean"), "it ranks distances")
         if not 0 <= imbalance <= 1:
             raise ConfigError(f"ranked_list: imbalance must be in [0, 1], got {imbalance}")
         self.margin = float(margin)
@@ -149,16 +142,9 @@ class RankedListLoss(BaseLoss):
         self.alpha = 1.0 + self.margin / 2 if alpha is None else float(alpha)
         self.Tp = float(Tp)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        mat = self.distance_matrix(embeddings, ref_emb)
-        pos_mask, neg_mask = self.label_masks(labels, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        mat = self.matrix(batch)
+        pos_mask, neg_mask = batch.label_masks()
         pos_boundary = self.alpha - self.margin
         nonzero = mat > 0
         pos_sel = pos_mask & (mat > pos_boundary) & nonzero
@@ -170,7 +156,7 @@ class RankedListLoss(BaseLoss):
         w_pos = torch.where(pos_sel, torch.exp(self.Tp * pos_gap), zeros)
         w_neg = torch.where(neg_sel, torch.exp(self.Tn * neg_gap), zeros)
         # PML's guard is 1e-5 × the reference size: with exclusions, the size each anchor sees
-        guard = 1e-5 * (mat.shape[1] if self.excluded is None else (~self.excluded).sum(1))
+        guard = 1e-5 * (mat.shape[1] if batch.exclude is None else (~batch.exclude).sum(1))
         loss_pos = (w_pos * pos_gap).sum(dim=1) / (w_pos.sum(dim=1) + guard)
         loss_neg = (w_neg * neg_gap).sum(dim=1) / (w_neg.sum(dim=1) + guard)
         self.record(num_pos_pairs=pos_sel.sum(), num_neg_pairs=neg_sel.sum())
@@ -204,17 +190,11 @@ class HistogramLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = ("cosine",)
+    distance_reason = "the bins span [-1, 1]"
 
-    def __init__(
-        self,
-        n_bins: int | None = None,
-        delta: float | None = None,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        require_distance("histogram", distance, ("cosine",), "the bins span [-1, 1]")
+    def configure(self, n_bins: int | None = None, delta: float | None = None) -> None:
         if n_bins is not None and delta is not None and delta != 2 / n_bins:
             raise ConfigError(f"histogram: need delta = 2 / n_bins, got delta={delta}, n_bins={n_bins}")
         if n_bins is None and delta is None:
@@ -224,28 +204,18 @@ class HistogramLoss(BaseLoss):
         if self.n_bins < 1 or self.delta <= 0:
             raise ConfigError(f"histogram: n_bins must be ≥ 1 and delta > 0, got delta={self.delta}")
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        mat = self.distance_matrix(embeddings, ref_emb)
-        if indices_tuple is None:
-            pos_mask, neg_mask = self.label_masks(labels, ref_labels)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        mat = self.matrix(batch)
+        if batch.indices_tuple is None:
+            pos_mask, neg_mask = batch.label_masks()
             has_pos, has_neg = pos_mask.any(dim=1, keepdim=True), neg_mask.any(dim=1, keepdim=True)
             pos_pairs, neg_pairs = pos_mask & has_neg, neg_mask & has_pos
             any_triplet = (has_pos & has_neg).any()
         else:
-            a, p, n = self.to_triplets(indices_tuple, labels, ref_labels)
-            pos_pairs = torch.zeros(mat.shape, dtype=torch.bool, device=mat.device)
-            neg_pairs = torch.zeros_like(pos_pairs)
-            pos_pairs[a, p] = True
-            neg_pairs[a, n] = True
+            a, p, n = batch.to_triplets()
+            pos_pairs, neg_pairs = pair_masks((a, p, a, n), tuple(mat.shape), mat.device)  # type: ignore[arg-type]
             any_triplet = torch.tensor(a.numel() > 0, device=mat.device)
-        if ref_emb is None:
+        if batch.own_reference:
             # (i, j) and (j, i) are the same pair: keep each once, in the upper triangle.
             pos_pairs = (pos_pairs | pos_pairs.T).triu()
             neg_pairs = (neg_pairs | neg_pairs.T).triu()
@@ -287,18 +257,17 @@ class PNPLoss(BaseLoss):
     Statistics: ``num_anchors`` (queries with a positive).
     """
 
-    def __init__(
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = SIMILARITIES
+    distance_reason = "it ranks by similarity"
+
+    def configure(
         self,
         b: float = 2.0,
         alpha: float = 1.0,
         anneal: float = 0.01,
         variant: Literal["Ds", "Dq", "Iu", "Ib", "O"] = "O",
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
     ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        require_distance("pnp", distance, SIMILARITIES, "it ranks by similarity")
         if variant not in PNP_VARIANTS:
             raise ConfigError(f"pnp: variant must be one of {list(PNP_VARIANTS)}, got {variant!r}")
         if anneal <= 0:
@@ -308,17 +277,10 @@ class PNPLoss(BaseLoss):
         self.anneal = float(anneal)
         self.variant = variant
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        sim = self.distance_matrix(embeddings, ref_emb)
-        pos_mask, neg_mask = self.label_masks(labels, ref_labels)
-        if ref_emb is None:
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        sim = self.matrix(batch)
+        pos_mask, neg_mask = batch.label_masks()
+        if batch.own_reference:
             eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
             pos_mask = pos_mask | (eye & pos_mask.any(dim=1, keepdim=True))
         # before[i, j, k] = σ((s_ik − s_ij) / anneal): how much negative k is ranked before j for query i.
@@ -333,7 +295,7 @@ class PNPLoss(BaseLoss):
         if self.variant == "Dq":
             losses = 1 - losses
         self.record(num_anchors=has_pos.sum())
-        return masked_reduce(losses, has_pos, self.reduction)
+        return self.reducer.masked(losses, has_pos)
 
     def _transform(self, rank: torch.Tensor) -> torch.Tensor:
         if self.variant == "Ds":

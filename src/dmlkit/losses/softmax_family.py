@@ -2,53 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from dmlkit.errors import ConfigError
 from dmlkit.losses.base import (
     PAIRS_AND_TRIPLETS,
+    SIMILARITIES,
     BaseLoss,
-    MatrixPairLoss,
-    farther_by,
-    fused_distance_matrix,
-    masked_logsumexp,
-    reduce,
+    Batch,
+    anchor_weights,
+    check_positive,
     register,
 )
-from dmlkit.miners.tuples import IndicesTuple, pair_masks, to_pairs
-
-SIMILARITIES = ("cosine", "dot")
-
-
-def require_distance(loss: str, distance: str, allowed: Collection[str], why: str) -> None:
-    """Raise ``ConfigError`` unless ``distance`` is one of ``allowed`` (``why`` says what needs it)."""
-    if distance not in allowed:
-        raise ConfigError(f"{loss}: distance must be one of {sorted(allowed)} ({why}), got {distance!r}")
-
-
-def masked_reduce(losses: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Reduce the elements of ``losses`` selected by ``mask`` without building an index list.
-
-    Same semantics as :func:`dmlkit.losses.base.reduce` applied to ``losses[mask]`` (``mean``,
-    ``avg_non_zero``, ``sum``; no selected element gives 0), but with no data-dependent shape, so no
-    device sync. Unselected entries must be finite (their gradient is multiplied by 0).
-    """
-    if how == "mean":
-        keep = mask
-    elif how == "avg_non_zero":
-        keep = mask & (losses > 0)
-    elif how == "sum":
-        return torch.where(mask, losses, torch.zeros_like(losses)).sum()
-    else:  # an unknown name: the base raises its usual UnknownNameError
-        return reduce(losses, how)
-    total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
-    return total / keep.sum().clamp_min(1).to(losses.dtype)
-
+from dmlkit.tuples import pair_masks
 
 # exp of an input that underflows (below about -87 in float32, -708 in float64) takes a slow path on some
 # CPUs (~10x): differences to the row maximum are clamped at -80 instead, an error below e^-80 ≈ 2e-35
@@ -127,27 +96,17 @@ def logsumexp_excluding(x: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.
     return _LogSumExpExcluding.apply(x, excluded)
 
 
-def scaled_logits(
-    loss: BaseLoss, embeddings: torch.Tensor, ref_emb: torch.Tensor | None, scale: float
-) -> torch.Tensor:
+def scaled_logits(loss: BaseLoss, batch: Batch, scale: float) -> torch.Tensor:
     """``scale · s`` for a similarity, ``−scale · d`` for a distance: the logits of softmax-type losses.
 
-    For a similarity the scale is folded into the matrix product and the normalisation into the fused
-    backward pass of :func:`dmlkit.losses.base.fused_distance_matrix` (no extra pass over the ``B × R``
-    matrix, and a batch-vs-batch product needs one GEMM in the backward, not two).
+    :meth:`dmlkit.distances.Distance.matrix` folds the scale of a similarity into the matrix product and
+    its fused backward pass (no extra pass over the ``B × R`` matrix).
     """
-    if loss.is_similarity:
-        return fused_distance_matrix(embeddings, ref_emb, loss.distance, loss.normalize_embeddings, scale)  # type: ignore[arg-type]
-    mat = loss.distance_matrix(embeddings, ref_emb)
-    return mat * -scale
+    return loss.matrix(batch, scale if loss.is_similarity else -scale)
 
 
 def _fill_masks(
-    loss: BaseLoss,
-    indices_tuple: IndicesTuple | None,
-    labels: torch.Tensor,
-    ref_labels: torch.Tensor | None,
-    mat: torch.Tensor,
+    loss: BaseLoss, batch: Batch, mat: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(not_pos, not_neg, is_pos)`` boolean matrices for a matrix loss, and its pair statistics.
 
@@ -155,9 +114,9 @@ def _fill_masks(
     ``is_pos`` may include self pairs, which ``not_pos`` excludes); with one, from the mined pairs (a
     pair mined twice counts once, PML's matrix losses). Records ``num_pos_pairs``/``num_neg_pairs``.
     """
-    if indices_tuple is None:
-        same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
-        excluded = loss.excluded
+    if batch.indices_tuple is None:
+        same = batch.same_labels()
+        excluded = batch.exclude
         if excluded is not None:  # only with a reference set (BaseLoss.forward checks)
             is_pos = same & ~excluded
             not_neg = same | excluded
@@ -165,19 +124,19 @@ def _fill_masks(
             return ~is_pos, not_neg, is_pos
         not_pos = ~same
         num_same = same.sum()
-        if ref_labels is None:
+        if batch.own_reference:
             not_pos.fill_diagonal_(True)
             loss.record(num_pos_pairs=num_same - mat.shape[0], num_neg_pairs=mat.numel() - num_same)
         else:
             loss.record(num_pos_pairs=num_same, num_neg_pairs=mat.numel() - num_same)
         return not_pos, same, same
-    pos_mask, neg_mask = pair_masks(to_pairs(indices_tuple, labels, ref_labels), tuple(mat.shape), mat.device)
+    pos_mask, neg_mask = pair_masks(batch.to_pairs(), tuple(mat.shape), mat.device)  # type: ignore[arg-type]
     loss.record(num_pos_pairs=pos_mask.sum(), num_neg_pairs=neg_mask.sum())
     return ~pos_mask, ~neg_mask, pos_mask
 
 
 @register("multisimilarity")
-class MultiSimilarityLoss(MatrixPairLoss):
+class MultiSimilarityLoss(BaseLoss):
     """Multi-similarity loss (Wang et al., "Multi-Similarity Loss with General Pair Weighting for Deep
     Metric Learning", CVPR 2019; PML ``MultiSimilarityLoss``).
 
@@ -187,54 +146,30 @@ class MultiSimilarityLoss(MatrixPairLoss):
 
     with ``λ = base``; a term is 0 when its set is empty. For a distance the signs flip (``d − λ`` for
     positives). ``L`` is the mean over all anchors, those without pairs included. Mined pairs restrict
-    ``P_i``/``N_i`` (a pair mined twice counts once).
+    ``P_i``/``N_i`` (a pair mined twice counts once, PML's matrix loss).
+
+    Statistics: ``num_pos_pairs``, ``num_neg_pairs`` (distinct pairs).
     """
 
-    def __init__(
-        self,
-        alpha: float = 2.0,
-        beta: float = 50.0,
-        base: float = 0.5,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        if alpha <= 0 or beta <= 0:
-            raise ConfigError(f"multisimilarity: alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
+    tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+
+    def configure(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5) -> None:
+        check_positive(self.who, alpha=alpha, beta=beta)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.base = float(base)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        # Same loss as matrix_loss, in fewer passes over the B × R matrix: one label compare instead of
-        # the two masks, one exponent matrix for both sets, and log(1 + Σ e^x) = softplus(log Σ e^x)
-        # instead of appending a column of zeros.
-        if self.is_similarity:
-            mat, sign = scaled_logits(self, embeddings, ref_emb, 1.0), 1.0
-        else:
-            mat, sign = self.distance_matrix(embeddings, ref_emb), -1.0
-        not_pos, not_neg, is_pos = _fill_masks(self, indices_tuple, labels, ref_labels, mat)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        # One label compare instead of the two masks, one exponent matrix for both sets, and
+        # log(1 + Σ e^x) = softplus(log Σ e^x) instead of appending a column of zeros.
+        mat, sign = self.matrix(batch), 1.0 if self.is_similarity else -1.0
+        not_pos, not_neg, is_pos = _fill_masks(self, batch, mat)
         coef = torch.where(is_pos, mat.new_tensor(-self.alpha * sign), mat.new_tensor(self.beta * sign))
         exponents = (mat - self.base) * coef
         pos_loss = F.softplus(logsumexp_excluding(exponents, not_pos)[0]) / self.alpha
         neg_loss = F.softplus(logsumexp_excluding(exponents, not_neg)[0]) / self.beta
         return self.reduce(pos_loss + neg_loss)
-
-    def matrix_loss(self, mat: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> torch.Tensor:
-        sim = self.is_similarity
-        pos_exp = farther_by(mat, self.base, sim)
-        neg_exp = farther_by(self.base, mat, sim)
-        pos_loss = (1.0 / self.alpha) * masked_logsumexp(self.alpha * pos_exp, pos_mask)
-        neg_loss = (1.0 / self.beta) * masked_logsumexp(self.beta * neg_exp, neg_mask)
-        return pos_loss + neg_loss
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, base={self.base}, " + super().extra_repr()
@@ -259,30 +194,17 @@ class CircleLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "avg_non_zero"}
+    allowed_distances = SIMILARITIES
+    distance_reason = "the margins are defined on similarities"
 
-    def __init__(
-        self,
-        m: float = 0.4,
-        gamma: float = 80.0,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        require_distance("circle", distance, SIMILARITIES, "the margins are defined on similarities")
+    def configure(self, m: float = 0.4, gamma: float = 80.0) -> None:
         self.m = float(m)
         self.gamma = float(gamma)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        mat = scaled_logits(self, embeddings, ref_emb, 1.0)
-        not_pos, not_neg, is_pos = _fill_masks(self, indices_tuple, labels, ref_labels, mat)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        mat = self.matrix(batch)
+        not_pos, not_neg, is_pos = _fill_masks(self, batch, mat)
         m, gamma = self.m, self.gamma
         with torch.no_grad():
             # α_p, α_n and the offsets Δ_p, Δ_n are constants (no gradient through the weights, as PML).
@@ -317,40 +239,27 @@ class SupConLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "avg_non_zero"}
 
-    def __init__(
-        self,
-        temperature: float = 0.1,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "avg_non_zero",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        if temperature <= 0:
-            raise ConfigError(f"supcon: temperature must be > 0, got {temperature}")
+    def configure(self, temperature: float = 0.1) -> None:
+        check_positive(self.who, temperature=temperature)
         self.temperature = float(temperature)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        logits = scaled_logits(self, embeddings, ref_emb, 1.0 / self.temperature)
-        if indices_tuple is None:
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        logits = scaled_logits(self, batch, 1.0 / self.temperature)
+        if batch.indices_tuple is None:
             # Every pair is a positive or a negative except self pairs: the denominator needs no mask
             # beyond the diagonal, and whether any negative exists is a question about labels alone.
+            labels, ref_labels = batch.labels, batch.ref_labels
             all_labels = labels if ref_labels is None else torch.cat([labels, ref_labels])
             any_neg = (all_labels != labels[:1]).any()
-            pos_mask = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
-            if ref_emb is None:
+            pos_mask = batch.same_labels()
+            if batch.own_reference:
                 pos_mask.fill_diagonal_(False)
                 excluded = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
                 num_pairs = logits.shape[0] * (logits.shape[0] - 1)
-            elif self.excluded is not None:
-                excluded = self.excluded
+            elif batch.exclude is not None:
+                excluded = batch.exclude
                 pos_mask &= ~excluded
                 num_pairs = logits.numel() - excluded.sum()
                 any_neg = (~pos_mask & ~excluded).any()
@@ -361,8 +270,7 @@ class SupConLoss(BaseLoss):
             total_pos = num_pos.sum()
             self.record(num_pos_pairs=total_pos, num_neg_pairs=num_pairs - total_pos)
         else:
-            pairs = self.to_pairs(indices_tuple, labels, ref_labels)
-            pos_mask, neg_mask = pair_masks(pairs, tuple(logits.shape), logits.device)
+            pos_mask, neg_mask = pair_masks(batch.to_pairs(), tuple(logits.shape), logits.device)  # type: ignore[arg-type]
             losses, num_pos = _SupConRows.apply(logits, ~(pos_mask | neg_mask), pos_mask)
             any_neg = neg_mask.any()
             self.record(num_pos_pairs=num_pos.sum(), num_neg_pairs=torch.count_nonzero(neg_mask))
@@ -393,40 +301,26 @@ class NTXentLoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
 
-    def __init__(
-        self,
-        temperature: float = 0.07,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        if temperature <= 0:
-            raise ConfigError(f"ntxent: temperature must be > 0, got {temperature}")
+    def configure(self, temperature: float = 0.07) -> None:
+        check_positive(self.who, temperature=temperature)
         self.temperature = float(temperature)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        logits = scaled_logits(self, embeddings, ref_emb, 1.0 / self.temperature)
-        if indices_tuple is None:
-            same = labels.unsqueeze(1) == (labels if ref_labels is None else ref_labels).unsqueeze(0)
-            not_neg = same if self.excluded is None else same | self.excluded
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        logits = scaled_logits(self, batch, 1.0 / self.temperature)
+        if batch.indices_tuple is None:
+            same, excluded = batch.same_labels(), batch.exclude
+            not_neg = same if excluded is None else same | excluded
             neg_lse = logsumexp_excluding(logits, not_neg)[0]
             losses = F.softplus(neg_lse.unsqueeze(1) - logits)
-            pos_mask = same.clone().fill_diagonal_(False) if ref_labels is None else same
-            if self.excluded is not None:
-                pos_mask = pos_mask & ~self.excluded
+            pos_mask = same.clone().fill_diagonal_(False) if batch.own_reference else same
+            if excluded is not None:
+                pos_mask = pos_mask & ~excluded
             num_pos = pos_mask.sum()
             self.record(num_pos_pairs=num_pos, num_neg_pairs=not_neg.numel() - not_neg.sum())
-            return masked_reduce(losses, pos_mask, self.reduction)
-        a1, p, a2, n = self.to_pairs(indices_tuple, labels, ref_labels)
+            return self.reducer.masked(losses, pos_mask)
+        a1, p, a2, n = batch.to_pairs()
         # A negative pair mined k times counts k times in its anchor's denominator: log k is added to
         # its logit instead of repeating it.
         counts = torch.zeros_like(logits).index_put_((a2, n), torch.ones_like(a2, dtype=logits.dtype), True)
@@ -438,26 +332,6 @@ class NTXentLoss(BaseLoss):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, " + super().extra_repr()
-
-
-def anchor_weights(
-    indices_tuple: IndicesTuple | None, batch_size: int, using_ref: bool, like: torch.Tensor
-) -> torch.Tensor:
-    """Per-sample weights from a miner's output (PML ``convert_to_weights``).
-
-    ``w_i = c_i / max_j c_j`` where ``c_i`` counts the occurrences of sample ``i`` in the tuple (anchors
-    only when a reference set is used, every index otherwise); all ones without a miner or when the tuple
-    is empty.
-    """
-    ones = like.new_ones(batch_size)
-    if indices_tuple is None or all(t.numel() == 0 for t in indices_tuple):
-        return ones
-    if using_ref:
-        idx = indices_tuple[0] if len(indices_tuple) == 3 else torch.cat([indices_tuple[0], indices_tuple[2]])
-    else:
-        idx = torch.cat(list(indices_tuple))
-    counts = like.new_zeros(batch_size).index_add_(0, idx.to(like.device), like.new_ones(idx.shape[0]))
-    return counts / counts.max()
 
 
 @register("nca")
@@ -479,45 +353,31 @@ class NCALoss(BaseLoss):
     """
 
     tuple_kinds = PAIRS_AND_TRIPLETS
+    defaults: ClassVar[dict[str, Any]] = {"distance": "squared_euclidean", "reduction": "mean"}
 
-    def __init__(
-        self,
-        softmax_scale: float = 1.0,
-        distance: str = "squared_euclidean",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
+    def configure(self, softmax_scale: float = 1.0) -> None:
         self.softmax_scale = float(softmax_scale)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        if embeddings.shape[0] <= 1:
-            return self.zero_loss(embeddings)
-        mat = self.distance_matrix(embeddings, ref_emb)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        if batch.embeddings.shape[0] <= 1:
+            return self.zero_loss(batch.embeddings)
+        mat = self.matrix(batch)
         logits = self.softmax_scale * (mat if self.is_similarity else -mat)
-        other = labels.unsqueeze(1) != (labels if ref_labels is None else ref_labels).unsqueeze(0)
-        if ref_emb is None:
+        other = ~batch.same_labels()
+        if batch.own_reference:
             eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
             lse_all = logsumexp_excluding(logits, eye)[0]
             other = other | eye
-        elif self.excluded is not None:
-            lse_all = logsumexp_excluding(logits, self.excluded)[0]
-            other = other | self.excluded
+        elif batch.exclude is not None:
+            lse_all = logsumexp_excluding(logits, batch.exclude)[0]
+            other = other | batch.exclude
         else:
             lse_all = torch.logsumexp(logits, dim=1)
         lse_same, has_pos = logsumexp_excluding(logits, other)
         losses = lse_all - lse_same
-        weights = anchor_weights(indices_tuple, embeddings.shape[0], ref_emb is not None, losses)
-        losses = torch.where(has_pos, losses, torch.zeros_like(losses)) * weights
+        losses = torch.where(has_pos, losses, torch.zeros_like(losses)) * anchor_weights(batch, losses)
         self.record(num_anchors=has_pos.sum())
-        return masked_reduce(losses, has_pos, self.reduction)
+        return self.reducer.masked(losses, has_pos)
 
     def extra_repr(self) -> str:
         return f"softmax_scale={self.softmax_scale}, " + super().extra_repr()
@@ -541,28 +401,16 @@ class InstanceLoss(BaseLoss):
     """
 
     accepts_ref = False
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    allowed_distances = SIMILARITIES
+    distance_reason = "the logits are scaled similarities"
 
-    def __init__(
-        self,
-        gamma: float = 64.0,
-        distance: str = "cosine",
-        normalize_embeddings: bool = True,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, reduction)
-        require_distance("instance", distance, SIMILARITIES, "the logits are scaled similarities")
+    def configure(self, gamma: float = 64.0) -> None:
         self.gamma = float(gamma)
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: IndicesTuple | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        logits = self.gamma * self.distance_matrix(embeddings, None)
-        same = labels.unsqueeze(1) == labels.unsqueeze(0)
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        logits = self.gamma * self.matrix(batch)
+        labels, same = batch.labels, batch.same_labels()
         # Column j represents a class iff j is its label's first sample; the target of row i is the first
         # sample of y_i. Both from the B × B label mask, so no torch.unique (no device sync).
         first_of_class = same.int().argmax(dim=1)

@@ -13,6 +13,8 @@ iteration counter used for the warm-up.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,33 +28,32 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_size(size: int | float | str, train_size: int) -> int:
-    """Memory size from a count (int, e.g. ``8192``) or a ratio of the training set (float, e.g. ``0.5``).
-
-    Strings are parsed the same way (``"8192"`` is a count, ``"1.0"`` a ratio of 1). Ratios are
-    ``round(ratio × train_size)``, at least 1.
-    """
+def parse_size(size: int | float | str) -> int | float:
+    """A memory size as written: a count (an int, or digits: ``8192``, ``"8192"``) or a ratio of the training
+    set (a float, or a decimal: ``0.5``, ``"1.0"``); must be positive and finite."""
     value: int | float
     if isinstance(size, str):
         text = size.strip()
         try:
-            value = int(text)
+            value = int(text) if text.lstrip("+-").isdigit() else float(text)
         except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                raise ConfigError(f"xbm size must be a count or a ratio, got '{size}'") from None
+            raise ConfigError(f"xbm size must be a count or a ratio, got '{size}'") from None
     else:
         value = size
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"xbm size must be a count or a ratio, got {size!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ConfigError(f"xbm size must be a positive count, got {value}")
-        return value
-    if not value > 0:
-        raise ConfigError(f"xbm size ratio must be positive, got {value}")
-    return max(1, round(value * train_size))
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"xbm size must be a positive count, got {value}")
+    if isinstance(value, float) and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"xbm size ratio must be positive and finite, got {value}")
+    return value
+
+
+def resolve_size(size: int | float | str, train_size: int) -> int:
+    """Memory size from a count (e.g. ``8192``) or a ratio of the training set (e.g. ``0.5``), as
+    :func:`parse_size` reads them. Ratios are ``round(ratio × train_size)``, at least 1."""
+    value = parse_size(size)
+    return value if isinstance(value, int) else max(1, round(value * train_size))
 
 
 class CrossBatchMemory(nn.Module):

@@ -1,13 +1,16 @@
-"""Evaluation of embeddings for retrieval: chunked k-NN (torch or faiss), Recall@K, MAP@R, MAP@K, MRR,
-Roth et al.'s mAP variants, NMI/AMI/F1, embedding-space diagnostics, and landmark-retrieval protocols.
+"""Evaluation of embeddings for retrieval: Recall@K, MAP@R, MAP@K, MRR, Roth et al.'s mAP variants,
+NMI/AMI/F1, embedding-space diagnostics, and landmark-retrieval protocols — metrics as functions of the
+:class:`~dmlkit.search.RetrievalResults` a search (:mod:`dmlkit.search`) returns.
 
-``evaluate(query, query_labels, gallery=None, gallery_labels=None, ...)`` returns a
-:class:`RetrievalResults`; ``available()`` lists the metric names; ``knn`` is the search it runs;
-``revisited_map`` / ``gldv2_map`` score landmark retrieval (revisited Oxford/Paris, Google Landmarks v2);
-``retrieval_grid`` / ``pick_queries`` draw queries and their top results from the same results object.
-See ``docs/metrics.md`` for every formula and rule.
+``compute(results, metrics)`` fills a search's results with metric values; ``evaluate(query, query_labels,
+gallery=None, gallery_labels=None, ...)`` is ``choose_k``, ``dmlkit.search.search``, ``compute``;
+``available()`` lists the metric names; ``knn`` is the search's top-k as tensors; ``revisited_map`` /
+``gldv2_map`` score landmark retrieval (revisited Oxford/Paris, Google Landmarks v2); ``retrieval_grid`` /
+``pick_queries`` draw queries and their top results from the same results object. See ``docs/metrics.md``
+for every formula and rule.
 """
 
+from dmlkit import search as _search
 from dmlkit.metrics.clustering import ami, clustering_scores, f1, kmeans, nmi
 from dmlkit.metrics.embedding_space import (
     class_centroids,
@@ -19,19 +22,14 @@ from dmlkit.metrics.embedding_space import (
     rho_spectrum,
     singular_values,
 )
-from dmlkit.metrics.faiss_backend import BACKENDS
-from dmlkit.metrics.knn import knn
 from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
-from dmlkit.metrics.results import RetrievalResults
-from dmlkit.metrics.retrieval import (
-    DEFAULT_METRICS,
-    available,
-    check_options,
-    evaluate,
-    higher_is_better,
-    parse_metric,
-)
+from dmlkit.metrics.retrieval import DEFAULT_METRICS, available, check_options, higher_is_better, parse_metric
+from dmlkit.metrics.scoring import choose_k, compute, evaluate
 from dmlkit.metrics.visualize import pick_queries, relevance, retrieval_grid
+from dmlkit.search import RetrievalResults, knn
+
+#: Search backend names (``dmlkit.search.available()``), for argument choices and configuration checks.
+BACKENDS: tuple[str, ...] = tuple(_search.available())
 
 __all__ = [
     "BACKENDS",
@@ -42,8 +40,10 @@ __all__ = [
     "available",
     "check_metric",
     "check_options",
+    "choose_k",
     "class_centroids",
     "clustering_scores",
+    "compute",
     "distance_scores",
     "evaluate",
     "f1",

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmlkit.distances import check_distance, pairwise
+from dmlkit import distances
 from dmlkit.errors import ConfigError, DataError
 
 #: Rows converted to float64 at a time when accumulating sums (bounds the temporary copies).
@@ -95,12 +95,12 @@ def rho_spectrum(embeddings: torch.Tensor | np.ndarray, K: int = 1) -> float:
 
 
 def check_dist_distance(distance: str) -> None:
-    """Raise ``ConfigError`` unless ``distance`` is one ``dists@*`` can use (not ``dot``)."""
-    check_distance(distance)
-    if distance not in DIST_DISTANCES:
-        raise ConfigError(
-            f"dists@* need a distance, one of {', '.join(DIST_DISTANCES)}; '{distance}' is a similarity"
-        )
+    """Raise ``ConfigError`` unless ``distance`` is one ``dists@*`` can use (not ``dot``, not ``snr``);
+    an unknown name raises ``UnknownNameError`` with the closest valid one."""
+    name = distances.resolve(distance).name
+    if name not in DIST_DISTANCES:
+        kind = "a similarity" if distances.REGISTRY.get(name).is_similarity else "not symmetric"  # type: ignore[attr-defined]
+        raise ConfigError(f"dists@* need a distance, one of {', '.join(DIST_DISTANCES)}; '{name}' is {kind}")
 
 
 def _class_codes(labels: torch.Tensor | np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +131,8 @@ def _class_sums(
 
 def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     if distance == "cosine":
-        return 1.0 - pairwise(a, b, "dot")  # rows are already unit vectors
-    return pairwise(a, b, distance)
+        return 1.0 - a @ b.T  # rows are already unit vectors
+    return distances.build(distance).matrix(a, b)
 
 
 def intra_class_distances(
@@ -177,7 +177,7 @@ def _euclidean_within_class_sums(x: torch.Tensor, codes: torch.Tensor, counts: t
     for a in range(0, n, rows):
         b = min(a + rows, n)
         lo, hi = int(starts[cs[a]]), int(ends[cs[b - 1]])
-        block = pairwise(xs[a:b].double(), xs[lo:hi].double(), "euclidean")
+        block = distances.Euclidean().matrix(xs[a:b].double(), xs[lo:hi].double())
         # Same class, and not the item itself (whose distance is 0 only up to rounding).
         same = (cs[a:b, None] == cs[None, lo:hi]) & (
             torch.arange(a, b)[:, None] != torch.arange(lo, hi)[None, :]

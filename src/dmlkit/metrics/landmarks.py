@@ -2,8 +2,9 @@
 Landmarks v2 mAP@100 (Weyand et al., CVPR 2020).
 
 Both take either a **ranking** (int array ``n_query × L``: gallery indices, best first, ``-1`` for an
-empty slot; ``L`` may be shorter than the gallery) or **embeddings** (``query``, ``gallery``, ranked here
-exactly, ties by gallery index) plus per-query ground-truth lists of gallery indices.
+empty slot; ``L`` may be shorter than the gallery; or the :class:`~dmlkit.search.RetrievalResults` of a
+search, whose ``topk_indices`` are that ranking) or **embeddings** (``query``, ``gallery``, searched with
+:func:`dmlkit.search.search`, ties by gallery index) plus per-query ground-truth lists of gallery indices.
 
 **Revisited Oxford/Paris** (:func:`revisited_map`). ``gnd`` is revisitop's structure: one mapping per
 query with the lists ``easy``, ``hard`` and ``junk`` (a missing key is an empty list). Per protocol:
@@ -36,20 +37,19 @@ AP@100 = (1/min(m_q, 100)) Σ_{k≤100} P(k)·rel(k), averaged over those querie
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dmlkit.distances import check_distance, is_similarity, pairwise
+from dmlkit import search
+from dmlkit.distances import DistanceLike
 from dmlkit.errors import ConfigError, DataError, UnknownNameError, unknown_name_message
-from dmlkit.metrics.knn import as_embeddings, knn
 from dmlkit.metrics.retrieval import precision_sum
+from dmlkit.search.results import RetrievalResults, metric_table, strict_json
 
 PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
 DEFAULT_KAPPAS: tuple[int, ...] = (1, 5, 10)
@@ -66,7 +66,8 @@ _PROTOCOL_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 @dataclass(eq=False)
 class LandmarkResults:
-    """Values of a landmark-retrieval protocol.
+    """Values of a landmark-retrieval protocol: a score report, not a ranking (the revisited protocol ranks
+    the whole gallery in query blocks and keeps none of it, so no :class:`RetrievalResults` holds it).
 
     - ``metrics``: name → mean over the queries with at least one positive (``"medium/map"``,
       ``"hard/mp@5"``; ``"map@100"`` for GLDv2).
@@ -79,7 +80,6 @@ class LandmarkResults:
     num_queries: int
     num_queries_without_relevant: dict[str, int]
     protocol: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> float:
         try:
@@ -102,29 +102,13 @@ class LandmarkResults:
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` as strict JSON (NaN → null)."""
-
-        def clean(value: Any) -> Any:
-            if isinstance(value, float):
-                return value if math.isfinite(value) else None
-            if isinstance(value, dict):
-                return {str(k): clean(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [clean(v) for v in value]
-            return value
-
-        return json.dumps(clean(self.to_dict()), indent=indent, allow_nan=False)
+        return strict_json(self.to_dict(), indent)
 
     def table(self, title: str | None = None, digits: int = 4) -> str:
         """Aligned plain text: metric, value (fractions, not percentages)."""
-        rows = [(n, "nan" if math.isnan(v) else f"{v:.{digits}f}") for n, v in self.metrics.items()]
         without = self.num_queries_without_relevant
-        rows += [(f"queries without positive ({p})", str(c)) for p, c in without.items()]
-        w0 = max(len("metric"), *(len(r[0]) for r in rows))
-        w1 = max(len("value"), *(len(r[1]) for r in rows))
-        lines = [] if title is None else [title]
-        lines += [f"{'metric':<{w0}}  {'value':>{w1}}", f"{'-' * w0}  {'-' * w1}"]
-        lines += [f"{n:<{w0}}  {v:>{w1}}" for n, v in rows]
-        return "\n".join(lines)
+        counts = [(f"queries without positive ({p})", c) for p, c in without.items()]
+        return metric_table(self.metrics, counts, title, digits)
 
     def __str__(self) -> str:
         return self.table()
@@ -159,7 +143,20 @@ def _pair_keys(lists: Sequence[np.ndarray], width: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(rows * width + cols))
 
 
+def _uses_ranking(ranking: Any, query: Any, gallery: Any) -> bool:
+    """True for a given ranking, False for query/gallery embeddings; neither or both is an error."""
+    if ranking is not None:
+        if query is not None or gallery is not None:
+            raise ConfigError("give either a ranking or query/gallery embeddings, not both")
+        return True
+    if query is None or gallery is None:
+        raise ConfigError("give a ranking, or both query and gallery embeddings")
+    return False
+
+
 def _check_ranking(ranking: Any, n_query: int) -> torch.Tensor:
+    if isinstance(ranking, RetrievalResults):
+        ranking = ranking.topk_indices
     r = torch.as_tensor(np.asarray(ranking)) if not isinstance(ranking, torch.Tensor) else ranking.detach()
     if r.ndim != 2:
         raise DataError(f"ranking must be 2-D (n_query × L), got shape {tuple(r.shape)}")
@@ -179,37 +176,24 @@ def _check_ranking(ranking: Any, n_query: int) -> torch.Tensor:
     return r
 
 
-def _full_rankings(
-    query: Any, gallery: Any, distance: str, chunk_size: int | None, device: Any
-) -> tuple[int, int, Any]:
-    """(n_query, n_gallery, generator of (start, ranking block)): exact full rankings, ties by index."""
-    check_distance(distance)
-    q = as_embeddings(query, "query")
-    g = as_embeddings(gallery, "gallery")
-    if len(g) == 0:
-        raise DataError("gallery is empty: there is nothing to retrieve")
-    if q.shape[1] != g.shape[1]:
-        raise DataError(f"query and gallery dimensions differ: {q.shape[1]} vs {g.shape[1]}")
-    dev = torch.device(device) if device is not None else q.device
-    mode = "dot" if distance == "cosine" else distance
-    gallery_t = g.to(dev)
-    if distance == "cosine":
-        gallery_t = F.normalize(gallery_t, dim=1)
-    rows = chunk_size or max(1, BLOCK_ELEMENTS // len(g))
+def _search_blocks(
+    query: Any, gallery: Any, distance: DistanceLike, chunk_size: int | None, device: Any
+) -> tuple[int, int, Iterator[tuple[int, torch.Tensor]]]:
+    """(n_query, n_gallery, generator of (start, ranking block)): the whole gallery ranked exactly by
+    :func:`dmlkit.search.run` (ties by index), one block of queries at a time, so that the n_query ×
+    n_gallery ranking is never held."""
+    search.check_searchable(distance)
+    inputs = search.prepare(query, gallery)
+    n_query, n_gallery = len(inputs.query), len(inputs.gallery)
+    rows = chunk_size or max(1, BLOCK_ELEMENTS // n_gallery)
 
-    def blocks() -> Any:
-        with torch.no_grad():
-            for start in range(0, len(q), rows):
-                block = q[start : start + rows].to(dev)
-                if distance == "cosine":
-                    block = F.normalize(block, dim=1)
-                score = pairwise(block, gallery_t, mode)
-                if not is_similarity(distance):
-                    score = score.neg_()
-                # A stable descending sort keeps equal scores in gallery-index order.
-                yield start, torch.sort(score, dim=1, descending=True, stable=True).indices.cpu()
+    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, n_query, rows):
+            part = inputs.take(start, start + rows)
+            ranked = search.run(part, n_gallery, distance=distance, device=device, chunk_size=rows)
+            yield start, ranked.topk_indices
 
-    return len(q), len(g), blocks()
+    return n_query, n_gallery, blocks()
 
 
 def _ranking_blocks(ranking: torch.Tensor) -> Any:
@@ -299,7 +283,7 @@ def revisited_map(
     *,
     query: Any = None,
     gallery: Any = None,
-    distance: str = "cosine",
+    distance: DistanceLike = "cosine",
     kappas: Sequence[int] = DEFAULT_KAPPAS,
     protocols: Sequence[str] = PROTOCOLS,
     ap: Literal["trapezoid", "step"] = "trapezoid",
@@ -308,10 +292,12 @@ def revisited_map(
 ) -> LandmarkResults:
     """mAP and mP@κ of the revisited Oxford/Paris protocol (Radenović et al. 2018), per protocol.
 
-    Give either ``ranking`` (``n_query × L`` gallery indices, best first) or ``query`` and ``gallery``
-    embeddings (ranked exactly with ``distance``, in query blocks: the n_query × n_gallery ranking is never
-    held). ``gnd[i]`` has the lists ``easy``, ``hard``, ``junk`` of query i (revisitop's ``cfg['gnd']``).
-    Metric names: ``"easy/map"``, ``"easy/mp@1"``, ... (fractions). See the module docstring.
+    Give either ``ranking`` (``n_query × L`` gallery indices, best first, or a
+    :class:`~dmlkit.search.RetrievalResults`) or ``query`` and ``gallery`` embeddings (the whole gallery
+    ranked exactly with ``distance`` by the ``torch`` search, in query blocks of ``chunk_size``: the
+    n_query × n_gallery ranking is never held). ``gnd[i]`` has the lists ``easy``, ``hard``, ``junk`` of
+    query i (revisitop's ``cfg['gnd']``). Metric names: ``"easy/map"``, ``"easy/mp@1"``, ... (fractions).
+    See the module docstring.
     """
     if ap not in ("trapezoid", "step"):
         raise UnknownNameError(unknown_name_message("AP rule", str(ap), ("trapezoid", "step")))
@@ -363,16 +349,18 @@ def revisited_map(
 
 
 def _source(
-    ranking: Any, query: Any, gallery: Any, n_query: int, distance: str, chunk_size: int | None, device: Any
+    ranking: Any,
+    query: Any,
+    gallery: Any,
+    n_query: int,
+    distance: DistanceLike,
+    chunk_size: int | None,
+    device: Any,
 ) -> dict[str, Any]:
-    if ranking is not None:
-        if query is not None or gallery is not None:
-            raise ConfigError("give either a ranking or query/gallery embeddings, not both")
+    if _uses_ranking(ranking, query, gallery):
         r = _check_ranking(ranking, n_query)
         return {"blocks": lambda: _ranking_blocks(r), "max_index": int(r.max()) if r.numel() else -1}
-    if query is None or gallery is None:
-        raise ConfigError("give a ranking, or both query and gallery embeddings")
-    nq, ng, blocks = _full_rankings(query, gallery, distance, chunk_size, device)
+    nq, ng, blocks = _search_blocks(query, gallery, distance, chunk_size, device)
     if nq != n_query:
         raise DataError(f"query has {nq} rows but the ground truth has {n_query} entries")
     return {"blocks": lambda: blocks, "max_index": ng - 1, "n_gallery": ng}
@@ -402,7 +390,7 @@ def gldv2_map(
     *,
     query: Any = None,
     gallery: Any = None,
-    distance: str = "cosine",
+    distance: DistanceLike = "cosine",
     k: int = 100,
     backend: str = "torch",
     backend_options: dict[str, Any] | None = None,
@@ -413,8 +401,9 @@ def gldv2_map(
     (1/min(m_q, k)) Σ_{i≤k} P(i)·rel(i) with m_q = |relevant[q]|, averaged over the queries with m_q ≥ 1.
 
     ``relevant[q]``: gallery indices relevant to query q (empty for a non-landmark query). Give a
-    ``ranking`` (only its first k columns are used) or ``query``/``gallery`` embeddings (top k by
-    :func:`dmlkit.metrics.knn` with ``backend``). Metric name: ``f"map@{k}"``.
+    ``ranking`` (or :class:`~dmlkit.search.RetrievalResults`; only its first k columns are used) or
+    ``query``/``gallery`` embeddings (top k by :func:`dmlkit.search.search` with ``backend`` and
+    ``backend_options``). Metric name: ``f"map@{k}"``.
     """
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
@@ -422,33 +411,18 @@ def gldv2_map(
     n_query = len(lists)
     if n_query == 0:
         raise DataError("relevant is empty: there are no queries")
-    if ranking is not None:
-        if query is not None or gallery is not None:
-            raise ConfigError("give either a ranking or query/gallery embeddings, not both")
+    if _uses_ranking(ranking, query, gallery):
         top = _check_ranking(ranking, n_query)[:, :k]
     else:
-        if query is None or gallery is None:
-            raise ConfigError("give a ranking, or both query and gallery embeddings")
-        q = as_embeddings(query, "query")
-        if len(q) != n_query:
-            raise DataError(f"query has {len(q)} rows but relevant has {n_query} entries")
-        n_gallery = len(as_embeddings(gallery, "gallery"))
-        if n_gallery == 0:
-            raise DataError("gallery is empty: there is nothing to retrieve")
+        inputs = search.prepare(query, gallery)
+        if len(inputs.query) != n_query:
+            raise DataError(f"query has {len(inputs.query)} rows but relevant has {n_query} entries")
+        n_gallery = len(inputs.gallery)
         largest = max((int(x[-1]) for x in lists if len(x)), default=-1)
         if largest >= n_gallery:
             raise DataError(f"relevant lists gallery index {largest} but the gallery has {n_gallery} items")
-        _, top = knn(
-            q,
-            gallery,
-            min(k, n_gallery),
-            distance,
-            chunk_size=chunk_size,
-            device=device,
-            backend=backend,
-            backend_options=backend_options,
-        )
-        top = top.cpu()
+        depth = min(k, n_gallery)
+        top = search.run(inputs, depth, distance, backend, backend_options, device, chunk_size).topk_indices
     width = max(int(top.max()) if top.numel() else -1, *(int(x[-1]) for x in lists if len(x)), 0) + 1
     keys = _pair_keys(lists, width)
     m = torch.tensor([len(x) for x in lists], dtype=torch.int64)

@@ -1,4 +1,5 @@
-"""Retrieval evaluation: one chunked k-NN pass, then every metric from the top-k and R.
+"""Metric names and definitions: every metric computed from a search's top-k and R (see
+:mod:`dmlkit.metrics.scoring` for how they are computed from a :class:`~dmlkit.search.RetrievalResults`).
 
 Definitions (see ``docs/metrics.md``). For a query q let rel(i) ∈ {0, 1} say whether the i-th retrieved
 gallery item (1-based, best first, excluded items skipped) has q's label, P(i) = (1/i) Σ_{j≤i} rel(j),
@@ -28,27 +29,15 @@ average and counted in ``num_queries_without_relevant`` (the rule of PML's ``Acc
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dmlkit.distances import check_distance
-from dmlkit.errors import ConfigError, DataError, UnknownNameError, closest
-from dmlkit.metrics import clustering, embedding_space, faiss_backend
-from dmlkit.metrics.knn import (
-    ArrayLike,
-    IgnoreSpec,
-    as_embeddings,
-    build_exclusion,
-    count_matches,
-    encode_pair,
-    search,
-)
-from dmlkit.metrics.results import Label, RetrievalResults
+from dmlkit import search
+from dmlkit.distances import DistanceLike
+from dmlkit.errors import ConfigError, UnknownNameError, closest
+from dmlkit.metrics import clustering, embedding_space
 from dmlkit.registry import Registry
 
 DEFAULT_METRICS: tuple[str, ...] = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
@@ -56,8 +45,6 @@ DEFAULT_METRICS: tuple[str, ...] = ("recall@1", "recall@2", "recall@4", "recall@
 #: Truncation depths of Roth et al.'s ``mAP_1000`` and ``mAP_lim`` (1023: faiss-GPU's former k limit).
 ROTH_MAP_1000_DEPTH = 1000
 ROTH_MAP_LIM_DEPTH = 1023
-#: Per-query metric values are computed on row blocks of at most this many top-k entries.
-METRIC_BLOCK_ELEMENTS = 2**22
 
 
 @dataclass
@@ -330,7 +317,7 @@ def _unknown_metric_message(name: str) -> str:
     return f"unknown metric '{name}'{hint} Valid metrics: {', '.join(patterns)} (K a positive integer)"
 
 
-def _required_k(base: str, K: int | None, n_gallery: int, largest_class: int) -> int:
+def required_depth(base: str, K: int | None, n_gallery: int, largest_class: int) -> int:
     """Neighbours metric ``base`` needs (r_precision/map@r are checked against R separately); the fixed
     depths of Roth et al.'s metrics are capped at ``n_gallery`` (the most a query can retrieve)."""
     if base in ("recall@K", "precision@K", "map@K", "map_pml@K", "mrr@K"):
@@ -346,322 +333,31 @@ def _required_k(base: str, K: int | None, n_gallery: int, largest_class: int) ->
 
 
 def check_options(
-    metrics: Sequence[str] | str, distance: str = "cosine", backend: str = "torch"
+    metrics: Sequence[str] | str, distance: DistanceLike = "cosine", backend: str = "torch"
 ) -> list[str]:
     """Check that ``metrics`` can be computed with ``distance`` and ``backend``, before any work.
 
-    Raises (naming the culprit) on an unknown metric, distance or backend, a faiss backend without faiss
-    installed, ``mrr`` (full-ranking) with a faiss backend, or ``dists@*`` with a similarity. Returns the
-    metric names, deduplicated. :func:`evaluate`, ``dmlkit eval`` and the training
-    configuration all call it, so a bad combination fails before embeddings are computed.
+    Raises (naming the culprit) on an unknown metric, distance or backend, a distance no index can rank by
+    (``snr``), a faiss backend without faiss installed, ``mrr`` (full-ranking) with a backend that cannot
+    rank the whole gallery, or ``dists@*`` with a similarity. Returns the metric names, deduplicated.
+    :func:`~dmlkit.metrics.evaluate`, ``dmlkit eval`` and the training configuration all call it, so a bad
+    combination fails before embeddings are computed.
     """
-    check_distance(distance)
-    faiss_backend.check_backend(backend)
+    metric = search.check_searchable(distance)
+    search.build(backend)  # an unknown name, or faiss missing, fails here
     names = _dedupe([metrics] if isinstance(metrics, str) else list(metrics))
     bases = [parse_metric(name)[0] for name in names]
     if any(base.startswith("dists@") for base in bases):
-        embedding_space.check_dist_distance(distance)
-    if backend in faiss_backend.FAISS_BACKENDS:
-        faiss_backend.import_faiss(backend)
-        if "mrr" in bases:
-            raise ConfigError(
-                f"metric 'mrr' ranks the whole gallery, which backend '{backend}' does not do; use 'mrr@K' "
-                "(reciprocal rank within the top K) or backend 'torch'"
-            )
+        embedding_space.check_dist_distance(metric.name)
+    if "mrr" in bases:
+        search.check_full_ranking(backend)
     return names
 
 
-def evaluate(
-    query: torch.Tensor | np.ndarray,
-    query_labels: ArrayLike,
-    gallery: torch.Tensor | np.ndarray | None = None,
-    gallery_labels: ArrayLike | None = None,
-    *,
-    metrics: Sequence[str] | str = DEFAULT_METRICS,
-    k: int | None = None,
-    distance: str = "cosine",
-    query_ids: ArrayLike | None = None,
-    gallery_ids: ArrayLike | None = None,
-    ignore: IgnoreSpec = None,
-    chunk_size: int | None = None,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-    backend: str = "torch",
-    backend_options: Mapping[str, Any] | None = None,
-) -> RetrievalResults:
-    """Retrieve every query's nearest gallery items and compute ``metrics`` (see module docstring).
-
-    - No ``gallery``: leave-one-out: the gallery is the query set and a query never retrieves itself,
-      matched by id (``query_ids``, default positions), so a duplicate vector with another id is retrieved.
-    - With a ``gallery``: ids exclude pairs only when both ``query_ids`` and ``gallery_ids`` are given
-      (e.g. a gallery that contains the queries).
-    - ``ignore``: ``(query_groups, gallery_groups)``, pairs with equal group are excluded; in leave-one-out
-      a single group array; or a callable ``ignore(query_index[c], gallery_index[g]) -> bool[c, g]``
-      (True = excluded; called per block). Excluded items are never retrieved and never relevant.
-    - ``k``: neighbours kept; default: the largest depth any asked metric needs (its K, 1000/1023 for
-      ``map_1000``/``map_lim``, the largest class for ``map_c``, the largest R for ``r_precision``/``map@r``).
-    - ``chunk_size``: queries per block (default: ≤ 2**24 scores per block); ``device``: where to search
-      (default: the query's device); ``seed``: k-means seed for ``nmi``/``ami``/``f1``.
-    - ``backend``: ``"torch"`` (exact, default), ``"faiss-flat"`` (exact), ``"faiss-ivf"`` or
-      ``"faiss-hnsw"`` (approximate), with ``backend_options`` (see :mod:`dmlkit.metrics.faiss_backend`).
-    """
-    names = check_options(metrics, distance, backend)
-    parsed = [(name, *parse_metric(name)) for name in names]
-
-    q = as_embeddings(query, "query")
-    if len(q) == 0:
-        raise DataError("query is empty: there is nothing to evaluate")
-    leave_one_out = gallery is None
-    if leave_one_out:
-        if gallery_labels is not None or gallery_ids is not None:
-            raise ConfigError("gallery_labels/gallery_ids were given without a gallery (leave-one-out mode)")
-        g = q
-    else:
-        if gallery_labels is None:
-            raise ConfigError("gallery was given without gallery_labels")
-        g = as_embeddings(gallery, "gallery")
-    if len(g) == 0:
-        raise DataError("gallery is empty: there is nothing to retrieve")
-    if q.shape[1] != g.shape[1]:
-        raise DataError(f"query and gallery dimensions differ: {q.shape[1]} vs {g.shape[1]}")
-
-    q_lab, g_lab, label_values = encode_pair(
-        query_labels,
-        query_labels if leave_one_out else gallery_labels,  # type: ignore[arg-type]
-        "query_labels",
-        "gallery_labels",
-    )
-    _check_length(q_lab, len(q), "query_labels", "query")
-    _check_length(g_lab, len(g), "gallery_labels", "gallery")
-
-    q_ids, g_ids, id_values, exclude_ids = _ids(query_ids, gallery_ids, len(q), len(g), leave_one_out)
-    exclusion = build_exclusion(
-        len(q),
-        len(g),
-        exclude_self_ids=(q_ids, g_ids) if exclude_ids else None,
-        ignore=ignore,
-        same_set=leave_one_out,
-    )
-
-    retrieval = [(name, base, K) for name, base, K in parsed if _is_retrieval(base)]
-    # N: gallery items with the query's label before exclusions (Roth et al.'s class frequency).
-    class_size = count_matches([q_lab], [g_lab])
-    largest_class = int(class_size.max())
-    retrievable = len(g) - int(leave_one_out)  # an upper bound of the items a query can retrieve
-    needed = {name: _required_k(base, K, retrievable, largest_class) for name, base, K in retrieval}
-    largest_k = max(needed.values(), default=0)
-    needs_all = any(base in NEEDS_ALL_RELEVANT for _, base, _ in retrieval)
-    if k is None:
-        k = largest_k
-        if needs_all:
-            k = max(k, _max_relevant_upper_bound(q_lab, g_lab, leave_one_out))
-    elif not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k must be a positive integer or None, got {k!r}")
-    elif k < largest_k:
-        worst = max(needed, key=lambda name: needed[name])
-        raise ConfigError(
-            f"k={k} is smaller than the largest K asked: '{worst}' needs {needed[worst]} neighbours"
-        )
-
-    wants_mrr = any(base == "mrr" for _, base, _ in retrieval)
-    if backend == "torch":
-        if backend_options:
-            raise ConfigError(f"backend 'torch' takes no backend_options, got {sorted(backend_options)}")
-        out = search(
-            q,
-            g,
-            k,
-            distance,
-            exclusion,
-            query_labels=q_lab,
-            gallery_labels=g_lab,
-            first_relevant=wants_mrr,
-            chunk_size=chunk_size,
-            device=device,
-        )
-    else:
-        out = faiss_backend.search(
-            q,
-            g,
-            k,
-            distance,
-            exclusion,
-            backend=backend,
-            options=dict(backend_options or {}),
-            query_labels=q_lab,
-            gallery_labels=g_lab,
-            first_relevant=wants_mrr,
-            device=device,
-        )
-    indices = out.indices.cpu()
-    distances = out.distances.cpu()
-    assert out.num_relevant is not None
-    num_relevant = out.num_relevant.cpu()
-    if needs_all and len(num_relevant) and int(num_relevant.max()) > k:
-        raise ConfigError(
-            f"k={k} is smaller than the largest number of relevant items R={int(num_relevant.max())}; "
-            "r_precision and map@r need k ≥ R (leave k=None to choose it automatically)"
-        )
-    first_rank = None if out.first_relevant_rank is None else out.first_relevant_rank.cpu()
-    has_relevant = num_relevant > 0
-    # On the search's device (the top-k is already there); only per-class sums come back, so memory
-    # stays O(block + classes · metrics) whatever the number of queries and metrics.
-    scored_classes, scored_counts = torch.unique(q_lab[has_relevant], return_counts=True)
-    class_sums = _class_sums(
-        retrieval,
-        out.indices,
-        q_lab,
-        g_lab,
-        num_relevant,
-        first_rank,
-        class_size,
-        has_relevant,
-        scored_classes,
-    )
-
-    values: dict[str, float] = {}
-    per_class: dict[str, dict[Label, float]] = {}
-    assignments = None
-    embedded: list[torch.Tensor] = []
-
-    def embeddings() -> torch.Tensor:
-        """The query embeddings as clustering and ρ see them (L2-normalised for cosine), made once."""
-        if not embedded:
-            embedded.append(F.normalize(q, dim=1) if distance == "cosine" else q)
-        return embedded[0]
-
-    for name, base, K in parsed:
-        if base in CLUSTERING_METRICS:
-            if assignments is None:
-                num_classes = int(torch.unique(q_lab).numel())
-                assignments = clustering.kmeans(embeddings(), num_classes, seed=seed)
-            values[name] = METRICS.get(base)(q_lab, assignments)
-        elif base in EMBEDDING_METRICS:
-            # dists@* normalise themselves for cosine; ρ sees what the clustering sees.
-            x = q if base.startswith("dists@") else embeddings()
-            values[name] = METRICS.get(base)(x, q_lab, distance, K)
-        else:
-            sums = class_sums[name]
-            scored = int(scored_counts.sum())
-            values[name] = float(sums.sum() / scored) if scored else float("nan")
-            per_class[name] = _per_class_means(sums, scored_classes, scored_counts, label_values)
-
-    return RetrievalResults(
-        topk_indices=indices,
-        topk_distances=distances,
-        query_labels=q_lab,
-        gallery_labels=g_lab,
-        query_ids=q_ids,
-        gallery_ids=g_ids,
-        distance=distance,
-        metrics=values,
-        per_class=per_class,
-        num_queries=len(q),
-        num_queries_without_relevant=int((~has_relevant).sum()),
-        num_relevant=num_relevant,
-        k=k,
-        leave_one_out=leave_one_out,
-        label_values=label_values,
-        id_values=id_values,
-        cluster_assignments=assignments,
-        backend=backend,
-    )
-
-
-def _is_retrieval(base: str) -> bool:
+def is_retrieval(base: str) -> bool:
+    """Whether metric pattern ``base`` is computed from the ranking (not clustering, not the embeddings)."""
     return base not in CLUSTERING_METRICS and base not in EMBEDDING_METRICS
-
-
-def _class_sums(
-    retrieval: list[tuple[str, str, int | None]],
-    indices: torch.Tensor,
-    q_lab: torch.Tensor,
-    g_lab: torch.Tensor,
-    num_relevant: torch.Tensor,
-    first_rank: torch.Tensor | None,
-    class_size: torch.Tensor,
-    has_relevant: torch.Tensor,
-    scored_classes: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Per retrieval metric, the sum of its per-query values over the queries with R > 0 of each label of
-    ``scored_classes`` (``torch.unique(q_lab[has_relevant])``; float64, on the CPU, in that order).
-
-    Per-query values are computed on ``indices``' device in row blocks and summed per class at once, so
-    neither the temporaries (O(block · k)) nor the result (O(classes)) grow with the number of queries."""
-    if not retrieval:
-        return {}
-    dev = indices.device
-    q_lab, g_lab, num_relevant, class_size = (t.to(dev) for t in (q_lab, g_lab, num_relevant, class_size))
-    has_relevant = has_relevant.to(dev)
-    first_rank = None if first_rank is None else first_rank.to(dev)
-    classes, class_of_query = torch.unique(q_lab, return_inverse=True)
-    sums = {name: torch.zeros(len(classes), dtype=torch.float64, device=dev) for name, _, _ in retrieval}
-    n, k = indices.shape
-    rows = max(1, METRIC_BLOCK_ELEMENTS // max(k, 1))
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        keep = has_relevant[start:end]
-        idx = indices[start:end][keep]
-        relevant = (idx >= 0) & (g_lab[idx.clamp_min(0)] == q_lab[start:end][keep][:, None])
-        ctx = RetrievalContext(
-            relevant=relevant,
-            num_relevant=num_relevant[start:end][keep],
-            first_relevant_rank=None if first_rank is None else first_rank[start:end][keep],
-            class_size=class_size[start:end][keep],
-        )
-        block_classes = class_of_query[start:end][keep]
-        for name, base, K in retrieval:
-            sums[name].index_add_(0, block_classes, METRICS.get(base)(ctx, K).to(torch.float64))
-    # Only the classes that have a scored query: searchsorted maps them into the sorted ``classes``.
-    position = torch.searchsorted(classes, scored_classes.to(dev))
-    return {name: total[position].cpu() for name, total in sums.items()}
 
 
 def _dedupe(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
-
-
-def _check_length(values: torch.Tensor, n: int, name: str, of: str) -> None:
-    if len(values) != n:
-        raise DataError(f"{name} has {len(values)} entries but {of} has {n} rows")
-
-
-def _ids(
-    query_ids: ArrayLike | None, gallery_ids: ArrayLike | None, n_query: int, n_gallery: int, loo: bool
-) -> tuple[torch.Tensor, torch.Tensor, list[str] | None, bool]:
-    """(query id codes, gallery id codes, string vocabulary, whether equal ids exclude a pair)."""
-    if loo:
-        if query_ids is None:
-            ids = torch.arange(n_query)
-            return ids, ids, None, True
-        q, _, vocabulary = encode_pair(query_ids, query_ids, "query_ids", "query_ids")
-        _check_length(q, n_query, "query_ids", "query")
-        return q, q, vocabulary, True
-    if query_ids is None and gallery_ids is None:
-        return torch.arange(n_query), torch.arange(n_gallery), None, False
-    if query_ids is None or gallery_ids is None:
-        raise ConfigError("pass both query_ids and gallery_ids (or neither) when a gallery is given")
-    q, g, vocabulary = encode_pair(query_ids, gallery_ids, "query_ids", "gallery_ids")
-    _check_length(q, n_query, "query_ids", "query")
-    _check_length(g, n_gallery, "gallery_ids", "gallery")
-    return q, g, vocabulary, True
-
-
-def _max_relevant_upper_bound(q_lab: torch.Tensor, g_lab: torch.Tensor, leave_one_out: bool) -> int:
-    """max over queries of |gallery items with the query's label| (− 1 for the query itself in
-    leave-one-out): an upper bound of R, exact when nothing but the query itself is excluded."""
-    classes, counts = torch.unique(g_lab, return_counts=True)
-    position = torch.searchsorted(classes, q_lab).clamp_max(len(classes) - 1)
-    per_query = torch.where(classes[position] == q_lab, counts[position], torch.zeros_like(q_lab))
-    return max(int(per_query.max()) - int(leave_one_out), 0)
-
-
-def _per_class_means(
-    sums: torch.Tensor, classes: torch.Tensor, counts: torch.Tensor, label_values: list[str] | None
-) -> dict[Label, float]:
-    """label → mean per-query value of that class (``sums``/``counts`` aligned with ``classes``)."""
-    means = (sums / counts.double()).tolist()
-    keys = classes.tolist()
-    if label_values is not None:
-        return {label_values[c]: m for c, m in zip(keys, means, strict=True)}
-    return {int(c): m for c, m in zip(keys, means, strict=True)}

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dmlkit.errors import ConfigError, DataError
-from dmlkit.metrics.results import RetrievalResults
+from dmlkit.search.results import RetrievalResults
 
 ImageSource = Any  # ImageDataset | Sequence[image] | Callable[[int], image]
 PickMode = Literal["failures", "random", "first"]

@@ -1,7 +1,7 @@
 """Foundations of every miner: the registry, the calling convention and statistics.
 
 A miner is called as ``miner(embeddings, labels, ref_emb=None, ref_labels=None, ref_exclude=None)`` and
-returns an indices tuple (see :mod:`dmlkit.miners.tuples`): pairs ``(a1, p, a2, n)`` or triplets ``(a, p,
+returns an indices tuple (see :mod:`dmlkit.tuples`): pairs ``(a1, p, a2, n)`` or triplets ``(a, p,
 n)``, as declared by :attr:`BaseMiner.output_kind`. Anchors index ``embeddings``; positives and negatives
 index ``ref_emb`` (the batch when not given); ``ref_exclude``, a boolean ``batch × reference`` mask, names
 pairs that are never mined (e.g. an anchor and its own copy in a cross-batch memory). Mining runs under
@@ -10,44 +10,110 @@ pairs that are never mined (e.g. an anchor and its own copy in a cross-batch mem
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
+import functools
+import inspect
+import math
+from typing import Any, ClassVar, Protocol, TypedDict, Unpack, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dmlkit.distances import check_distance, is_similarity
-from dmlkit.errors import ConfigError
-from dmlkit.miners.tuples import (
-    IndicesTuple,
-    Pairs,
-    TupleKind,
-    all_pairs,
-    check_batch,
-    check_exclude,
-    distance_matrix,
-    drop_excluded,
-    label_masks,
-    upcast,
-)
-from dmlkit.registry import Registry
+from dmlkit import distances
+from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
+from dmlkit.registry import Registered, Registry, SharedOptions
+from dmlkit.tuples import Batch, IndicesTuple, TupleKind, checked_batch, drop_excluded
 
-REGISTRY: Registry[nn.Module] = Registry("miner")
+REGISTRY: Registry[BaseMiner] = Registry("miner")
 
 
-def register(name: str) -> Callable[[type[BaseMiner]], type[BaseMiner]]:
-    """Class decorator: register a miner under ``name`` and record the name on the class."""
-
-    def decorator(cls: type[BaseMiner]) -> type[BaseMiner]:
-        cls.registry_name = name
-        REGISTRY.register(name)(cls)
-        return cls
-
-    return decorator
+#: Class decorator registering a miner under a name (the class learns it as ``registry_name``).
+register = REGISTRY.register
 
 
-class BaseMiner(nn.Module):
+class MinerInputs(TypedDict, total=False):
+    """The optional inputs of a miner call, by keyword: the reference set (each None when absent; see
+    :meth:`BaseMiner.forward`)."""
+
+    ref_emb: torch.Tensor | None
+    ref_labels: torch.Tensor | None
+    ref_exclude: torch.Tensor | None
+
+
+@runtime_checkable
+class Miner(Protocol):
+    """What the trainer uses of a miner (every :class:`BaseMiner` is one; :meth:`BaseMiner.forward`
+    implements the call): called with the embeddings, the labels and, by keyword, the :class:`MinerInputs`
+    it has, it returns an indices tuple of the kind it declares (``output_kind``); ``last_stats`` are the
+    last call's statistics."""
+
+    @property
+    def output_kind(self) -> str: ...
+
+    @property
+    def last_stats(self) -> dict[str, float]: ...
+
+    def __call__(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, **inputs: Unpack[MinerInputs]
+    ) -> IndicesTuple: ...
+
+
+@runtime_checkable
+class HardMiner(Miner, Protocol):
+    """A miner whose hardness can be annealed (:class:`~dmlkit.miners.schedule.MinerSchedule`):
+    ``hardness_knob`` names its default knob (None: it has none; logs use the name), ``hardness`` is the
+    knob's value and ``set_hardness(value, knob=None)`` sets it, or another float hyperparameter ``knob``."""
+
+    @property
+    def hardness_knob(self) -> str | None: ...
+
+    @property
+    def hardness(self) -> float | None: ...
+
+    def set_hardness(self, value: float, knob: str | None = None) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf) -> float:
+    """``float(value)`` if it is a real number in ``[low, high]``, else a ``ConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value: Any, low: int = 1) -> int:
+    """``value`` if it is an integer ``>= low``, else a ``ConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else an ``UnknownNameError`` with the closest choice."""
+    if value not in choices:
+        raise UnknownNameError(unknown_name_message(name, str(value), choices))
+    return str(value)
+
+
+def float_hyperparameters(cls: type) -> list[str]:
+    """Constructor keywords of ``cls`` whose default is a float, sorted: the attributes a schedule may set."""
+    return list(_float_hyperparameters(cls))
+
+
+@functools.cache  # per class: set_hardness checks its knob every iteration
+def _float_hyperparameters(cls: type) -> tuple[str, ...]:
+    params = inspect.signature(cls).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(sorted(p.name for p in params if isinstance(p.default, float) and p.kind in kinds))
+
+
+# ---------------------------------------------------------------------------------------------- base class
+
+
+class BaseMiner(Registered, SharedOptions, nn.Module):
     """Validation, distance matrix, no-grad and statistics around :meth:`mine`.
 
     Statistics (:attr:`last_stats`): ``num_pos_pairs`` and ``num_neg_pairs`` (pair miners) or
@@ -56,35 +122,78 @@ class BaseMiner(nn.Module):
     anchor–negative pairs, NaN when none was mined. ``frac_hard`` / ``frac_semihard`` / ``frac_easy``
     classify each mined triplet by PML's ``TripletMarginMiner`` rule on ``m = d(a, n) − d(a, p)`` (``s(a, p)
     − s(a, n)`` for a similarity): hard ``m ≤ 0``, semihard ``0 < m ≤ margin``, easy ``m > margin``, with
-    ``margin`` the miner's ``margin`` attribute if it has one, else 0.2. Pair miners are classified over
-    the triplets their pairs imply (every positive pair joined with every negative pair of the same
-    anchor, PML's ``convert_to_triplets``), counted without building them. Means and fractions are
-    computed when ``last_stats`` is read, from at most :data:`STATS_SAMPLE` evenly spaced tuples of each
-    kind (exact below that). Subclasses may add keys to ``self._extra_stats`` inside :meth:`mine`.
+    ``margin`` the miner's :attr:`margin`. Pair miners are classified over the triplets their pairs imply
+    (every positive pair joined with every negative pair of the same anchor, PML's
+    ``convert_to_triplets``), counted without building them. Means and fractions are computed when
+    ``last_stats`` is read, from at most :data:`STATS_SAMPLE` evenly spaced tuples of each kind (exact
+    below that). Subclasses may add keys to ``self._extra_stats`` inside :meth:`mine`.
+
+    Constructor: the options every miner takes (``distance``, ``normalize_embeddings``) are declared once,
+    by :meth:`shared_options`; a miner declares its own hyperparameters as the parameters of
+    :meth:`configure` and a different default distance in :attr:`defaults`
+    (:class:`dmlkit.registry.SharedOptions`); the shared options are keyword-only.
     """
 
     #: ``"pairs"`` or ``"triplets"``: the kind of indices tuple :meth:`forward` returns.
     output_kind: ClassVar[TupleKind] = "pairs"
-    #: Registry name, set by :func:`register`.
-    registry_name: ClassVar[str] = ""
-    #: Name of the float attribute that sets how hard the mined tuples are, annealed by
-    #: :class:`dmlkit.miners.schedule.MinerSchedule`; None when the miner has no such knob.
+    #: Name of the float hyperparameter that sets how hard the mined tuples are, annealed by
+    #: :class:`dmlkit.miners.schedule.MinerSchedule` through :meth:`set_hardness`; None when the miner has
+    #: no such knob.
     hardness_knob: ClassVar[str | None] = None
+    #: Valid ``(low, high)`` of the hyperparameters a schedule may set (unbounded when not listed).
+    knob_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
+    #: The margin of the hard/semihard/easy split in :attr:`last_stats`; miners with a ``margin``
+    #: hyperparameter replace it with theirs.
+    margin: float = 0.2
 
-    def __init__(self, distance: str, normalize_embeddings: bool = True) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
-        check_distance(distance)
-        self.distance = distance
-        self.normalize_embeddings = bool(normalize_embeddings)
         self._stats: dict[str, torch.Tensor | float] = {}
         self._extra_stats: dict[str, torch.Tensor | float] = {}
-        self._pending_stats: tuple | None = None
-        # The current call's ref_exclude, read by label_masks/all_pairs below; reset after every call.
-        self._exclude: torch.Tensor | None = None
+        self._pending_stats: tuple[torch.Tensor, IndicesTuple, float, bool] | None = None
+        self.apply_arguments(args, kwargs)
+
+    def shared_options(self, *, distance: str = "euclidean", normalize_embeddings: bool = True) -> None:
+        """Build the miner's distance (L2-normalising first when ``normalize_embeddings``)."""
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.distance = distances.build(distance, normalize_embeddings=normalize_embeddings)
 
     @property
     def is_similarity(self) -> bool:
-        return is_similarity(self.distance)
+        """True when the miner's distance grows with similarity (``cosine``, ``dot``)."""
+        return self.distance.is_similarity
+
+    def require_unit_euclidean(self, why: str) -> None:
+        """Raise ``ConfigError`` unless the distance is ``euclidean`` between L2-normalised embeddings
+        (``why``: what needs it)."""
+        if self.distance != "euclidean" or not self.distance.normalizes:
+            raise ConfigError(
+                f"miner '{self.who}' needs distance='euclidean' with normalize_embeddings=True ({why}), got "
+                f"distance={str(self.distance)!r}, normalize_embeddings={self.normalize_embeddings}"
+            )
+
+    # -- hardness ----------------------------------------------------------------------------------------
+
+    @property
+    def hardness(self) -> float | None:
+        """The value of the :attr:`hardness_knob` (None when the miner has none)."""
+        return None if self.hardness_knob is None else float(getattr(self, self.hardness_knob))
+
+    def set_hardness(self, value: float, knob: str | None = None) -> None:
+        """Set the :attr:`hardness_knob`, or the float hyperparameter ``knob``, to ``value`` (how hard the
+        next mined tuples are; :class:`~dmlkit.miners.schedule.MinerSchedule` calls this every iteration)."""
+        name = knob or self.hardness_knob
+        if name is None:
+            raise ConfigError(
+                f"miner '{self.who}' has no hardness knob; name a float hyperparameter with knob"
+            )
+        valid = _float_hyperparameters(type(self))
+        if name not in valid:
+            what = f"float hyperparameter of miner '{self.who}'"
+            raise UnknownNameError(unknown_name_message(what, name, valid or ["(none)"]))
+        setattr(self, name, float(value))
+
+    # -- calling convention ------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -96,70 +205,21 @@ class BaseMiner(nn.Module):
     ) -> IndicesTuple:
         """Mine an indices tuple from a batch (and optionally a reference set); ``ref_exclude`` (boolean,
         ``B × R``, with a reference set only): pairs never to mine."""
-        name = self.registry_name or type(self).__name__
         with torch.no_grad():
-            embeddings, labels, ref_emb, ref_labels = check_batch(
-                embeddings, labels, ref_emb, ref_labels, name
-            )
-            if ref_exclude is not None:
-                if ref_emb is None:
-                    raise ConfigError(f"miner '{name}': ref_exclude needs ref_emb/ref_labels")
-                ref_exclude = check_exclude(ref_exclude, len(embeddings), len(ref_emb), name)
-                ref_exclude = ref_exclude.to(embeddings.device)
-            mat = self.distance_matrix(embeddings, ref_emb)
+            batch = checked_batch(embeddings, labels, ref_emb, ref_labels, ref_exclude, "miner", self.who)
+            mat = self.distance.matrix(batch.embeddings, batch.ref_emb)
             self._extra_stats = {}
-            self._exclude = ref_exclude
-            try:
-                out = self.mine(mat, labels, ref_labels, embeddings, ref_emb)
-            finally:
-                self._exclude = None
-            if ref_exclude is not None:  # for rules that pick pairs other than from the masks
-                out = drop_excluded(out, ref_exclude)
+            out = self.mine(mat, batch)
+            if batch.exclude is not None:  # for rules that pick pairs other than from the masks
+                out = drop_excluded(out, batch.exclude)
             self._record(mat, out)
         return out
 
-    def label_masks(
-        self, labels: torch.Tensor, ref_labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`dmlkit.miners.tuples.label_masks` without the current call's excluded pairs."""
-        return label_masks(labels, ref_labels, self._exclude)
-
-    def all_pairs(self, labels: torch.Tensor, ref_labels: torch.Tensor | None) -> Pairs:
-        """:func:`dmlkit.miners.tuples.all_pairs` without the current call's excluded pairs."""
-        return all_pairs(labels, ref_labels, self._exclude)
-
-    def distance_matrix(self, embeddings: torch.Tensor, ref_emb: torch.Tensor | None) -> torch.Tensor:
-        """The ``B × R`` matrix handed to :meth:`mine` (:func:`dmlkit.miners.tuples.distance_matrix`).
-
-        Euclidean distances come from ``torch.cdist``, as in PML's ``LpDistance``: mining needs no
-        gradient, so the zero-distance care of the Gram form is not needed, cdist is faster, and
-        thresholds and arg-min/max then see PML's very values.
-        """
-        if self.distance not in ("euclidean", "squared_euclidean"):
-            return distance_matrix(embeddings, ref_emb, self.distance, self.normalize_embeddings)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x = upcast(embeddings)
-            y = None if ref_emb is None else upcast(ref_emb)
-            if y is not None and y.dtype != x.dtype:
-                common = torch.promote_types(x.dtype, y.dtype)
-                x, y = x.to(common), y.to(common)
-            if self.normalize_embeddings:
-                x = F.normalize(x, p=2, dim=1)
-                y = None if y is None else F.normalize(y, p=2, dim=1)
-            mat = torch.cdist(x, x if y is None else y)
-            return mat.pow(2) if self.distance == "squared_euclidean" else mat
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> IndicesTuple:
-        """The mining rule. ``mat`` is the ``B × R`` matrix of the miner's distance; ``ref_labels`` and
-        ``ref_emb`` are None when the reference set is the batch.
-        """
+    def mine(self, mat: torch.Tensor, batch: Batch) -> IndicesTuple:
+        """The mining rule. ``mat`` is the ``batch × reference`` matrix of the miner's distance (no
+        gradient: L2 distances are ``torch.cdist``'s, PML's ``LpDistance`` values); ``batch`` the validated
+        call (its ``ref_emb``/``ref_labels`` None when the reference set is the batch; its mask helpers leave
+        ``ref_exclude``'s pairs out)."""
         raise NotImplementedError
 
     def _record(self, mat: torch.Tensor, out: IndicesTuple) -> None:
@@ -170,7 +230,7 @@ class BaseMiner(nn.Module):
         self._stats.update(self._extra_stats)
         # Means and hardness fractions are computed when read, so a caller that never reads them (or a
         # benchmark) does not pay for gathers over millions of mined tuples.
-        self._pending_stats = (mat, out, float(getattr(self, "margin", 0.2)), self.is_similarity)
+        self._pending_stats = (mat, out, float(self.margin), self.is_similarity)
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -181,7 +241,7 @@ class BaseMiner(nn.Module):
         return {key: float(val) for key, val in self._stats.items()}
 
     def extra_repr(self) -> str:
-        return f"distance={self.distance!r}, normalize_embeddings={self.normalize_embeddings}"
+        return f"distance={str(self.distance)!r}, normalize_embeddings={self.normalize_embeddings}"
 
 
 #: Statistics are computed from at most this many mined tuples (evenly spaced) of each kind.

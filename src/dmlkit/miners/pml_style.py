@@ -14,20 +14,17 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from dmlkit.distances import pairwise
-from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
-from dmlkit.miners.base import BaseMiner, register
-from dmlkit.miners.tuples import (
-    Pairs,
-    Triplets,
-    empty_triplets,
-    upcast,
-)
+from dmlkit.distances import Euclidean
+from dmlkit.errors import ConfigError
+from dmlkit.miners.base import BaseMiner, check_choice, check_count, check_number, register
+from dmlkit.tuples import Batch, Pairs, Triplets, empty_triplets, masked_pairs
 
 # Bound on the elements of one (positive pairs × reference) block built by triplet miners: the work is
 # done in chunks of positive pairs so a 60,000-item reference set does not need gigabytes at once, and
 # blocks of ~4 MB stay in cache across the few passes made over each (measured ~1.5x faster than 64 MB).
 _CHUNK_ELEMENTS = 1 << 20
+# The angle of AngularMiner is measured on the embeddings as passed (PML's pairwise_distance)
+_PLAIN_EUCLIDEAN = Euclidean(normalize_embeddings=False)
 
 
 @register("multisimilarity")
@@ -42,22 +39,13 @@ class MultiSimilarityMiner(BaseMiner):
 
     output_kind = "pairs"
     hardness_knob = "epsilon"
+    defaults: ClassVar[dict[str, Any]] = {"distance": "cosine"}
 
-    def __init__(
-        self, epsilon: float = 0.1, distance: str = "cosine", normalize_embeddings: bool = True
-    ) -> None:
-        super().__init__(distance, normalize_embeddings)
+    def configure(self, epsilon: float = 0.1) -> None:
         self.epsilon = float(epsilon)
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Pairs:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Pairs:
+        pos, neg = batch.label_masks()
         inf = torch.inf
         if self.is_similarity:
             hardest_neg = mat.masked_fill(~neg, -inf).amax(dim=1, keepdim=True)
@@ -69,9 +57,7 @@ class MultiSimilarityMiner(BaseMiner):
             hardest_pos = mat.masked_fill(~pos, -inf).amax(dim=1, keepdim=True)
             hard_pos = pos & (mat + self.epsilon > hardest_neg)
             hard_neg = neg & (mat - self.epsilon < hardest_pos)
-        a1, p = torch.nonzero(hard_pos, as_tuple=True)
-        a2, n = torch.nonzero(hard_neg, as_tuple=True)
-        return a1, p, a2, n
+        return masked_pairs(hard_pos, hard_neg)
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}, " + super().extra_repr()
@@ -91,26 +77,16 @@ class BatchHardMiner(BaseMiner):
     output_kind = "triplets"
     hardness_knob = None
 
-    def __init__(
+    def configure(
         self,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
         allowed_pos_range: tuple[float, float] | None = None,
         allowed_neg_range: tuple[float, float] | None = None,
     ) -> None:
-        super().__init__(distance, normalize_embeddings)
         self.allowed_pos_range = _check_range(allowed_pos_range, "allowed_pos_range")
         self.allowed_neg_range = _check_range(allowed_neg_range, "allowed_neg_range")
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
         if self.allowed_pos_range is not None:
             pos &= _in_range(mat, self.allowed_pos_range)
         if self.allowed_neg_range is not None:
@@ -161,8 +137,9 @@ class StochasticMiner(BaseMiner):
     the same stream.
     """
 
-    def __init__(self, distance: str, normalize_embeddings: bool = True, seed: int | None = None) -> None:
-        super().__init__(distance, normalize_embeddings)
+    def shared_options(self, *, seed: int | None = None, **shared: Any) -> None:
+        """The miner options plus ``seed`` (an int, or None for torch's global RNG)."""
+        super().shared_options(**shared)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an integer or None, got {seed!r}")
         self.seed = seed
@@ -230,39 +207,6 @@ def inverse_sphere_log_weights(dist: torch.Tensor, dim: int, lower_cutoff: float
     return (2.0 - n) * torch.log(d) - ((n - 3.0) / 2.0) * torch.log(1.0 - 0.25 * d.pow(2))
 
 
-def check_sphere_distance(name: str, distance: str, normalize_embeddings: bool) -> None:
-    """Distance-weighted sampling assumes Euclidean distances between unit vectors (PML asserts it too)."""
-    if distance != "euclidean" or not normalize_embeddings:
-        raise ConfigError(
-            f"miner '{name}' needs distance='euclidean' with normalize_embeddings=True (its weights are the "
-            f"inverse density of distances on the unit sphere), got distance={distance!r}, "
-            f"normalize_embeddings={normalize_embeddings}"
-        )
-
-
-def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf) -> float:
-    """``float(value)`` if it is a real number in ``[low, high]``, else a ``ConfigError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
-def check_count(name: str, value: Any, low: int = 1) -> int:
-    """``value`` if it is an integer ``>= low``, else a ``ConfigError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else an ``UnknownNameError`` with the closest choice."""
-    if value not in choices:
-        raise UnknownNameError(unknown_name_message(name, str(value), choices))
-    return str(value)
-
-
 # ---------------------------------------------------------------------------------------------- triplets
 
 
@@ -315,26 +259,12 @@ class TripletMarginMiner(BaseMiner):
     hardness_knob = "margin"
     TYPES: ClassVar[tuple[str, ...]] = ("all", "hard", "semihard", "easy")
 
-    def __init__(
-        self,
-        margin: float = 0.2,
-        type_of_triplets: str = "all",
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-    ) -> None:
-        super().__init__(distance, normalize_embeddings)
+    def configure(self, margin: float = 0.2, type_of_triplets: str = "all") -> None:
         self.margin = check_number("margin", margin)
         self.type_of_triplets = check_choice("type_of_triplets", type_of_triplets, self.TYPES)
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
         margin, kind, sim = self.margin, self.type_of_triplets, self.is_similarity
 
         def keep(a: torch.Tensor, p: torch.Tensor, ap: torch.Tensor, an: torch.Tensor) -> torch.Tensor:
@@ -369,34 +299,20 @@ class AngularMiner(BaseMiner):
     hardness_knob = "angle"
     knob_ranges: ClassVar[dict[str, tuple[float, float]]] = {"angle": (0.0, 90.0)}
 
-    def __init__(
-        self, angle: float = 20.0, distance: str = "euclidean", normalize_embeddings: bool = True
-    ) -> None:
-        super().__init__(distance, normalize_embeddings)
-        if distance != "euclidean" or not normalize_embeddings:
-            raise ConfigError(
-                "miner 'angular' needs distance='euclidean' with normalize_embeddings=True (as PML's "
-                f"AngularMiner), got distance={distance!r}, normalize_embeddings={normalize_embeddings}"
-            )
+    def configure(self, angle: float = 20.0) -> None:
+        self.require_unit_euclidean("as PML's AngularMiner")
         self.angle = check_number("angle", angle, *self.knob_ranges["angle"])
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
-        x = upcast(embeddings)
-        y = x if ref_emb is None else upcast(ref_emb).to(x.dtype)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
+        x = batch.embeddings
+        y = x if batch.ref_emb is None else batch.ref_emb.to(x.dtype)
         threshold = math.radians(self.angle)
 
         def keep(a: torch.Tensor, p: torch.Tensor, ap: torch.Tensor, an: torch.Tensor) -> torch.Tensor:
             xa, yp = x[a.squeeze(1)], y[p.squeeze(1)]
             ap_dist = F.pairwise_distance(xa, yp).unsqueeze(1)
-            nc_dist = pairwise((xa + yp) / 2, y, "euclidean")
+            nc_dist = _PLAIN_EUCLIDEAN.matrix((xa + yp) / 2, y)
             return torch.atan(ap_dist / (2 * nc_dist)) > threshold
 
         return triplets_where(mat, pos, neg, keep)
@@ -419,35 +335,19 @@ class PairMarginMiner(BaseMiner):
     output_kind = "pairs"
     hardness_knob = "neg_margin"
 
-    def __init__(
-        self,
-        pos_margin: float = 0.2,
-        neg_margin: float = 0.8,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-    ) -> None:
-        super().__init__(distance, normalize_embeddings)
+    def configure(self, pos_margin: float = 0.2, neg_margin: float = 0.8) -> None:
         self.pos_margin = check_number("pos_margin", pos_margin)
         self.neg_margin = check_number("neg_margin", neg_margin)
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Pairs:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Pairs:
+        pos, neg = batch.label_masks()
         if self.is_similarity:
             pos &= mat < self.pos_margin
             neg &= mat > self.neg_margin
         else:
             pos &= mat > self.pos_margin
             neg &= mat < self.neg_margin
-        a1, p = torch.nonzero(pos, as_tuple=True)
-        a2, n = torch.nonzero(neg, as_tuple=True)
-        return a1, p, a2, n
+        return masked_pairs(pos, neg)
 
     def extra_repr(self) -> str:
         return f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, " + super().extra_repr()
@@ -466,23 +366,13 @@ class HDCMiner(BaseMiner):
     hardness_knob = "filter_percentage"
     knob_ranges: ClassVar[dict[str, tuple[float, float]]] = {"filter_percentage": (0.0, 1.0)}
 
-    def __init__(
-        self, filter_percentage: float = 0.5, distance: str = "euclidean", normalize_embeddings: bool = True
-    ) -> None:
-        super().__init__(distance, normalize_embeddings)
+    def configure(self, filter_percentage: float = 0.5) -> None:
         self.filter_percentage = check_number(
             "filter_percentage", filter_percentage, *self.knob_ranges["filter_percentage"]
         )
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Pairs:
-        a1, p, a2, n = self.all_pairs(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Pairs:
+        a1, p, a2, n = batch.all_pairs()
         a1, p = self._hardest(mat, a1, p, largest=not self.is_similarity)
         a2, n = self._hardest(mat, a2, n, largest=self.is_similarity)
         return a1, p, a2, n
@@ -516,16 +406,13 @@ class BatchEasyHardMiner(BaseMiner):
     hardness_knob = None
     STRATEGIES: ClassVar[tuple[str, ...]] = ("hard", "semihard", "easy", "all")
 
-    def __init__(
+    def configure(
         self,
         pos_strategy: str = "easy",
         neg_strategy: str = "semihard",
         allowed_pos_range: tuple[float, float] | None = None,
         allowed_neg_range: tuple[float, float] | None = None,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
     ) -> None:
-        super().__init__(distance, normalize_embeddings)
         self.pos_strategy = check_choice("pos_strategy", pos_strategy, self.STRATEGIES)
         self.neg_strategy = check_choice("neg_strategy", neg_strategy, self.STRATEGIES)
         if pos_strategy == neg_strategy == "semihard":
@@ -535,15 +422,8 @@ class BatchEasyHardMiner(BaseMiner):
         self.allowed_pos_range = _check_range(allowed_pos_range, "allowed_pos_range")
         self.allowed_neg_range = _check_range(allowed_neg_range, "allowed_neg_range")
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Pairs:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Pairs:
+        pos, neg = batch.label_masks()
         ps, ns = self.pos_strategy, self.neg_strategy
         # On a distance-like matrix, "hard" is the largest positive and the smallest negative.
         dist = -mat if self.is_similarity else mat
@@ -565,7 +445,7 @@ class BatchEasyHardMiner(BaseMiner):
             a = torch.nonzero(p_ok & n_ok, as_tuple=True)[0]
             return a, p_idx[a], a, n_idx[a]
         if ps == "all" and ns == "all":
-            return self.all_pairs(labels, ref_labels)
+            return batch.all_pairs()
         if ps == "all":
             a1, p = torch.nonzero(pos, as_tuple=True)
             a2 = torch.nonzero(n_ok, as_tuple=True)[0]
@@ -618,37 +498,22 @@ class DistanceWeightedMiner(StochasticMiner):
         "nonzero_loss_cutoff": (0.0, math.inf),
     }
 
-    def __init__(
-        self,
-        cutoff: float = 0.5,
-        nonzero_loss_cutoff: float = 1.4,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
-        check_sphere_distance("distance_weighted", distance, normalize_embeddings)
+    def configure(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4) -> None:
+        self.require_unit_euclidean("its weights are the inverse density of distances on the unit sphere")
         self.cutoff = check_number("cutoff", cutoff, *self.knob_ranges["cutoff"])
         self.nonzero_loss_cutoff = check_number(
             "nonzero_loss_cutoff", nonzero_loss_cutoff, *self.knob_ranges["nonzero_loss_cutoff"]
         )
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
-        log_w = inverse_sphere_log_weights(mat, embeddings.shape[1], self.cutoff)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
+        log_w = inverse_sphere_log_weights(mat, batch.embeddings.shape[1], self.cutoff)
         valid = neg & torch.isfinite(log_w) & (mat.clamp_min(self.cutoff) < self.nonzero_loss_cutoff)
         anchors = torch.nonzero(pos.any(dim=1) & valid.any(dim=1), as_tuple=True)[0]
         if anchors.numel() == 0:
             return empty_triplets(mat.device)
         # triplets per anchor: reference items sharing its label (the anchor itself counts in the batch)
-        per_anchor = pos[anchors].sum(dim=1) + (1 if ref_labels is None else 0)
+        per_anchor = pos[anchors].sum(dim=1) + (1 if batch.own_reference else 0)
         k = int(per_anchor.max())
         log_w = log_w[anchors].masked_fill(~valid[anchors], -torch.inf)
         # per-row max (PML subtracts the global one, which can underflow whole rows to zero in float32)
@@ -677,29 +542,13 @@ class UniformHistogramMiner(StochasticMiner):
     output_kind = "pairs"
     hardness_knob = None
 
-    def __init__(
-        self,
-        num_bins: int = 100,
-        pos_per_bin: int = 10,
-        neg_per_bin: int = 10,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
+    def configure(self, num_bins: int = 100, pos_per_bin: int = 10, neg_per_bin: int = 10) -> None:
         self.num_bins = check_count("num_bins", num_bins)
         self.pos_per_bin = check_count("pos_per_bin", pos_per_bin, 0)
         self.neg_per_bin = check_count("neg_per_bin", neg_per_bin, 0)
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Pairs:
-        a1, p, a2, n = self.all_pairs(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Pairs:
+        a1, p, a2, n = batch.all_pairs()
         gen = self.generator(mat.device)
         keep_pos = self._per_bin(mat[a1, p], self.pos_per_bin, gen)
         keep_neg = self._per_bin(mat[a2, n], self.neg_per_bin, gen)

@@ -19,18 +19,9 @@ from typing import Any, ClassVar
 import torch
 
 from dmlkit.errors import ConfigError
-from dmlkit.miners.base import BaseMiner, register
-from dmlkit.miners.pml_style import (
-    StochasticMiner,
-    check_choice,
-    check_count,
-    check_number,
-    check_sphere_distance,
-    gumbel_argmax,
-    inverse_sphere_log_weights,
-    log_mask,
-)
-from dmlkit.miners.tuples import Pairs, Triplets, empty_triplets, label_masks
+from dmlkit.miners.base import BaseMiner, check_choice, check_count, check_number, register
+from dmlkit.miners.pml_style import StochasticMiner, gumbel_argmax, inverse_sphere_log_weights, log_mask
+from dmlkit.tuples import Batch, Pairs, Triplets, empty_triplets, label_masks, masked_pairs
 
 
 def _uniform(mask: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
@@ -67,16 +58,8 @@ class _DistanceSampling(StochasticMiner):
         "upper_cutoff": (0.0, math.inf),
     }
 
-    def __init__(
-        self,
-        lower_cutoff: float,
-        upper_cutoff: float,
-        distance: str,
-        normalize_embeddings: bool,
-        seed: int | None,
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
-        check_sphere_distance(self.registry_name, distance, normalize_embeddings)
+    def configure(self, lower_cutoff: float = 0.5, upper_cutoff: float = 1.4) -> None:
+        self.require_unit_euclidean("its weights are the inverse density of distances on the unit sphere")
         self.lower_cutoff = check_number("lower_cutoff", lower_cutoff, *self.knob_ranges["lower_cutoff"])
         self.upper_cutoff = check_number("upper_cutoff", upper_cutoff, *self.knob_ranges["upper_cutoff"])
 
@@ -115,26 +98,9 @@ class DistanceMiner(_DistanceSampling):
     output_kind = "triplets"
     hardness_knob = "lower_cutoff"
 
-    def __init__(
-        self,
-        lower_cutoff: float = 0.5,
-        upper_cutoff: float = 1.4,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(lower_cutoff, upper_cutoff, distance, normalize_embeddings, seed)
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
-        return self.distance_triplets(mat, pos, neg, embeddings.shape[1])
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
+        return self.distance_triplets(mat, pos, neg, batch.embeddings.shape[1])
 
 
 @register("random_distance")
@@ -147,31 +113,15 @@ class RandomDistanceMiner(_DistanceSampling):
     output_kind = "triplets"
     hardness_knob = None
 
-    def __init__(
-        self,
-        lower_cutoff: float = 0.5,
-        upper_cutoff: float = 1.4,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(lower_cutoff, upper_cutoff, distance, normalize_embeddings, seed)
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
         gen = self.generator(mat.device)
+        labels, ref_labels = batch.labels, batch.ref_labels
         shuffled = labels[torch.randperm(labels.numel(), generator=gen, device=labels.device)]
         shuffled_ref = None
         if ref_labels is not None:
             shuffled_ref = ref_labels[torch.randperm(ref_labels.numel(), generator=gen, device=labels.device)]
-        pos, neg = label_masks(shuffled, shuffled_ref, self._exclude)
-        return self.distance_triplets(mat, pos, neg, embeddings.shape[1])
+        pos, neg = label_masks(shuffled, shuffled_ref, batch.exclude)
+        return self.distance_triplets(mat, pos, neg, batch.embeddings.shape[1])
 
 
 @register("rho_distance")
@@ -196,33 +146,20 @@ class RhoDistanceMiner(_DistanceSampling):
         "cp": (0.0, 1.0),
     }
 
-    def __init__(
-        self,
-        lower_cutoff: float = 0.5,
-        upper_cutoff: float = 1.4,
-        cp: float = 0.2,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        seed: int | None = None,
+    def configure(  # type: ignore[override]
+        self, lower_cutoff: float = 0.5, upper_cutoff: float = 1.4, cp: float = 0.2
     ) -> None:
-        super().__init__(lower_cutoff, upper_cutoff, distance, normalize_embeddings, seed)
+        super().configure(lower_cutoff, upper_cutoff)
         self.cp = check_number("cp", cp, *self.knob_ranges["cp"])
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
         gen = self.generator(mat.device)
         rows = torch.arange(mat.shape[0], device=mat.device)
         p = _uniform(pos, gen)
-        n, has_neg = self.sample_negatives(mat, neg, embeddings.shape[1], gen)
+        n, has_neg = self.sample_negatives(mat, neg, batch.embeddings.shape[1], gen)
         flip = torch.rand(mat.shape[0], generator=gen, device=mat.device, dtype=torch.float64) < self.cp
-        if ref_labels is None:
+        if batch.own_reference:
             can_flip = pos.any(dim=1)
             new_p, new_n = rows, p
         else:
@@ -261,27 +198,12 @@ class SemihardMiner(StochasticMiner):
         "margin": (0.0, math.inf),
     }
 
-    def __init__(
-        self,
-        margin: float = 0.2,
-        hard_fraction: float = 0.0,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
+    def configure(self, margin: float = 0.2, hard_fraction: float = 0.0) -> None:
         self.margin = check_number("margin", margin, *self.knob_ranges["margin"])
         self.hard_fraction = check_number("hard_fraction", hard_fraction, *self.knob_ranges["hard_fraction"])
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
         gen = self.generator(mat.device)
         dist = _distance_like(mat, self.is_similarity)
         p = _uniform(pos, gen)
@@ -311,20 +233,8 @@ class SofthardMiner(StochasticMiner):
     output_kind = "triplets"
     hardness_knob = None
 
-    def __init__(
-        self, distance: str = "euclidean", normalize_embeddings: bool = True, seed: int | None = None
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
         gen = self.generator(mat.device)
         dist = _distance_like(mat, self.is_similarity)
         farthest_pos = dist.masked_fill(~pos, -torch.inf).amax(dim=1, keepdim=True)
@@ -346,25 +256,13 @@ class RandomMiner(StochasticMiner):
     output_kind = "triplets"
     hardness_knob = None
 
-    def __init__(
-        self, distance: str = "euclidean", normalize_embeddings: bool = True, seed: int | None = None
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
         num_pos, num_neg = pos.sum(dim=1), neg.sum(dim=1)
         per_anchor = num_pos * num_neg
         ends = torch.cumsum(per_anchor, 0)
         total = int(ends[-1]) if ends.numel() else 0
-        count = min(labels.numel(), total)
+        count = min(batch.labels.numel(), total)
         if count == 0:
             return empty_triplets(mat.device)
         flat = _distinct_below(total, count, self.generator(mat.device), mat.device)
@@ -405,23 +303,11 @@ class IntraRandomMiner(StochasticMiner):
     output_kind = "triplets"
     hardness_knob = None
 
-    def __init__(
-        self, distance: str = "euclidean", normalize_embeddings: bool = True, seed: int | None = None
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        ref = labels if ref_labels is None else ref_labels
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        labels, ref = batch.labels, batch.reference_labels
         classes = torch.unique(labels)
-        if ref_labels is not None:
-            classes = classes[torch.isin(classes, ref_labels)]
+        if not batch.own_reference:
+            classes = classes[torch.isin(classes, ref)]
         if classes.numel() == 0:
             return empty_triplets(mat.device)
         gen = self.generator(mat.device)
@@ -451,20 +337,8 @@ class NPairMiner(StochasticMiner):
     output_kind = "pairs"
     hardness_knob = None
 
-    def __init__(
-        self, distance: str = "euclidean", normalize_embeddings: bool = True, seed: int | None = None
-    ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Pairs:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Pairs:
+        pos, neg = batch.label_masks()
         has_pos = pos.any(dim=1)
         p = _uniform(pos, self.generator(mat.device))
         a1 = torch.nonzero(has_pos, as_tuple=True)[0]
@@ -482,21 +356,9 @@ class LiftedMiner(BaseMiner):
     output_kind = "pairs"
     hardness_knob = None
 
-    def __init__(self, distance: str = "euclidean", normalize_embeddings: bool = True) -> None:
-        super().__init__(distance, normalize_embeddings)
-
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Pairs:
-        pos, neg = self.label_masks(labels, ref_labels)
-        a1, p = torch.nonzero(pos, as_tuple=True)
-        a2, n = torch.nonzero(neg & pos.any(dim=1, keepdim=True), as_tuple=True)
-        return a1, p, a2, n
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Pairs:
+        pos, neg = batch.label_masks()
+        return masked_pairs(pos, neg & pos.any(dim=1, keepdim=True))
 
 
 @register("parametric")
@@ -520,17 +382,13 @@ class ParametricMiner(StochasticMiner):
     hardness_knob = None
     MODES: ClassVar[tuple[str, ...]] = ("uniform", "hards", "semihards", "veryhards")
 
-    def __init__(
+    def configure(
         self,
         mode: str = "uniform",
         n_support: int = 100,
         support_lim: tuple[float, float] = (0.0, 2.0),
         histogram: Sequence[float] | None = None,
-        distance: str = "euclidean",
-        normalize_embeddings: bool = True,
-        seed: int | None = None,
     ) -> None:
-        super().__init__(distance, normalize_embeddings, seed)
         self.mode = check_choice("mode", mode, self.MODES)
         self.n_support = check_count("n_support", n_support, 2)
         try:
@@ -571,15 +429,8 @@ class ParametricMiner(StochasticMiner):
             keep = centre <= 0.3
         return keep.to(torch.float64).clamp_min(1e-15)
 
-    def mine(
-        self,
-        mat: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-        embeddings: torch.Tensor,
-        ref_emb: torch.Tensor | None,
-    ) -> Triplets:
-        pos, neg = self.label_masks(labels, ref_labels)
+    def mine(self, mat: torch.Tensor, batch: Batch) -> Triplets:
+        pos, neg = batch.label_masks()
         gen = self.generator(mat.device)
         low, high = self.support_lim
         support = torch.linspace(low, high, self.n_support, dtype=mat.dtype, device=mat.device)

@@ -3,9 +3,10 @@
 Progressive hard mining is one of the best practices of Berton, Musgrave & Masone, *All You Need to Know
 About Training Image Retrieval Models* (2025): start with easier tuples and make them harder as the
 embedding improves. A :class:`MinerSchedule` maps training progress (``global_step / total_steps``) to a
-value of the miner's numeric *hardness knob* (the attribute named by the miner class's
+value of the miner's numeric *hardness knob* (the hyperparameter named by the miner class's
 ``hardness_knob``, e.g. ``margin`` of ``triplet_margin``, ``epsilon`` of ``multisimilarity``,
-``hard_fraction`` of ``semihard``), or of another float hyperparameter named with ``knob=``.
+``hard_fraction`` of ``semihard``), or of another float hyperparameter named with ``knob=``, and sets it
+with the miner's :meth:`~dmlkit.miners.base.BaseMiner.set_hardness`.
 
 With ``t = clip((progress − from) / (until − from), 0, 1)`` (``t = [progress ≥ from]`` when
 ``from == until``):
@@ -25,7 +26,6 @@ Dict form (YAML): ``{kind: linear, start: 0.0, end: 1.0, from: 0.1, until: 0.8}`
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
-from dmlkit.miners.base import REGISTRY
+from dmlkit.miners.base import REGISTRY, BaseMiner, HardMiner, float_hyperparameters
 
 KINDS: tuple[str, ...] = ("linear", "cosine", "step")
 # text/dict key → dataclass field
@@ -207,11 +207,12 @@ class MinerSchedule:
         """
         return _resolve_knob(self, _miner_class(miner))
 
-    def apply(self, miner: nn.Module, progress: float) -> float:
-        """Set the miner's knob to :meth:`value` ``(progress)`` and return the value (for logging)."""
+    def apply(self, miner: HardMiner, progress: float) -> float:
+        """Set the miner's knob to :meth:`value` ``(progress)`` with its ``set_hardness``; return the value
+        (for logging)."""
         knob = _resolve_knob(self, type(miner))
         value = self.value(progress)
-        setattr(miner, knob, value)
+        miner.set_hardness(value, knob)
         return value
 
 
@@ -219,12 +220,14 @@ class MinerSchedule:
 def _resolve_knob(schedule: MinerSchedule, cls: type) -> str:
     """:meth:`MinerSchedule.knob_for` on a class (cached: ``apply`` runs every iteration)."""
     name = _miner_name(cls)
-    knob = schedule.knob or getattr(cls, "hardness_knob", None)
+    if not issubclass(cls, BaseMiner):
+        raise ConfigError(f"miner schedule {schedule}: {name} is not a dmlkit miner (it has no set_hardness)")
+    knob = schedule.knob or cls.hardness_knob
     if knob is None:
         with_knob = [
             f"{m} ({REGISTRY.get(m).hardness_knob})"  # type: ignore[attr-defined]
             for m in REGISTRY.available()
-            if getattr(REGISTRY.get(m), "hardness_knob", None)
+            if REGISTRY.get(m).hardness_knob  # type: ignore[attr-defined]
         ]
         raise ConfigError(
             f"miner schedule {schedule}: miner {name} has no hardness knob to schedule; miners that have "
@@ -236,7 +239,7 @@ def _resolve_knob(schedule: MinerSchedule, cls: type) -> str:
             f"miner schedule {schedule}: "
             + unknown_name_message(f"float hyperparameter of miner {name}", knob, numeric or ["(none)"])
         )
-    low, high = getattr(cls, "knob_ranges", {}).get(knob, (-math.inf, math.inf))
+    low, high = cls.knob_ranges.get(knob, (-math.inf, math.inf))
     for label, value in (("start", schedule.start), ("end", schedule.end)):
         if not low <= value <= high:
             raise ConfigError(
@@ -260,16 +263,6 @@ def check_schedule(
     return parsed
 
 
-def float_hyperparameters(cls: type) -> list[str]:
-    """Constructor keywords of ``cls`` whose default is a float: the attributes a schedule may set."""
-    params = inspect.signature(cls).parameters.values()
-    return sorted(
-        p.name
-        for p in params
-        if isinstance(p.default, float) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    )
-
-
 def _miner_class(miner: nn.Module | type | str) -> type:
     if isinstance(miner, str):
         return REGISTRY.get(miner)  # type: ignore[return-value]
@@ -277,7 +270,7 @@ def _miner_class(miner: nn.Module | type | str) -> type:
 
 
 def _miner_name(cls: type) -> str:
-    return f"'{getattr(cls, 'registry_name', '') or cls.__name__}'"
+    return f"'{cls.registry_name or cls.__name__}'" if issubclass(cls, BaseMiner) else f"'{cls.__name__}'"
 
 
 def _text_key(field: str) -> str:

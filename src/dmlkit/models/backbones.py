@@ -1,21 +1,25 @@
 """Backbones: networks mapping images ``B × C_in × H × W`` to feature maps ``B × C × h × w``.
 
-Names accepted by :func:`build_backbone`:
+Names accepted by :func:`build` (all resolved by :data:`REGISTRY`, a :class:`BackboneRegistry`):
 
-- built-in entries of :data:`BACKBONES` (``small_cnn``);
-- ``timm:<model>``: any ``timm`` model, created with ``pretrained=False, num_classes=0, global_pool=""``;
-- ``torchvision:<model>``: a ``torchvision.models`` classifier cut before its global pooling / classifier.
+- built-in entries (``small_cnn``);
+- ``<family>:<model>``, one entry per model *family* (a library of many models, whose names the library
+  itself knows): ``timm:<model>``, any ``timm`` model, created with ``pretrained=False, num_classes=0,
+  global_pool=""``; ``torchvision:<model>``, a ``torchvision.models`` classifier cut before its global
+  pooling / classifier.
 
 Nothing is ever downloaded: weights come only from a local file (``pretrained_weights``), loaded by
 :func:`load_local_weights`, which reports missing, unexpected and shape-mismatched keys.
-Every backbone exposes ``out_channels`` (``C`` of its feature map).
+Every backbone is a :class:`Backbone`: it exposes ``out_channels`` (``C`` of its feature map) and
+``weights_report``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,16 @@ from dmlkit.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-BACKBONES: Registry[nn.Module] = Registry("backbone")
-PREFIXES: tuple[str, ...] = ("timm:", "torchvision:")
+
+class Backbone(nn.Module):
+    """What :class:`~dmlkit.models.EmbeddingModel` needs of a backbone besides ``forward``.
+
+    ``out_channels``: ``C`` of the ``B × C × h × w`` feature map; ``weights_report``: the
+    :class:`WeightsReport` of the local weights loaded at build time (``None`` without).
+    """
+
+    out_channels: int
+    weights_report: WeightsReport | None = None
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -40,8 +52,112 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-@BACKBONES.register("small_cnn")
-class SmallCNN(nn.Module):
+# ----------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """Models of one library, named ``<prefix>:<model>`` (the library knows the model names).
+
+    ``exists(model)`` says whether the library has ``model``; ``models()`` lists its models (for the
+    closest-name suggestion only); ``create(model, in_channels, image_size, **kwargs)`` makes the library's
+    own model (random init); ``wrap(library_model, model, image_size)`` turns it into a :class:`Backbone`.
+    """
+
+    prefix: str
+    exists: Callable[[str], bool]
+    models: Callable[[], Collection[str]]
+    create: Callable[..., nn.Module]
+    wrap: Callable[[nn.Module, str, int | None], Backbone]
+
+    def build(
+        self,
+        model: str,
+        in_channels: int,
+        pretrained_weights: str | Path | None,
+        image_size: int | None,
+        **kwargs: Any,
+    ) -> Backbone:
+        """Create ``model``, load local weights into it (with the library's own key names, so files saved
+        from the library load as they are) and wrap it; the report is kept as ``weights_report``."""
+        library_model = self.create(model, in_channels, image_size, **kwargs)
+        report = _weights(library_model, pretrained_weights)
+        backbone = self.wrap(library_model, model, image_size)
+        backbone.weights_report = report
+        return backbone
+
+    def check(self, model: str) -> None:
+        """Raise ``UnknownNameError`` with the library's closest model name if ``model`` does not exist."""
+        if not self.exists(model):
+            # the libraries list hundreds of models: suggest the closest instead of listing them all
+            valid = self.models()
+            suggestion = closest(model, valid)
+            hint = f"; did you mean '{self.prefix}:{suggestion}'?" if suggestion else ""
+            raise UnknownNameError(
+                f"unknown {self.prefix} model '{model}'{hint} ({self.prefix} lists {len(valid)} models)"
+            )
+
+
+class BackboneRegistry(Registry[Backbone]):
+    """The backbone registry: built-in entries by name plus :class:`BackboneFamily` entries by prefix.
+
+    ``"timm:resnet18"`` is parsed into the family ``timm`` and the model ``resnet18``; the family checks
+    the model (suggesting the closest on a typo) and builds it. A name whose prefix is no family is looked
+    up among the built-ins like any other name. :meth:`available` lists the built-ins and the families as
+    ``"<prefix>:<model>"``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("backbone")
+        self._families: dict[str, BackboneFamily] = {}
+
+    def register_family(self, family: BackboneFamily) -> BackboneFamily:
+        """Add ``family``: names ``"<family.prefix>:<model>"`` resolve to it."""
+        if family.prefix in self._families:
+            raise ValueError(f"backbone family '{family.prefix}' is registered twice")
+        self._families[family.prefix] = family
+        return family
+
+    def family_of(self, name: str) -> tuple[BackboneFamily, str] | None:
+        """``(family, model)`` if ``name`` is ``"<prefix>:<model>"`` of a registered family, else ``None``."""
+        prefix, colon, model = name.partition(":")
+        family = self._families.get(prefix) if colon else None
+        return None if family is None else (family, model)
+
+    def available(self) -> list[str]:
+        """Built-in names, then ``"<prefix>:<model>"`` for every family."""
+        return [*super().available(), *(f"{prefix}:<model>" for prefix in sorted(self._families))]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        parsed = self.family_of(name)
+        return super().__contains__(name) if parsed is None else parsed[0].exists(parsed[1])
+
+    def get(self, name: str) -> Callable[..., Backbone]:
+        """The factory of ``name``: a built-in's class, or its family's ``build`` bound to the model.
+
+        Unknown names raise ``UnknownNameError`` with the closest valid name (of the family for
+        ``"<prefix>:<model>"``).
+        """
+        parsed = self.family_of(name)
+        if parsed is not None:
+            family, model = parsed
+            family.check(model)
+            return functools.partial(family.build, model)
+        if not super().__contains__(name):
+            raise UnknownNameError(unknown_name_message(self.kind, name, self.available()))
+        return super().get(name)
+
+
+REGISTRY = BackboneRegistry()
+
+
+# ----------------------------------------------------------------------------------------------- built in
+
+
+@REGISTRY.register("small_cnn")
+class SmallCNN(Backbone):
     """Four conv(3×3)-BN-ReLU blocks with 2×2 max-pooling after all but the last one.
 
     Widths default to 32-64-128-128, so a 32×32 input gives a ``128 × 4 × 4`` feature map. Meant for small
@@ -68,7 +184,7 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(Backbone):
     """A ``timm`` model's ``forward_features``, always returned as ``B × C × h × w``.
 
     Channel-last maps (``output_fmt == "NHWC"``, e.g. Swin) are permuted; token sequences (ViT-like
@@ -104,7 +220,7 @@ class TimmBackbone(nn.Module):
 _TORCHVISION_HEAD_NAMES = frozenset({"avgpool", "fc", "classifier", "head", "heads", "dropout", "flatten"})
 
 
-class TorchvisionBackbone(nn.Module):
+class TorchvisionBackbone(Backbone):
     """The leading children of a ``torchvision`` classifier, up to its global pooling or classifier.
 
     Children keep their torchvision names, so state-dict keys equal the official checkpoints' (minus the
@@ -355,103 +471,139 @@ def load_local_weights(module: nn.Module, path: str | Path, *, by_position: bool
     return report
 
 
+# ----------------------------------------------------------------------------------------------- families
+
+
+def _weights(module: nn.Module, path: str | Path | None) -> WeightsReport | None:
+    return None if path is None else load_local_weights(module, path)
+
+
+def _timm_exists(model: str) -> bool:
+    import timm
+
+    return bool(timm.is_model(model))
+
+
+def _timm_models() -> list[str]:
+    import timm
+
+    return list(timm.list_models())
+
+
+def _timm_create(model_name: str, in_channels: int, image_size: int | None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="", in_chans=...)``.
+
+    ``image_size`` is passed as ``img_size`` to the architectures that take it (ViTs).
+    """
+    import timm
+
+    args = {"pretrained": False, "num_classes": 0, "global_pool": "", "in_chans": in_channels, **kwargs}
+    try:
+        if image_size is not None and "img_size" not in args:
+            try:
+                model = timm.create_model(model_name, img_size=image_size, **args)
+            except TypeError:  # the architecture has no img_size (CNNs take any size)
+                model = timm.create_model(model_name, **args)
+        else:
+            model = timm.create_model(model_name, **args)
+    except TypeError as exc:
+        raise ConfigError(f"cannot build timm model '{model_name}' with {kwargs}: {exc}") from exc
+    return model
+
+
+def _torchvision_exists(model: str) -> bool:
+    return model in _torchvision_models()
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models())
+
+
+def _torchvision_create(
+    model_name: str, in_channels: int, image_size: int | None, **kwargs: Any
+) -> nn.Module:
+    """``torchvision.models.get_model(model_name, weights=None, **kwargs)``, the whole classifier (so local
+    weights load with the official key names); ``in_channels != 3`` replaces the first convolution."""
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(model_name, weights=None, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"cannot build torchvision model '{model_name}' with {kwargs}: {exc}") from exc
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def _torchvision_wrap(model: nn.Module, model_name: str, image_size: int | None) -> Backbone:
+    """The classifier cut before its pooling; ``image_size`` (at least 32, default 64) sizes the probe."""
+    return TorchvisionBackbone(model, model_name, probe_size=max(image_size or 64, 32))
+
+
+REGISTRY.register_family(
+    BackboneFamily(
+        "timm", _timm_exists, _timm_models, _timm_create, lambda model, _name, _size: TimmBackbone(model)
+    )
+)
+REGISTRY.register_family(
+    BackboneFamily(
+        "torchvision", _torchvision_exists, _torchvision_models, _torchvision_create, _torchvision_wrap
+    )
+)
+
+
 # ----------------------------------------------------------------------------------------------- factory
 
 
-def _unknown_model(library: str, name: str, valid: Sequence[str]) -> str:
-    # the libraries list hundreds of models: suggest the closest instead of listing them all
-    suggestion = closest(name, valid)
-    hint = f"; did you mean '{library}:{suggestion}'?" if suggestion else ""
-    return f"unknown {library} model '{name}'{hint} ({library} lists {len(valid)} models)"
-
-
-def available_backbones() -> list[str]:
-    """Built-in backbone names plus the ``timm:<model>`` and ``torchvision:<model>`` patterns."""
-    return [*BACKBONES.available(), "timm:<model>", "torchvision:<model>"]
-
-
-def backbone_exists(name: str) -> bool:
-    """Whether :func:`build_backbone` knows ``name`` (a built-in, an existing timm or torchvision model)."""
-    if name.startswith("timm:"):
-        import timm
-
-        return bool(timm.is_model(name[len("timm:") :]))
-    if name.startswith("torchvision:"):
-        import torchvision
-
-        return name[len("torchvision:") :] in torchvision.models.list_models()
-    return name in BACKBONES
-
-
-def build_backbone(
+def build(
     name: str,
+    /,
     in_channels: int = 3,
     pretrained_weights: str | Path | None = None,
     image_size: int | None = None,
     **kwargs: Any,
-) -> nn.Module:
+) -> Backbone:
     """Build backbone ``name`` (see the module docstring) and optionally load local weights into it.
 
     ``image_size`` is passed to timm models that take ``img_size`` (ViTs) and sizes the trial forward of
-    torchvision models. The :class:`WeightsReport` of loaded weights is kept as ``backbone.weights_report``.
+    torchvision models; built-ins ignore it. The :class:`WeightsReport` of loaded weights is kept as
+    ``backbone.weights_report``. Unknown names and keywords raise ``UnknownNameError`` naming the closest.
     """
-    report: WeightsReport | None = None
-    if name.startswith("timm:"):
-        import timm
-
-        model_name = name[len("timm:") :]
-        if not timm.is_model(model_name):
-            raise UnknownNameError(_unknown_model("timm", model_name, timm.list_models()))
-        args = {"pretrained": False, "num_classes": 0, "global_pool": "", "in_chans": in_channels, **kwargs}
-        try:
-            if image_size is not None and "img_size" not in args:
-                try:
-                    model = timm.create_model(model_name, img_size=image_size, **args)
-                except TypeError:  # the architecture has no img_size (CNNs take any size)
-                    model = timm.create_model(model_name, **args)
-            else:
-                model = timm.create_model(model_name, **args)
-        except TypeError as exc:
-            raise ConfigError(f"cannot build timm model '{model_name}' with {kwargs}: {exc}") from exc
-        if pretrained_weights is not None:
-            report = load_local_weights(model, pretrained_weights)
-        backbone: nn.Module = TimmBackbone(model)
-    elif name.startswith("torchvision:"):
-        import torchvision
-
-        model_name = name[len("torchvision:") :]
-        valid = torchvision.models.list_models()
-        if model_name not in valid:
-            raise UnknownNameError(_unknown_model("torchvision", model_name, valid))
-        try:
-            model = torchvision.models.get_model(model_name, weights=None, **kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"cannot build torchvision model '{model_name}' with {kwargs}: {exc}") from exc
-        if in_channels != 3:
-            _replace_first_conv(model, in_channels)
-        if pretrained_weights is not None:
-            report = load_local_weights(model, pretrained_weights)
-        backbone = TorchvisionBackbone(model, model_name, probe_size=max(image_size or 64, 32))
-    else:
-        if name not in BACKBONES:
-            raise UnknownNameError(unknown_name_message("backbone", name, available_backbones()))
-        BACKBONES.check_kwargs(name, kwargs)
-        backbone = BACKBONES.get(name)(in_channels=in_channels, **kwargs)
-        if pretrained_weights is not None:
-            report = load_local_weights(backbone, pretrained_weights)
-    backbone.weights_report = report
+    factory = REGISTRY.get(name)
+    if REGISTRY.family_of(name) is not None:  # a family loads the weights into the library's own model
+        return factory(
+            in_channels=in_channels, pretrained_weights=pretrained_weights, image_size=image_size, **kwargs
+        )
+    REGISTRY.check_kwargs(name, kwargs)
+    backbone = factory(in_channels=in_channels, **kwargs)
+    backbone.weights_report = _weights(backbone, pretrained_weights)
     return backbone
 
 
+def available() -> list[str]:
+    """Built-in backbone names plus the ``timm:<model>`` and ``torchvision:<model>`` patterns."""
+    return REGISTRY.available()
+
+
+def exists(name: str) -> bool:
+    """Whether :func:`build` knows ``name`` (a built-in, an existing timm or torchvision model)."""
+    return name in REGISTRY
+
+
 __all__ = [
-    "BACKBONES",
+    "REGISTRY",
+    "Backbone",
+    "BackboneFamily",
+    "BackboneRegistry",
     "SmallCNN",
     "TimmBackbone",
     "TorchvisionBackbone",
     "WeightsReport",
-    "available_backbones",
-    "backbone_exists",
-    "build_backbone",
+    "available",
+    "build",
+    "exists",
     "load_local_weights",
     "map_state_dict_by_position",
     "read_state_dict",

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmlkit.errors import ConfigError
-from dmlkit.models.backbones import WeightsReport, build_backbone
-from dmlkit.models.heads import build_head
-from dmlkit.models.pooling import POOLING
+from dmlkit.models.backbones import Backbone, WeightsReport
+from dmlkit.models.backbones import build as build_backbone
+from dmlkit.models.heads import Head, for_embedding_size
+from dmlkit.models.pooling import build as build_pooling
 
 PlainValue = str | int | float | bool | None
 
@@ -32,6 +33,9 @@ def _plain(key: str, value: Any) -> Any:
 class EmbeddingModel(nn.Module):
     """``e = normalize(head(pool(backbone(x))))``.
 
+    ``backbone`` is a :class:`~dmlkit.models.backbones.Backbone` (``out_channels``, ``weights_report``),
+    ``head`` a :class:`~dmlkit.models.heads.Head` (``out_features``).
+
     ``config`` holds the :func:`build_model` keyword arguments that rebuild the architecture
     (``build_model(**model.config)``), as plain data so it can be stored in checkpoints; the weights file
     used at construction is not part of it (the checkpoint's state dict replaces it) and is kept in
@@ -40,9 +44,9 @@ class EmbeddingModel(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         pool: nn.Module,
-        head: nn.Module,
+        head: Head,
         normalize: bool = True,
         config: dict[str, Any] | None = None,
     ) -> None:
@@ -53,12 +57,10 @@ class EmbeddingModel(nn.Module):
         self.normalize = normalize
         self.config: dict[str, Any] = dict(config or {})
         self.pretrained_weights: str | None = None
-        self.weights_report: WeightsReport | None = getattr(backbone, "weights_report", None)
+        self.weights_report: WeightsReport | None = backbone.weights_report
         self._batchnorm_frozen = False
-        feature_dim = int(getattr(backbone, "out_channels", 0))
-        self.feature_dim = feature_dim
-        linear = getattr(head, "linear", None)
-        self.embedding_size = int(linear.out_features) if isinstance(linear, nn.Linear) else feature_dim
+        self.feature_dim = int(backbone.out_channels)
+        self.embedding_size = int(head.out_features)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``B × feature_dim`` (before head and normalisation)."""
@@ -112,7 +114,7 @@ def build_model(
     ``backbone``: ``small_cnn``, ``timm:<model>`` or ``torchvision:<model>`` (see
     :mod:`dmlkit.models.backbones`); ``embedding_size``: output size of the linear head (``0``/``None``:
     no head, the pooled features are the embedding); ``pooling``: a name of
-    :data:`dmlkit.models.pooling.POOLING` (``avg``, ``max``, ``gem``); ``normalize``: L2-normalise the
+    :data:`dmlkit.models.pooling.REGISTRY` (``avg``, ``max``, ``gem``); ``normalize``: L2-normalise the
     output; ``pretrained_weights``: a local state-dict file loaded into the backbone (never downloaded);
     ``backbone_kwargs``: passed to the backbone constructor (e.g. ``widths`` of ``small_cnn``,
     ``drop_path_rate`` of a timm model).
@@ -130,7 +132,7 @@ def build_model(
     }
     config.update(backbone_kwargs)
     config = {key: _plain(key, value) for key, value in config.items()}
-    pool = POOLING.build(pooling)
+    pool = build_pooling(pooling)
     net = build_backbone(
         backbone,
         in_channels=in_channels,
@@ -138,7 +140,7 @@ def build_model(
         image_size=image_size,
         **backbone_kwargs,
     )
-    head = build_head(int(net.out_channels), embedding_size)
+    head = for_embedding_size(int(net.out_channels), embedding_size)
     model = EmbeddingModel(net, pool, head, normalize=normalize, config=config)
     model.pretrained_weights = str(Path(pretrained_weights)) if pretrained_weights is not None else None
     return model

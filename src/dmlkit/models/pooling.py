@@ -1,7 +1,7 @@
 """Global pooling of a backbone feature map ``B × C × H × W`` into ``B × C`` descriptors.
 
-Every pooling is registered in :data:`POOLING` (``avg``, ``max``, ``gem``) and built with
-``POOLING.build(name, **kwargs)``.
+Every pooling is registered in :data:`REGISTRY` (``avg``, ``max``, ``gem``) and built with
+:func:`build` ``(name, **kwargs)``; :func:`available` lists the names.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from dmlkit.errors import ConfigError
 from dmlkit.registry import Registry
 
-POOLING: Registry[nn.Module] = Registry("pooling")
+REGISTRY: Registry[nn.Module] = Registry("pooling")
 
 
 def _check_map(x: torch.Tensor) -> None:
@@ -20,7 +20,7 @@ def _check_map(x: torch.Tensor) -> None:
         raise ConfigError(f"pooling expects a B×C×H×W feature map, got shape {tuple(x.shape)}")
 
 
-@POOLING.register("avg")
+@REGISTRY.register("avg")
 class AvgPool(nn.Module):
     """Global average pooling: ``f_c = 1/|Ω| Σ_{(h,w)∈Ω} x_{c,h,w}``."""
 
@@ -29,7 +29,7 @@ class AvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-@POOLING.register("max")
+@REGISTRY.register("max")
 class MaxPool(nn.Module):
     """Global max pooling (MAC, Tolias et al. 2016): ``f_c = max_{(h,w)} x_{c,h,w}``."""
 
@@ -38,7 +38,7 @@ class MaxPool(nn.Module):
         return x.amax(dim=(2, 3))
 
 
-@POOLING.register("gem")
+@REGISTRY.register("gem")
 class GeM(nn.Module):
     """Generalised-mean pooling with a learnable exponent.
 
@@ -64,19 +64,14 @@ class GeM(nn.Module):
         return f"p={self.p.item():.3f}, eps={self.eps}"
 
 
-def build_pooling(name: str, **kwargs: object) -> nn.Module:
+def build(name: str, /, **kwargs: object) -> nn.Module:
     """Build the pooling registered as ``name`` (misspelt names and keywords raise ``UnknownNameError``)."""
-    return POOLING.build(name, **kwargs)
+    return REGISTRY.build(name, **kwargs)
 
 
-def check_pooling(name: str) -> None:
-    """Raise ``UnknownNameError`` (with the closest valid name) if ``name`` is not a pooling."""
-    POOLING.get(name)
+def available() -> list[str]:
+    """Names accepted by :func:`build`."""
+    return REGISTRY.available()
 
 
-def available_pooling() -> list[str]:
-    """Names accepted by :func:`build_pooling`."""
-    return POOLING.available()
-
-
-__all__ = ["POOLING", "AvgPool", "GeM", "MaxPool", "available_pooling", "build_pooling", "check_pooling"]
+__all__ = ["REGISTRY", "AvgPool", "GeM", "MaxPool", "available", "build"]

@@ -1,8 +1,9 @@
 """Batch samplers: ``build(name, labels, batch_size, **kwargs)`` gives a resumable, rank-aware sampler.
 
-Use the result as ``torch.utils.data.DataLoader(dataset, batch_sampler=sampler)``. Samplers whose
-``needs_embeddings`` is true also need ``update_embeddings(indices, embeddings)`` after every training
-step (see :class:`EmbeddingBatchSampler`). See ``docs/samplers.md``.
+Use the result as ``torch.utils.data.DataLoader(dataset, batch_sampler=sampler)``. Every sampler is a
+:class:`BatchSampler` (``len``, ``iter``, ``set_epoch``, ``state_dict`` / ``load_state_dict``); one whose
+class declares ``needs_embeddings`` also needs ``update_embeddings(indices, embeddings)`` after every
+training step (see :class:`EmbeddingBatchSampler`). See ``docs/samplers.md``.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ import numpy as np
 import torch
 
 from dmlkit.samplers.base import REGISTRY, BatchSampler, RandomBatchSampler
-from dmlkit.samplers.class_balanced import MPerClassSampler
+from dmlkit.samplers.class_balanced import ClassVisitSampler, MPerClassSampler, PKBatchSampler
 from dmlkit.samplers.coreset import (
     D2CoresetSampler,
     DistHistBatchMatchSampler,
     EmbeddingBatchSampler,
     GreedyCoresetSampler,
 )
-from dmlkit.samplers.hierarchical import HierarchicalSampler
+from dmlkit.samplers.hierarchical import HierarchicalSampler, super_labels_of
 from dmlkit.samplers.intra_class import IntraClassUniformSampler
 
 __all__ = [
     "REGISTRY",
     "BatchSampler",
+    "ClassVisitSampler",
     "D2CoresetSampler",
     "DistHistBatchMatchSampler",
     "EmbeddingBatchSampler",
@@ -34,9 +36,11 @@ __all__ = [
     "HierarchicalSampler",
     "IntraClassUniformSampler",
     "MPerClassSampler",
+    "PKBatchSampler",
     "RandomBatchSampler",
     "available",
     "build",
+    "super_labels_of",
 ]
 
 

@@ -14,6 +14,10 @@ contract, implemented once in :class:`BatchSampler`:
   before handing out each batch and, once the epoch is exhausted, moves it to ``(epoch + 1, 0)``, so a
   loop that never calls :meth:`BatchSampler.set_epoch` still sees a new (reproducible) order every epoch.
   :meth:`~BatchSampler.state_dict` / :meth:`~BatchSampler.load_state_dict` save and restore the cursor.
+
+A trainer drives every sampler through the :class:`BatchSampler` interface alone: ``len``, ``iter``,
+``set_epoch``, ``state_dict`` / ``load_state_dict`` and, when the class declares ``needs_embeddings``,
+``update_embeddings(indices, embeddings)`` after every step.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dmlkit.errors import ConfigError, DataError, UnknownNameError, unknown_name_message
-from dmlkit.registry import Registry
+from dmlkit.registry import Registered, Registry, SharedOptions
 
 REGISTRY: Registry[BatchSampler] = Registry("sampler")
 
@@ -92,8 +96,10 @@ def caller_stacklevel() -> int:
     return level
 
 
-class BatchSampler(Sampler[list[int]], ABC):
+class BatchSampler(Registered, SharedOptions, Sampler[list[int]], ABC):
     """Base class: subclasses define the global batches of an epoch; this class shards and resumes.
+
+    Options every sampler takes (declared once, by :meth:`shared_options`):
 
     Args:
         labels: class label of every dataset item (1-D integers; list, numpy array or tensor).
@@ -104,18 +110,34 @@ class BatchSampler(Sampler[list[int]], ABC):
         drop_last: drop incomplete batches and the global batches that cannot be shared evenly across
             ranks, instead of padding the ranks' shares by wrapping around.
 
-    Subclasses implement :attr:`num_global_batches` and :meth:`_build_epoch`, and call
-    :meth:`_check_shareable` at the end of their ``__init__``.
+    A sampler's constructor is ``(labels, batch_size, <its own options>, *, seed, rank, world_size,
+    drop_last)`` (see :class:`dmlkit.registry.SharedOptions`): a subclass declares its own options as the
+    parameters of :meth:`configure`, which checks and stores them once the shared options are set, and
+    changes a shared default in ``defaults`` (``random``: ``{"drop_last": True}``). Subclasses implement
+    :attr:`num_global_batches` and :meth:`_build_epoch`, and call :meth:`_check_shareable` at the end of
+    their ``configure``.
 
-    ``needs_embeddings`` tells a trainer whether it must feed the sampler the embeddings of every
-    training batch (see :class:`dmlkit.samplers.coreset.EmbeddingBatchSampler`); it is ``False`` here.
+    ``needs_embeddings`` declares whether the sampler chooses batches from embeddings: a trainer must then
+    call :meth:`update_embeddings` after every training step (see
+    :class:`dmlkit.samplers.coreset.EmbeddingBatchSampler`). It is ``False`` here, and such samplers refuse
+    embeddings.
     """
 
+    #: True for samplers that read embeddings: the trainer calls :meth:`update_embeddings` after each step.
     needs_embeddings: ClassVar[bool] = False
     #: keys :meth:`load_state_dict` accepts; subclasses with more state extend it.
     state_keys: ClassVar[tuple[str, ...]] = _STATE_KEYS
 
-    def __init__(
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Arguments as in the class's signature (``inspect.signature(cls)``); a wrong one raises
+        ``TypeError`` (``build`` names the closest valid keyword instead)."""
+        super().__init__()
+        self._epoch = 0
+        self._yielded = 0
+        self._cache: tuple[int, np.ndarray] | None = None
+        self.apply_arguments(args, kwargs)
+
+    def shared_options(
         self,
         labels: Sequence[int] | np.ndarray | torch.Tensor,
         batch_size: int,
@@ -125,7 +147,7 @@ class BatchSampler(Sampler[list[int]], ABC):
         world_size: int = 1,
         drop_last: bool = False,
     ) -> None:
-        super().__init__()
+        """Check and store the options every sampler takes (see the class docstring)."""
         self.labels = as_label_array(labels)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.seed = check_int("seed", seed)
@@ -136,9 +158,6 @@ class BatchSampler(Sampler[list[int]], ABC):
         if not isinstance(drop_last, bool | np.bool_):
             raise ConfigError(f"drop_last must be a bool, got {drop_last!r}")
         self.drop_last = bool(drop_last)
-        self._epoch = 0
-        self._yielded = 0
-        self._cache: tuple[int, np.ndarray] | None = None
 
     # -- to be defined by subclasses ------------------------------------------------------------------
 
@@ -186,11 +205,15 @@ class BatchSampler(Sampler[list[int]], ABC):
         total = len(self) * self.world_size
         return np.arange(self.rank, total, self.world_size) % self.num_global_batches
 
+    def _global_batch(self, epoch: int, index: int) -> list[int]:
+        """Global batch ``index`` of ``epoch``, built when it is handed out (lazy samplers override this)."""
+        flat = self.global_batches(epoch)  # cached: slicing one batch costs no rebuild
+        return flat[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch``, without touching the iteration cursor."""
-        flat = self.global_batches(epoch)
-        size = self.batch_size
-        return [flat[g * size : (g + 1) * size].tolist() for g in self._rank_positions().tolist()]
+        epoch = check_int("epoch", epoch, 0)
+        return [self._global_batch(epoch, g) for g in self._rank_positions().tolist()]
 
     # -- iteration and state -----------------------------------------------------------------------------
 
@@ -217,20 +240,29 @@ class BatchSampler(Sampler[list[int]], ABC):
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self._epoch
-        flat = self.global_batches(epoch)
         positions = self._rank_positions().tolist()
-        size = self.batch_size
         for i in range(self._yielded, len(positions)):
             if self._epoch != epoch:  # set_epoch/load_state_dict was called while this iterator was alive
                 return
-            g = positions[i]
+            batch = self._global_batch(epoch, positions[i])
             # Count before yielding: the consumer holds the batch as soon as next() returns, and a
             # checkpoint written while processing it must not replay it.
             self._yielded = i + 1
-            yield flat[g * size : (g + 1) * size].tolist()
+            yield batch
         if self._epoch == epoch and self._yielded >= len(positions):
             self._epoch = epoch + 1
             self._yielded = 0
+
+    def update_embeddings(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Feed the embeddings of a training batch (``indices``: its dataset indices).
+
+        Only samplers with ``needs_embeddings`` take them (they override this); the others raise
+        ``ConfigError`` naming the sampler, so a trainer must check ``needs_embeddings`` first.
+        """
+        raise ConfigError(
+            f"sampler {type(self).__name__} does not choose batches from embeddings (needs_embeddings is "
+            "False); call update_embeddings only when sampler.needs_embeddings"
+        )
 
     def state_dict(self) -> dict[str, int]:
         """Cursor plus the settings it is valid for; plain ints, safe for ``torch.load(weights_only=True)``.
@@ -274,12 +306,21 @@ class BatchSampler(Sampler[list[int]], ABC):
         self._epoch = epoch
         self._yielded = yielded
 
+    def _describe(self) -> dict[str, Any]:
+        """Settings shown by ``repr``; subclasses add theirs."""
+        return {
+            "num_items": len(self.labels),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "drop_last": self.drop_last,
+            "batches_per_rank": len(self),
+        }
+
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_items={len(self.labels)}, batch_size={self.batch_size}, "
-            f"seed={self.seed}, rank={self.rank}, world_size={self.world_size}, drop_last={self.drop_last}, "
-            f"batches_per_rank={len(self)})"
-        )
+        fields = ", ".join(f"{key}={value}" for key, value in self._describe().items())
+        return f"{type(self).__name__}({fields})"
 
 
 @REGISTRY.register("random")
@@ -292,16 +333,9 @@ class RandomBatchSampler(BatchSampler):
     Labels are only used for their length; no class balancing.
     """
 
-    def __init__(
-        self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-    ) -> None:
-        super().__init__(labels, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+    defaults: ClassVar[dict[str, Any]] = {"drop_last": True}
+
+    def configure(self) -> None:
         if self.drop_last and len(self.labels) < self.batch_size:
             raise ConfigError(
                 f"batch_size={self.batch_size} exceeds the dataset size {len(self.labels)} with "

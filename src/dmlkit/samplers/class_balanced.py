@@ -14,8 +14,10 @@ images independently at random:
 
 The sampler is registered as ``m_per_class`` and, under Roth et al.'s flag name, as ``class_random`` (an
 alias: Roth's own ``class_random`` draws classes and images independently at random, with the
-differences above). The helpers :func:`group_by_class`, :func:`class_rounds`, :func:`cycle_images` and
-:func:`warn_small_classes` are shared with the hierarchical and embedding-driven samplers.
+differences above). :class:`ClassVisitSampler` (items grouped by class, shared settings and checks),
+:class:`PKBatchSampler` (its plain P×K construction) and the helpers :func:`group_by_class`,
+:func:`class_rounds`, :func:`visit_numbers`, :func:`cycle_images` and :func:`warn_small_classes` are shared
+with the intra-class, hierarchical and embedding-driven samplers.
 """
 
 from __future__ import annotations
@@ -23,15 +25,12 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from dmlkit.errors import ConfigError
 from dmlkit.samplers.base import REGISTRY, BatchSampler, caller_stacklevel, check_int, epoch_rng
-
-logger = logging.getLogger(__name__)
 
 
 def group_by_class(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -74,6 +73,20 @@ def class_rounds(num_classes: int, p: int, num_batches: int, rng: np.random.Gene
     return order.reshape(rounds * per_round, p)[:num_batches]
 
 
+def visit_numbers(schedule: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(visit_no, visits)``: every slot's rank among the visits of its class, and visits per class.
+
+    ``schedule`` is a 1-D array of class numbers in batch order; ``visit_no[i]`` counts the earlier slots of
+    class ``schedule[i]`` (0 for its first visit), computed with one stable sort instead of a loop.
+    """
+    by_class = np.argsort(schedule, kind="stable")
+    visits = np.bincount(schedule, minlength=num_classes)
+    first_visit = np.cumsum(visits) - visits
+    visit_no = np.empty_like(schedule)
+    visit_no[by_class] = np.arange(len(schedule)) - first_visit[schedule[by_class]]
+    return visit_no, visits
+
+
 def cycle_images(
     schedule: np.ndarray,
     k: int,
@@ -90,12 +103,7 @@ def cycle_images(
     starts. A class with ``n_c < k`` repeats its images as evenly as possible inside a visit.
     """
     num_classes = len(counts)
-    # Visit number of every slot among the visits of its class (in batch order).
-    by_class = np.argsort(schedule, kind="stable")
-    visits = np.bincount(schedule, minlength=num_classes)
-    first_visit = np.cumsum(visits) - visits
-    visit_no = np.empty_like(schedule)
-    visit_no[by_class] = np.arange(len(schedule)) - first_visit[schedule[by_class]]
+    visit_no, visits = visit_numbers(schedule, num_classes)
 
     # One "block" = one pass of one class; visits consume chunks in order, starting a new shuffle after
     # each pass.
@@ -120,9 +128,127 @@ def cycle_images(
     return shuffled[block_start[block][:, None] + offsets].ravel()
 
 
+class ClassVisitSampler(BatchSampler):
+    """Base of the samplers whose batches are class visits of ``K = samples_per_class`` images each.
+
+    It holds the items grouped by class (``classes``, ``class_counts``; see :func:`group_by_class`) and the
+    epoch length, and performs the checks these samplers share. A subclass's ``configure`` calls, in this
+    order: :meth:`_set_layout` (or checks ``K`` and its own batch layout itself), :meth:`_group_classes`,
+    its own checks, then :meth:`_set_batches_per_epoch` (:class:`PKBatchSampler` does it for plain P×K).
+    """
+
+    samples_per_class: int
+    classes_per_batch: int
+    batches_per_epoch: int
+
+    def _set_layout(self, samples_per_class: Any) -> int:
+        """Check ``K`` and that it divides ``batch_size``; set ``samples_per_class``, ``classes_per_batch``.
+
+        Returns ``P = batch_size // K``, the number of distinct classes of a batch.
+        """
+        k = check_int("samples_per_class", samples_per_class, 1)
+        if self.batch_size % k:
+            raise ConfigError(
+                f"batch_size={self.batch_size} must be divisible by samples_per_class={k} "
+                "(a batch holds batch_size // samples_per_class classes × samples_per_class images)"
+            )
+        self.samples_per_class = k
+        self.classes_per_batch = self.batch_size // k
+        return self.classes_per_batch
+
+    def _group_classes(self, needed: int | None = None) -> int:
+        """Group the item indices by class once (epochs only shuffle within the groups); return ``C``.
+
+        With ``needed``, raise unless the labels have at least that many classes (a batch's ``P`` distinct
+        classes).
+        """
+        self.classes, self.class_counts, self._items_by_class, self._class_start = group_by_class(self.labels)
+        num_classes = len(self.classes)
+        if needed is not None and num_classes < needed:
+            raise ConfigError(
+                f"batch_size={self.batch_size} with samples_per_class={self.samples_per_class} needs "
+                f"{needed} distinct classes per batch, but the labels have only {num_classes} class(es); "
+                "lower batch_size or raise samples_per_class"
+            )
+        return num_classes
+
+    def _one_pass(self) -> int:
+        """The default epoch length: ``max(1, len(labels) // batch_size)``, about one pass over the data."""
+        return max(1, len(self.labels) // self.batch_size)
+
+    def _set_batches_per_epoch(self, batches_per_epoch: int | None, default: int) -> None:
+        """Fix the epoch at ``batches_per_epoch`` global batches (``default`` when ``None``), then run the
+        construction checks that need it (:meth:`_check_shareable`) and warn about small classes."""
+        if batches_per_epoch is None:
+            self._num_batches = default
+        else:
+            self._num_batches = check_int("batches_per_epoch", batches_per_epoch, 1)
+        self.batches_per_epoch = self._num_batches
+        self._check_shareable()
+        warn_small_classes(self.class_counts, self.samples_per_class)
+
+    def _note_unvisited_classes(self) -> None:
+        """Log (info, naming the sampler) when ``P × batches_per_epoch < C``: an epoch misses classes."""
+        num_classes, p = len(self.classes), self.classes_per_batch
+        if p * self._num_batches < num_classes:
+            logging.getLogger(type(self).__module__).info(
+                "%s: %d batches × %d classes per epoch cannot visit all %d classes; set "
+                "batches_per_epoch >= %d to visit every class each epoch",
+                self.who,
+                self._num_batches,
+                p,
+                num_classes,
+                math.ceil(num_classes / p),
+            )
+
+    @property
+    def num_global_batches(self) -> int:
+        return self._num_batches
+
+    def _cycle_images(self, schedule: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """:func:`cycle_images` of the class visits ``schedule`` with this sampler's items and ``K``."""
+        return cycle_images(
+            schedule, self.samples_per_class, self.class_counts, self._items_by_class, self._class_start, rng
+        )
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            **super()._describe(),
+            "samples_per_class": self.samples_per_class,
+            "num_classes": len(self.classes),
+            "batches_per_epoch": self._num_batches,
+        }
+
+
+class PKBatchSampler(ClassVisitSampler):
+    """Base of the plain P×K samplers: ``P = batch_size // K`` distinct classes of ``K`` images a batch.
+
+    Construction: the layout and class checks of :class:`ClassVisitSampler`, an epoch of about one pass
+    (``max(1, len(labels) // batch_size)`` batches unless ``batches_per_epoch`` is given), a log line when
+    an epoch cannot visit every class, then :meth:`_prepare` for what a subclass precomputes.
+
+    Args (besides the shared options of :class:`~dmlkit.samplers.base.BatchSampler`):
+        samples_per_class: ``K``, images per class in a batch; ``batch_size`` must be a multiple of it.
+        batches_per_epoch: global batches per epoch (all ranks together); ``None`` for
+            ``max(1, len(labels) // batch_size)``.
+
+    ``drop_last`` only concerns the last ``batches_per_epoch mod world_size`` batches (dropped instead of
+    padding the ranks' shares with the first batches of the epoch); batches themselves are always full.
+    """
+
+    def configure(self, samples_per_class: int = 4, batches_per_epoch: int | None = None) -> None:
+        self._group_classes(needed=self._set_layout(samples_per_class))
+        self._set_batches_per_epoch(batches_per_epoch, self._one_pass())
+        self._note_unvisited_classes()
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Precompute what building epochs needs, once the settings are checked (nothing by default)."""
+
+
+@REGISTRY.register("m_per_class")  # outermost: its registry_name, the name in messages
 @REGISTRY.register("class_random")
-@REGISTRY.register("m_per_class")
-class MPerClassSampler(BatchSampler):
+class MPerClassSampler(PKBatchSampler):
     """Batches of ``P = batch_size // samples_per_class`` distinct classes × ``K = samples_per_class`` images.
 
     Epoch: ``batches_per_epoch`` global batches, by default ``max(1, len(labels) // batch_size)`` so
@@ -133,82 +259,10 @@ class MPerClassSampler(BatchSampler):
     class takes the next ``K`` images of a per-class shuffled cycle over its images; a class with fewer than
     ``K`` images repeats its images as evenly as possible inside the batch (sampling with replacement).
 
-    Args:
-        labels: class label of every dataset item (1-D integers; list, numpy array or tensor).
-        batch_size: images per batch on each rank; must be a multiple of ``samples_per_class``.
-        samples_per_class: ``K``, images per class in a batch.
-        batches_per_epoch: global batches per epoch (all ranks together); ``None`` for
-            ``max(1, len(labels) // batch_size)``.
-        seed: base seed; an epoch's batches depend only on ``(seed, epoch)``.
-        rank: index of this process in ``[0, world_size)``.
-        world_size: number of processes sharing each epoch.
-        drop_last: when ``world_size`` does not divide the number of batches, drop the last
-            ``batches_per_epoch mod world_size`` batches instead of padding the ranks' shares with
-            the first batches of the epoch. Batches themselves are always full.
+    Arguments: those of :class:`PKBatchSampler`.
     """
-
-    def __init__(
-        self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
-        samples_per_class: int = 4,
-        batches_per_epoch: int | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(labels, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-        k = check_int("samples_per_class", samples_per_class, 1)
-        if self.batch_size % k:
-            raise ConfigError(
-                f"batch_size={self.batch_size} must be divisible by samples_per_class={k} "
-                "(a batch holds batch_size // samples_per_class classes × samples_per_class images)"
-            )
-        self.samples_per_class = k
-        self.classes_per_batch = self.batch_size // k
-
-        # Group item indices by class once; epochs then only shuffle within these groups.
-        self.classes, self.class_counts, self._items_by_class, self._class_start = group_by_class(self.labels)
-        num_classes = len(self.classes)
-        if num_classes < self.classes_per_batch:
-            raise ConfigError(
-                f"batch_size={self.batch_size} with samples_per_class={k} needs "
-                f"{self.classes_per_batch} distinct classes per batch, but the labels have only "
-                f"{num_classes} class(es); lower batch_size or raise samples_per_class"
-            )
-
-        if batches_per_epoch is None:
-            self._num_batches = max(1, len(self.labels) // self.batch_size)
-        else:
-            self._num_batches = check_int("batches_per_epoch", batches_per_epoch, 1)
-        self.batches_per_epoch = self._num_batches
-        self._check_shareable()
-
-        warn_small_classes(self.class_counts, k)
-        if self.classes_per_batch * self._num_batches < num_classes:
-            logger.info(
-                "m_per_class: %d batches × %d classes per epoch cannot visit all %d classes; set "
-                "batches_per_epoch >= %d to visit every class each epoch",
-                self._num_batches,
-                self.classes_per_batch,
-                num_classes,
-                math.ceil(num_classes / self.classes_per_batch),
-            )
-
-    @property
-    def num_global_batches(self) -> int:
-        return self._num_batches
 
     def _build_epoch(self, epoch: int) -> np.ndarray:
         rng = epoch_rng(self.seed, epoch)
         schedule = class_rounds(len(self.classes), self.classes_per_batch, self._num_batches, rng).ravel()
-        return cycle_images(
-            schedule, self.samples_per_class, self.class_counts, self._items_by_class, self._class_start, rng
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{super().__repr__()[:-1]}, samples_per_class={self.samples_per_class}, "
-            f"num_classes={len(self.classes)}, batches_per_epoch={self._num_batches})"
-        )
+        return self._cycle_images(schedule, rng)

@@ -18,10 +18,11 @@ the P×K composition), chosen with the current embeddings:
   whose histogram of pairwise distances is closest (1-D Wasserstein distance) to the histogram of a
   random reference sample of the whole dataset's embeddings.
 
-Embeddings come from the trainer, which calls :meth:`EmbeddingBatchSampler.update_embeddings` after every
-step with the batch's dataset indices and (detached) embeddings. The sampler keeps them in an ``N × D``
-float32 CPU buffer, allocated at the first call, and builds each batch only when the iterator is asked for
-it, so every batch uses the newest embeddings. Groups with an image that has no embedding yet are put into
+Embeddings come from the trainer, which (as ``needs_embeddings`` is true) calls
+:meth:`EmbeddingBatchSampler.update_embeddings` after every step with the batch's dataset indices and
+(detached) embeddings. The sampler keeps them in an ``N × D`` float32 CPU buffer, allocated at the first
+call, and builds each batch only when the iterator is asked for it, so every batch uses the newest
+embeddings. Groups with an image that has no embedding yet are put into
 the batch first (in random order): they must be embedded before they can be compared, which plays the role
 of Roth et al.'s initial pass embedding the whole training set. Before any embedding exists, batches are
 random ``P``-group subsets of the pools.
@@ -34,16 +35,19 @@ from a checkpoint taken after a step continues with the same batches, given the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from dmlkit.distances import check_distance, pairwise
+from dmlkit import distances
 from dmlkit.errors import ConfigError, DataError
+from dmlkit.registry import extends
 from dmlkit.samplers.base import REGISTRY, BatchSampler, check_int, epoch_rng
-from dmlkit.samplers.class_balanced import class_rounds, cycle_images, group_by_class, warn_small_classes
+from dmlkit.samplers.class_balanced import ClassVisitSampler, class_rounds
 
 #: Distances the selection can use: metrics (``cosine`` is turned into the distance ``1 − cos``).
 SELECTION_DISTANCES = ("euclidean", "squared_euclidean", "cosine")
@@ -57,69 +61,65 @@ def _check_float(name: str, value: Any, minimum: float) -> float:
     return float(value)
 
 
-def greedy_coreset_select(
+#: A selection rule: given every pool item's distance to its nearest chosen item (``nearest``), the items
+#: that may be picked (``selectable``: those of the available groups) and the generator, the item whose
+#: group is added next; ``-1`` asks for a uniformly random available group.
+SelectionRule = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], int]
+
+
+def farthest_item(nearest: torch.Tensor, selectable: torch.Tensor, rng: np.random.Generator) -> int:
+    """Greedy k-center rule (Sener & Savarese, ICLR 2018; Roth et al. 2020): the selectable item
+    ``argmax_i min_{j ∈ chosen} dist[i, j]``, farthest from the chosen items (``rng`` is not used)."""
+    score = torch.where(selectable, nearest, torch.full_like(nearest, -math.inf))
+    return int(torch.argmax(score))
+
+
+def d2_rule(power: float = 1.0) -> SelectionRule:
+    """D² sampling rule (k-means++ seeding; Arthur & Vassilvitskii, SODA 2007) with exponent ``power``.
+
+    Draws a selectable item ``i`` with probability ``∝ (min_{j ∈ chosen} dist[i, j]²)^power``, so a group is
+    drawn with probability proportional to the summed weights of its items; ``-1`` (a uniform group) when
+    all weights vanish. ``power = 0`` gives uniformly random items.
+    """
+
+    def drawn(nearest: torch.Tensor, selectable: torch.Tensor, rng: np.random.Generator) -> int:
+        # float64: (d²)^power of small distances underflows in float32 for large powers
+        weight = nearest.double().square().pow(power) * selectable
+        total = float(weight.sum())
+        if not (math.isfinite(total) and total > 0):
+            return -1
+        cumulative = torch.cumsum(weight, 0)
+        item = int(torch.searchsorted(cumulative, torch.tensor([rng.random() * total]), right=True))
+        return min(item, int(torch.nonzero(weight).max()))  # rounding at the top end
+
+    return drawn
+
+
+def coreset_select(
     dist: torch.Tensor,
     group_of: torch.Tensor,
     available: torch.Tensor,
     centers: torch.Tensor,
     count: int,
     rng: np.random.Generator,
+    rule: SelectionRule = farthest_item,
 ) -> list[int]:
-    """Greedy k-center selection of ``count`` groups (Sener & Savarese, ICLR 2018; Roth et al. 2020).
+    """Select ``count`` groups one at a time with ``rule`` (greedy k-center by default, or :func:`d2_rule`).
 
     ``dist`` is the ``M × M`` distance matrix of the pool items, ``group_of`` the group of every item,
-    ``available`` marks the selectable groups and ``centers`` the items already in the batch. Each step
-    takes the group of ``argmax_i min_{j ∈ chosen} dist[i, j]`` over items of available groups and adds all
-    of its items to the chosen set; without any chosen item the first group is drawn uniformly.
+    ``available`` marks the selectable groups and ``centers`` the items already in the batch. Every item's
+    distance to its nearest chosen item, ``nearest[i] = min_{j ∈ chosen} dist[i, j]``, is updated with each
+    added group's items; each step adds the group of the item ``rule`` picks among the items of available
+    groups. The first group without any chosen item, or any step where the rule returns ``-1``, is drawn
+    uniformly among the available groups.
     """
     available = available.clone()
     nearest = dist[:, centers].min(dim=1).values if bool(centers.any()) else None
     chosen: list[int] = []
     for _ in range(count):
-        if nearest is None:
-            group = int(rng.choice(torch.nonzero(available).ravel().numpy()))
-        else:
-            score = torch.where(available[group_of], nearest, torch.full_like(nearest, -math.inf))
-            group = int(group_of[int(torch.argmax(score))])
-        chosen.append(group)
-        available[group] = False
-        added = dist[:, group_of == group].min(dim=1).values
-        nearest = added if nearest is None else torch.minimum(nearest, added)
-    return chosen
-
-
-def d2_coreset_select(
-    dist: torch.Tensor,
-    group_of: torch.Tensor,
-    available: torch.Tensor,
-    centers: torch.Tensor,
-    count: int,
-    rng: np.random.Generator,
-    power: float = 1.0,
-) -> list[int]:
-    """D² sampling of ``count`` groups (k-means++ seeding; Arthur & Vassilvitskii, SODA 2007).
-
-    Arguments as in :func:`greedy_coreset_select`. Each step draws an item ``i`` of an available group with
-    probability ``∝ (min_{j ∈ chosen} dist[i, j]²)^power`` and adds its group; so a group is drawn with
-    probability proportional to the summed weights of its items. The first group (no chosen item yet), or
-    any step where all weights vanish, is drawn uniformly among the available groups.
-    """
-    available = available.clone()
-    nearest = dist[:, centers].min(dim=1).values if bool(centers.any()) else None
-    chosen: list[int] = []
-    for _ in range(count):
-        group = -1
-        if nearest is not None:
-            # float64: (d²)^power of small distances underflows in float32 for large powers
-            weight = nearest.double().square().pow(power) * available[group_of]
-            total = float(weight.sum())
-            if math.isfinite(total) and total > 0:
-                cumulative = torch.cumsum(weight, 0)
-                item = int(torch.searchsorted(cumulative, torch.tensor([rng.random() * total]), right=True))
-                item = min(item, int(torch.nonzero(weight).max()))  # rounding at the top end
-                group = int(group_of[item])
-        if group < 0:
-            group = int(rng.choice(torch.nonzero(available).ravel().numpy()))
+        item = -1 if nearest is None else rule(nearest, available[group_of], rng)
+        uniform = item < 0
+        group = int(rng.choice(torch.nonzero(available).ravel().numpy())) if uniform else int(group_of[item])
         chosen.append(group)
         available[group] = False
         added = dist[:, group_of == group].min(dim=1).values
@@ -143,12 +143,27 @@ def histogram_wasserstein(a: torch.Tensor, b: torch.Tensor, bin_width: float) ->
     return (torch.cumsum(a, -1) - torch.cumsum(b, -1)).abs().sum(-1) * bin_width
 
 
-class EmbeddingBatchSampler(BatchSampler):
+@dataclass(frozen=True)
+class PoolState:
+    """One candidate pool at selection time (the arguments of a selection rule besides the distances).
+
+    ``pool``: ``G × K`` dataset indices (group ``g`` is row ``g``); ``group_of``: the group of every pool
+    item, flattened row-major; ``available``: ``G`` bools, the groups that may still be picked (every item of
+    them has an embedding); ``centers``: pool items already in the batch that have an embedding.
+    """
+
+    pool: np.ndarray
+    group_of: torch.Tensor
+    available: torch.Tensor
+    centers: torch.Tensor
+
+
+class EmbeddingBatchSampler(ClassVisitSampler):
     """Base class of samplers that pick each batch from a candidate pool using the current embeddings.
 
     Trainer interface:
 
-    * ``needs_embeddings`` (class attribute) is ``True``.
+    * ``needs_embeddings`` (class attribute) is ``True``: a trainer calls :meth:`update_embeddings`.
     * ``update_embeddings(indices, embeddings)`` after every training step: ``indices`` the batch's dataset
       indices (1-D integer tensor), ``embeddings`` the matching ``len(indices) × D`` floating tensor
       (detached; any device; stored as float32 on the CPU). Rows with non-finite values are ignored (the
@@ -161,77 +176,44 @@ class EmbeddingBatchSampler(BatchSampler):
 
     Subclasses implement :meth:`_select`.
 
-    Args:
-        labels: class label of every dataset item (1-D integers; list, numpy array or tensor).
-        batch_size: images per batch on each rank; must be a multiple of ``samples_per_class``.
-        samples_per_class: ``K``, images per class in a batch (and in the pool).
+    Args (besides the shared options of :class:`~dmlkit.samplers.base.BatchSampler`):
+        samples_per_class: ``K``, images per class in a batch (and in the pool); ``batch_size`` must be a
+            multiple of it.
         pool_factor: the pool holds ``min(C, pool_factor × P)`` classes, ``K`` images each.
         batches_per_epoch: global batches per epoch; ``None`` for ``max(1, len(labels) // batch_size)``.
         distance: ``euclidean`` (default, as Roth et al.), ``squared_euclidean`` or ``cosine`` (as
-            ``1 − cos``); the embeddings are compared with :func:`dmlkit.distances.pairwise`.
-        seed: base seed.
-        rank: index of this process in ``[0, world_size)``.
-        world_size: number of processes sharing each epoch.
-        drop_last: drop the last ``batches mod world_size`` global batches instead of padding the ranks'
-            shares (padding builds the wrapped-around batches again, with the then current embeddings).
+            ``1 − cos``); the embeddings are compared with that :class:`dmlkit.distances.Distance`'s
+            ``matrix``.
+
+    ``drop_last`` drops the last ``batches mod world_size`` global batches instead of padding the ranks'
+    shares (padding builds the wrapped-around batches again, with the then current embeddings).
     """
 
     needs_embeddings: ClassVar[bool] = True
     state_keys: ClassVar[tuple[str, ...]] = (*BatchSampler.state_keys, "embeddings", "seen")
 
-    def __init__(
+    def configure(
         self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
         samples_per_class: int = 4,
         pool_factor: int = 4,
         batches_per_epoch: int | None = None,
         distance: str = "euclidean",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
     ) -> None:
-        super().__init__(labels, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-        k = check_int("samples_per_class", samples_per_class, 1)
-        if self.batch_size % k:
-            raise ConfigError(
-                f"batch_size={self.batch_size} must be divisible by samples_per_class={k} "
-                "(a batch holds batch_size // samples_per_class classes × samples_per_class images)"
-            )
-        self.samples_per_class = k
-        self.classes_per_batch = p = self.batch_size // k
+        p = self._set_layout(samples_per_class)
         self.pool_factor = check_int("pool_factor", pool_factor, 1)
-        check_distance(distance)
+        distances.REGISTRY.get(distance)  # an unknown name raises UnknownNameError with the closest one
         if distance not in SELECTION_DISTANCES:
             raise ConfigError(
                 f"distance='{distance}' is not a metric; batch selection needs one of {SELECTION_DISTANCES}"
             )
         self.distance = distance
-        self.classes, self.class_counts, self._items_by_class, self._class_start = group_by_class(self.labels)
-        num_classes = len(self.classes)
-        if num_classes < p:
-            raise ConfigError(
-                f"batch_size={self.batch_size} with samples_per_class={k} needs {p} distinct classes per "
-                f"batch, but the labels have only {num_classes} class(es); lower batch_size or raise "
-                "samples_per_class"
-            )
-        self.pool_classes = min(num_classes, self.pool_factor * p)
-        if batches_per_epoch is None:
-            self._num_batches = max(1, len(self.labels) // self.batch_size)
-        else:
-            self._num_batches = check_int("batches_per_epoch", batches_per_epoch, 1)
-        self.batches_per_epoch = self._num_batches
-        self._check_shareable()
-        warn_small_classes(self.class_counts, k)
+        self._metric = distances.build(distance)
+        self.pool_classes = min(self._group_classes(needed=p), self.pool_factor * p)
+        self._set_batches_per_epoch(batches_per_epoch, self._one_pass())
 
         self._pool_cache: tuple[int, np.ndarray] | None = None
         self._embeddings: torch.Tensor | None = None
         self._seen = torch.zeros(len(self.labels), dtype=torch.bool)
-
-    @property
-    def num_global_batches(self) -> int:
-        return self._num_batches
 
     # -- embeddings ------------------------------------------------------------------------------------------
 
@@ -288,15 +270,9 @@ class EmbeddingBatchSampler(BatchSampler):
         if self._pool_cache is None or self._pool_cache[0] != epoch:
             rng = epoch_rng(self.seed, epoch)
             schedule = class_rounds(len(self.classes), self.pool_classes, self._num_batches, rng).ravel()
-            flat = cycle_images(
-                schedule,
-                self.samples_per_class,
-                self.class_counts,
-                self._items_by_class,
-                self._class_start,
-                rng,
+            pools = self._cycle_images(schedule, rng).reshape(
+                self._num_batches, self.pool_classes, self.samples_per_class
             )
-            pools = flat.reshape(self._num_batches, self.pool_classes, self.samples_per_class)
             pools.setflags(write=False)
             self._pool_cache = (epoch, pools)
         return self._pool_cache[1]
@@ -305,8 +281,8 @@ class EmbeddingBatchSampler(BatchSampler):
         """``M × M`` float32 distances between the buffer rows of ``items`` (1-D dataset indices)."""
         assert self._embeddings is not None
         emb = self._embeddings[torch.from_numpy(np.array(items, dtype=np.int64))]  # copy: pools are read-only
-        dist = pairwise(emb, emb, self.distance)
-        if self.distance == "cosine":
+        dist = self._metric.matrix(emb)
+        if self._metric.is_similarity:  # cosine, the only similarity SELECTION_DISTANCES admits
             dist = (1.0 - dist).clamp_min(0.0)
         return dist
 
@@ -328,24 +304,13 @@ class EmbeddingBatchSampler(BatchSampler):
         available[torch.from_numpy(fresh)] = False
         # Items of the fresh groups that already have an embedding count as chosen for the selection.
         centers = (~available)[group_of] & torch.from_numpy(seen.ravel())
-        chosen = self._select(pool, group_of, available, centers, p - len(fresh), rng)
+        chosen = self._select(PoolState(pool, group_of, available, centers), p - len(fresh), rng)
         return pool[np.concatenate([fresh, np.asarray(chosen, dtype=np.int64)])].ravel()
 
-    def _select(
-        self,
-        pool: np.ndarray,
-        group_of: torch.Tensor,
-        available: torch.Tensor,
-        centers: torch.Tensor,
-        count: int,
-        rng: np.random.Generator,
-    ) -> list[int]:
-        """Pick ``count`` distinct groups among ``available`` ones of ``pool`` (``G × K`` dataset indices).
-
-        ``group_of`` is the group of every pool item (flattened row-major), ``centers`` marks pool items
-        already in the batch that have an embedding. Every item of an available group has an embedding.
-        """
-        raise NotImplementedError
+    @abstractmethod
+    def _select(self, state: PoolState, count: int, rng: np.random.Generator) -> list[int]:
+        """Pick ``count`` distinct groups among the available ones of ``state.pool`` (see
+        :class:`PoolState`)."""
 
     # -- lazy iteration ------------------------------------------------------------------------------------
 
@@ -356,23 +321,9 @@ class EmbeddingBatchSampler(BatchSampler):
         """All global batches of ``epoch`` with the current buffer, flat (not cached: embeddings change)."""
         return self._build_epoch(check_int("epoch", epoch, 0))
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of ``epoch`` with the current buffer, without touching the cursor."""
-        epoch = check_int("epoch", epoch, 0)
-        return [self.global_batch(epoch, g).tolist() for g in self._rank_positions().tolist()]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch = self._epoch
-        positions = self._rank_positions().tolist()
-        for i in range(self._yielded, len(positions)):
-            if self._epoch != epoch:  # set_epoch/load_state_dict was called while this iterator was alive
-                return
-            batch = self.global_batch(epoch, positions[i]).tolist()  # built now: newest embeddings
-            self._yielded = i + 1
-            yield batch
-        if self._epoch == epoch and self._yielded >= len(positions):
-            self._epoch = epoch + 1
-            self._yielded = 0
+    def _global_batch(self, epoch: int, index: int) -> list[int]:
+        # built when handed out (by batches() and iteration), so every batch sees the newest embeddings
+        return self.global_batch(epoch, index).tolist()
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -424,59 +375,28 @@ class EmbeddingBatchSampler(BatchSampler):
             )
         return embeddings.to("cpu", torch.float32).clone(), seen.clone()
 
-    def __repr__(self) -> str:
-        dim = None if self._embeddings is None else self._embeddings.shape[1]
-        return (
-            f"{super().__repr__()[:-1]}, samples_per_class={self.samples_per_class}, "
-            f"pool_classes={self.pool_classes}, distance='{self.distance}', "
-            f"seen={int(self._seen.sum())}/{len(self.labels)}, embedding_dim={dim})"
-        )
+    def _describe(self) -> dict[str, Any]:
+        return {  # the pool layout instead of the P×K samplers' number of classes and epoch length
+            **BatchSampler._describe(self),
+            "samples_per_class": self.samples_per_class,
+            "pool_classes": self.pool_classes,
+            "distance": f"'{self.distance}'",
+            "seen": f"{int(self._seen.sum())}/{len(self.labels)}",
+            "embedding_dim": None if self._embeddings is None else self._embeddings.shape[1],
+        }
 
 
 @REGISTRY.register("greedy_coreset")
 class GreedyCoresetSampler(EmbeddingBatchSampler):
     """Batches that are greedy k-center coresets of their candidate pool (Roth et al.'s ``greedy_coreset``).
 
-    See :class:`EmbeddingBatchSampler` for the arguments and :func:`greedy_coreset_select` for the rule.
+    See :class:`EmbeddingBatchSampler` for the arguments (it takes no others) and
+    :func:`coreset_select` for the rule.
     """
 
-    def __init__(
-        self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
-        samples_per_class: int = 4,
-        pool_factor: int = 4,
-        batches_per_epoch: int | None = None,
-        distance: str = "euclidean",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            labels,
-            batch_size,
-            samples_per_class=samples_per_class,
-            pool_factor=pool_factor,
-            batches_per_epoch=batches_per_epoch,
-            distance=distance,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-        )
-
-    def _select(
-        self,
-        pool: np.ndarray,
-        group_of: torch.Tensor,
-        available: torch.Tensor,
-        centers: torch.Tensor,
-        count: int,
-        rng: np.random.Generator,
-    ) -> list[int]:
-        dist = self.pool_distances(pool.ravel())
-        return greedy_coreset_select(dist, group_of, available, centers, count, rng)
+    def _select(self, state: PoolState, count: int, rng: np.random.Generator) -> list[int]:
+        dist = self.pool_distances(state.pool.ravel())
+        return coreset_select(dist, state.group_of, state.available, state.centers, count, rng)
 
 
 @REGISTRY.register("d2_coreset")
@@ -485,48 +405,18 @@ class D2CoresetSampler(EmbeddingBatchSampler):
 
     ``power`` (default 1, Roth et al.'s ``--data_d2_coreset_lambda``) is the exponent on the squared
     distance; ``0`` gives uniformly random groups. See :class:`EmbeddingBatchSampler` for the other
-    arguments and :func:`d2_coreset_select` for the rule.
+    arguments and :func:`d2_rule` for the rule.
     """
 
-    def __init__(
-        self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
-        samples_per_class: int = 4,
-        pool_factor: int = 4,
-        batches_per_epoch: int | None = None,
-        distance: str = "euclidean",
-        power: float = 1.0,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            labels,
-            batch_size,
-            samples_per_class=samples_per_class,
-            pool_factor=pool_factor,
-            batches_per_epoch=batches_per_epoch,
-            distance=distance,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-        )
+    @extends(EmbeddingBatchSampler.configure)
+    def configure(self, power: float = 1.0, **inherited: Any) -> None:
+        super().configure(**inherited)
         self.power = _check_float("power", power, 0.0)
+        self._rule = d2_rule(self.power)
 
-    def _select(
-        self,
-        pool: np.ndarray,
-        group_of: torch.Tensor,
-        available: torch.Tensor,
-        centers: torch.Tensor,
-        count: int,
-        rng: np.random.Generator,
-    ) -> list[int]:
-        dist = self.pool_distances(pool.ravel())
-        return d2_coreset_select(dist, group_of, available, centers, count, rng, power=self.power)
+    def _select(self, state: PoolState, count: int, rng: np.random.Generator) -> list[int]:
+        dist = self.pool_distances(state.pool.ravel())
+        return coreset_select(dist, state.group_of, state.available, state.centers, count, rng, self._rule)
 
 
 @REGISTRY.register("disthist_batchmatch")
@@ -547,34 +437,11 @@ class DistHistBatchMatchSampler(EmbeddingBatchSampler):
         reference_size: items of the reference sample, or ``None`` for the pool.
     """
 
-    def __init__(
-        self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
-        samples_per_class: int = 4,
-        pool_factor: int = 4,
-        batches_per_epoch: int | None = None,
-        distance: str = "euclidean",
-        num_candidates: int = 10,
-        bins: int = 50,
-        reference_size: int | None = 1024,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
+    @extends(EmbeddingBatchSampler.configure)
+    def configure(
+        self, num_candidates: int = 10, bins: int = 50, reference_size: int | None = 1024, **inherited: Any
     ) -> None:
-        super().__init__(
-            labels,
-            batch_size,
-            samples_per_class=samples_per_class,
-            pool_factor=pool_factor,
-            batches_per_epoch=batches_per_epoch,
-            distance=distance,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-        )
+        super().configure(**inherited)
         self.num_candidates = check_int("num_candidates", num_candidates, 1)
         self.bins = check_int("bins", bins, 1)
         self.reference_size = (
@@ -592,16 +459,8 @@ class DistHistBatchMatchSampler(EmbeddingBatchSampler):
         upper = torch.triu_indices(len(items), len(items), offset=1)
         return dist[upper[0], upper[1]]
 
-    def _select(
-        self,
-        pool: np.ndarray,
-        group_of: torch.Tensor,
-        available: torch.Tensor,
-        centers: torch.Tensor,
-        count: int,
-        rng: np.random.Generator,
-    ) -> list[int]:
-        k = self.samples_per_class
+    def _select(self, state: PoolState, count: int, rng: np.random.Generator) -> list[int]:
+        k, pool, available = self.samples_per_class, state.pool, state.available
         candidates_groups = torch.nonzero(available).ravel().numpy()
         picks = np.argsort(rng.random((self.num_candidates, len(candidates_groups))), axis=1)[:, :count]
         picked = candidates_groups[picks]  # (n_cand, count)

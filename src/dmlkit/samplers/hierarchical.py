@@ -16,24 +16,24 @@ Differences from PML (which shuffles every class list and image draw independent
 * a class keeps its ``K`` images on consecutive positions, and the sub-batches of the super-classes are
   consecutive (PML shuffles the positions inside a batch; the order is irrelevant to the losses);
 * ``samples_per_class="all"`` is not supported.
+
+:func:`super_labels_of` derives the per-item super labels from a dataset's class names (``"super/class"``) or
+from a ``{class name: super-class name}`` mapping, as the trainer does for ``sampler: hierarchical``.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from dmlkit.errors import ConfigError, DataError
 from dmlkit.samplers.base import REGISTRY, BatchSampler, as_label_array, check_int, epoch_rng
-from dmlkit.samplers.class_balanced import class_rounds, cycle_images, group_by_class, warn_small_classes
-
-logger = logging.getLogger(__name__)
+from dmlkit.samplers.class_balanced import ClassVisitSampler, class_rounds
 
 #: Above this many super-class tuples per epoch, construction refuses (the epoch would be huge).
 MAX_SUPER_TUPLES = 1_000_000
@@ -82,8 +82,40 @@ def super_class_of_classes(
     return pairs[:, 1]
 
 
+class NamedClasses(Protocol):
+    """What :func:`super_labels_of` reads from a dataset (e.g. :class:`dmlkit.data.ImageDataset`)."""
+
+    class_names: Sequence[str]
+    labels: np.ndarray
+
+
+def super_labels_of(dataset: NamedClasses, spec: Mapping[str, Any] | None) -> np.ndarray:
+    """Per-item super-class codes of ``dataset`` for :class:`HierarchicalSampler` (its ``super_labels``).
+
+    ``spec`` maps class names to super-class names; without it, class names of the form ``"super/class"``
+    (Omniglot's ``alphabet/character``, nested folders) give the part before the first ``/``. Super-class
+    names are coded ``0 .. S-1`` in sorted order. Raises ``ConfigError`` naming the classes the mapping
+    misses, or when neither a mapping nor ``/``-names are available.
+    """
+    names = list(dataset.class_names)
+    if spec is not None:
+        missing = [n for n in names if n not in spec]
+        if missing:
+            raise ConfigError(f"sampler_args.super_labels has no super-class for class(es) {missing[:5]}")
+        supers = [str(spec[n]) for n in names]
+    elif all("/" in n for n in names):
+        supers = [n.split("/", 1)[0] for n in names]
+    else:
+        raise ConfigError(
+            "the hierarchical sampler needs super-classes: give sampler_args {super_labels: {class name: "
+            "super-class}} or use class names of the form 'super/class'"
+        )
+    _, super_codes = np.unique(np.asarray(supers), return_inverse=True)
+    return super_codes.astype(np.int64)[np.asarray(dataset.labels)]
+
+
 @REGISTRY.register("hierarchical")
-class HierarchicalSampler(BatchSampler):
+class HierarchicalSampler(ClassVisitSampler):
     """Batches of ``super_classes_per_batch`` super-classes × ``Q`` classes each × ``K`` images per class.
 
     ``K = samples_per_class``, ``Q = batch_size // super_classes_per_batch // K``. Rows of a batch: the
@@ -98,38 +130,27 @@ class HierarchicalSampler(BatchSampler):
     class once per round), so every class of super-class ``s`` is visited when its batches × ``Q`` reach
     its number of classes.
 
-    Args:
-        labels: class label of every dataset item (1-D integers; list, numpy array or tensor).
-        batch_size: images per batch on each rank; a multiple of ``super_classes_per_batch *
-            samples_per_class``.
+    Args (besides the shared options of :class:`~dmlkit.samplers.base.BatchSampler`; ``batch_size`` must be
+    a multiple of ``super_classes_per_batch * samples_per_class``):
         super_labels: the super-class of every item (1-D integers, same length as ``labels``, constant
             within each class) or a mapping ``{class label: super-class}`` covering every class.
         samples_per_class: ``K``, images per class in a batch.
         super_classes_per_batch: super-classes in every batch (PML default 2).
         batches_per_super_tuple: batches per combination of super-classes and epoch (PML default 4).
         batches_per_epoch: global batches per epoch; ``None`` for PML's definition above.
-        seed: base seed; an epoch's batches depend only on ``(seed, epoch)``.
-        rank: index of this process in ``[0, world_size)``.
-        world_size: number of processes sharing each epoch.
-        drop_last: drop the last ``batches mod world_size`` global batches instead of padding the ranks'
-            shares. Batches themselves are always full.
+
+    ``drop_last`` drops the last ``batches mod world_size`` global batches instead of padding the ranks'
+    shares. Batches themselves are always full.
     """
 
-    def __init__(
+    def configure(
         self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
         super_labels: Mapping[int, int] | Sequence[int] | np.ndarray | torch.Tensor,
         samples_per_class: int = 4,
         super_classes_per_batch: int = 2,
         batches_per_super_tuple: int = 4,
         batches_per_epoch: int | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
     ) -> None:
-        super().__init__(labels, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
         k = check_int("samples_per_class", samples_per_class, 1)
         spb = check_int("super_classes_per_batch", super_classes_per_batch, 1)
         self.batches_per_super_tuple = check_int("batches_per_super_tuple", batches_per_super_tuple, 1)
@@ -143,8 +164,16 @@ class HierarchicalSampler(BatchSampler):
         self.super_classes_per_batch = spb
         self.classes_per_super_class = q = self.batch_size // spb // k
         self.classes_per_batch = spb * q
+        self._group_classes()
+        num_tuples = self._group_super_classes(super_labels)
+        self._set_batches_per_epoch(batches_per_epoch, num_tuples * self.batches_per_super_tuple)
 
-        self.classes, self.class_counts, self._items_by_class, self._class_start = group_by_class(self.labels)
+    def _group_super_classes(
+        self, super_labels: Mapping[int, int] | Sequence[int] | np.ndarray | torch.Tensor
+    ) -> int:
+        """Group the classes by super-class, check each can fill its share of a batch and list the super
+        tuples; return their number."""
+        spb, q = self.super_classes_per_batch, self.classes_per_super_class
         self.super_classes, super_of_class = np.unique(
             super_class_of_classes(self.classes, self.labels, super_labels), return_inverse=True
         )
@@ -173,17 +202,7 @@ class HierarchicalSampler(BatchSampler):
                 f"combinations per epoch (more than {MAX_SUPER_TUPLES}); lower super_classes_per_batch"
             )
         self._tuples = np.array(list(itertools.combinations(range(num_super), spb)), dtype=np.int64)
-        if batches_per_epoch is None:
-            self._num_batches = num_tuples * self.batches_per_super_tuple
-        else:
-            self._num_batches = check_int("batches_per_epoch", batches_per_epoch, 1)
-        self.batches_per_epoch = self._num_batches
-        self._check_shareable()
-        warn_small_classes(self.class_counts, k)
-
-    @property
-    def num_global_batches(self) -> int:
-        return self._num_batches
+        return num_tuples
 
     def super_schedule(self, epoch: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """``(B, super_classes_per_batch)`` super-class numbers (indices into :attr:`super_classes`)."""
@@ -206,18 +225,13 @@ class HierarchicalSampler(BatchSampler):
             size, start = int(self.super_class_sizes[s]), int(self._super_start[s])
             local = class_rounds(size, q, int(visits[s]), rng)
             schedule[by_super[bounds[s] : bounds[s + 1]]] = self._classes_by_super[start + local]
-        return cycle_images(
-            schedule.ravel(),
-            self.samples_per_class,
-            self.class_counts,
-            self._items_by_class,
-            self._class_start,
-            rng,
-        )
+        return self._cycle_images(schedule.ravel(), rng)
 
-    def __repr__(self) -> str:
-        return (
-            f"{super().__repr__()[:-1]}, samples_per_class={self.samples_per_class}, "
-            f"super_classes_per_batch={self.super_classes_per_batch}, "
-            f"num_super_classes={len(self.super_classes)}, batches_per_epoch={self._num_batches})"
-        )
+    def _describe(self) -> dict[str, Any]:
+        return {  # the super-class layout instead of the P×K samplers' number of classes
+            **BatchSampler._describe(self),
+            "samples_per_class": self.samples_per_class,
+            "super_classes_per_batch": self.super_classes_per_batch,
+            "num_super_classes": len(self.super_classes),
+            "batches_per_epoch": self._num_batches,
+        }

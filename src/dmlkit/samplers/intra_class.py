@@ -28,18 +28,12 @@ sequential generator, so any round or super-block can be rebuilt in isolation.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from dmlkit.errors import ConfigError
-from dmlkit.samplers.base import REGISTRY, BatchSampler, check_int
-from dmlkit.samplers.class_balanced import group_by_class, warn_small_classes
-
-logger = logging.getLogger(__name__)
+from dmlkit.samplers.base import REGISTRY, check_int
+from dmlkit.samplers.class_balanced import PKBatchSampler, visit_numbers
 
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
@@ -85,7 +79,7 @@ def _rotation_count(total: np.ndarray | int, position: np.ndarray, n: int) -> np
 
 
 @REGISTRY.register("intra_class_uniform")
-class IntraClassUniformSampler(BatchSampler):
+class IntraClassUniformSampler(PKBatchSampler):
     """P×K batches (like ``m_per_class``) whose images are used equally often over all epochs.
 
     Each batch holds ``P = batch_size // samples_per_class`` distinct classes with ``K =
@@ -100,54 +94,11 @@ class IntraClassUniformSampler(BatchSampler):
     batches whose ``P * (B mod per_round) < C`` classes are the next ones of a second rotation. So every
     class is visited at least once per epoch whenever ``P * B >= C``.
 
-    Args:
-        labels: class label of every dataset item (1-D integers; list, numpy array or tensor).
-        batch_size: images per batch on each rank; must be a multiple of ``samples_per_class``.
-        samples_per_class: ``K``, images per class in a batch.
-        batches_per_epoch: global batches per epoch (all ranks together); ``None`` for
-            ``max(1, len(labels) // batch_size)``.
-        seed: base seed; an epoch's batches depend only on ``(seed, epoch)``.
-        rank: index of this process in ``[0, world_size)``.
-        world_size: number of processes sharing each epoch.
-        drop_last: when ``world_size`` does not divide the number of batches, drop the last
-            ``batches_per_epoch mod world_size`` batches instead of padding the ranks' shares.
+    Arguments: those of :class:`~dmlkit.samplers.class_balanced.PKBatchSampler`.
     """
 
-    def __init__(
-        self,
-        labels: Sequence[int] | np.ndarray | torch.Tensor,
-        batch_size: int,
-        samples_per_class: int = 4,
-        batches_per_epoch: int | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(labels, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-        k = check_int("samples_per_class", samples_per_class, 1)
-        if self.batch_size % k:
-            raise ConfigError(
-                f"batch_size={self.batch_size} must be divisible by samples_per_class={k} "
-                "(a batch holds batch_size // samples_per_class classes × samples_per_class images)"
-            )
-        self.samples_per_class = k
-        self.classes_per_batch = p = self.batch_size // k
-        self.classes, self.class_counts, self._items_by_class, self._class_start = group_by_class(self.labels)
-        num_classes = len(self.classes)
-        if num_classes < p:
-            raise ConfigError(
-                f"batch_size={self.batch_size} with samples_per_class={k} needs {p} distinct classes per "
-                f"batch, but the labels have only {num_classes} class(es); lower batch_size or raise "
-                "samples_per_class"
-            )
-        if batches_per_epoch is None:
-            self._num_batches = max(1, len(self.labels) // self.batch_size)
-        else:
-            self._num_batches = check_int("batches_per_epoch", batches_per_epoch, 1)
-        self.batches_per_epoch = self._num_batches
-        self._check_shareable()
-
+    def _prepare(self) -> None:
+        num_classes, p = len(self.classes), self.classes_per_batch
         self._per_round = math.ceil(num_classes / p)
         self._fills = self._per_round * p - num_classes  # fill visits per full round
         self._full_rounds, self._partial_batches = divmod(self._num_batches, self._per_round)
@@ -166,21 +117,6 @@ class IntraClassUniformSampler(BatchSampler):
         self._items_rotation = self._items_by_class[
             np.argsort((class_of_item << 32) | small_keys, kind="stable")
         ]
-
-        warn_small_classes(self.class_counts, k)
-        if p * self._num_batches < num_classes:
-            logger.info(
-                "intra_class_uniform: %d batches × %d classes per epoch cannot visit all %d classes; set "
-                "batches_per_epoch >= %d to visit every class each epoch",
-                self._num_batches,
-                p,
-                num_classes,
-                self._per_round,
-            )
-
-    @property
-    def num_global_batches(self) -> int:
-        return self._num_batches
 
     # -- classes -------------------------------------------------------------------------------------------
 
@@ -242,12 +178,7 @@ class IntraClassUniformSampler(BatchSampler):
         k = self.samples_per_class
         num_classes = len(self.classes)
         # Global visit number of every slot: visits before this epoch + rank among this epoch's visits.
-        by_class = np.argsort(schedule, kind="stable")
-        visits = np.bincount(schedule, minlength=num_classes)
-        first_visit = np.cumsum(visits) - visits
-        visit = np.empty_like(schedule)
-        visit[by_class] = np.arange(len(schedule)) - first_visit[schedule[by_class]]
-        visit += self.visits_before(epoch)[schedule]
+        visit = visit_numbers(schedule, num_classes)[0] + self.visits_before(epoch)[schedule]
 
         n = self.class_counts[schedule]
         out = np.empty((len(schedule), k), dtype=np.int64)
@@ -310,9 +241,3 @@ class IntraClassUniformSampler(BatchSampler):
             end = ((t + 1) * elem_n) % k
             avoid = ((end > 0) & (position >= elem_n - end)).astype(np.int64)
         return stream, stream_start
-
-    def __repr__(self) -> str:
-        return (
-            f"{super().__repr__()[:-1]}, samples_per_class={self.samples_per_class}, "
-            f"num_classes={len(self.classes)}, batches_per_epoch={self._num_batches})"
-        )

@@ -109,29 +109,10 @@ def build_sampler(config: TrainConfig, train_set: Any) -> samplers.BatchSampler:
     if "samples_per_class" in parameters:
         kwargs.setdefault("samples_per_class", config.data.samples_per_class)
     if "super_labels" in parameters:
-        kwargs["super_labels"] = super_labels_of(train_set, kwargs.get("super_labels"))
+        kwargs["super_labels"] = samplers.super_labels_of(train_set, kwargs.get("super_labels"))
     return samplers.build(
         spec.name, labels=train_set.labels, batch_size=config.data.batch_size, seed=config.run.seed, **kwargs
     )
-
-
-def super_labels_of(dataset: Any, spec: dict[str, Any] | None) -> np.ndarray:
-    """INTERIM copy (moves to dmlkit.samplers.hierarchical)."""
-    names = list(dataset.class_names)
-    if spec is not None:
-        missing = [n for n in names if n not in spec]
-        if missing:
-            raise ConfigError(f"sampler_args.super_labels has no super-class for class(es) {missing[:5]}")
-        supers = [str(spec[n]) for n in names]
-    elif all("/" in n for n in names):
-        supers = [n.split("/", 1)[0] for n in names]
-    else:
-        raise ConfigError(
-            "the hierarchical sampler needs super-classes: give sampler_args {super_labels: {class name: "
-            "super-class}} or use class names of the form 'super/class'"
-        )
-    _, super_codes = np.unique(np.asarray(supers), return_inverse=True)
-    return super_codes.astype(np.int64)[np.asarray(dataset.labels)]
 
 
 class Trainer:
@@ -434,8 +415,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step.set_progress(self.global_step / max(1, optim.epochs * self.steps_per_epoch))
         out = self.step(batch)
-        # INTERIM (becomes a protocol check): samplers that choose batches from the embeddings get them.
-        if getattr(self.sampler, "needs_embeddings", False):
+        if self.sampler.needs_embeddings:  # samplers that choose batches from the embeddings get them
             self.sampler.update_embeddings(out.indices.cpu(), out.embeddings.float().cpu())
         value = float(out.loss.detach())
         if not math.isfinite(value):

@@ -6,8 +6,6 @@ memory live here, never in the loop.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -15,7 +13,7 @@ from dmlkit import losses, miners
 from dmlkit.config import TrainConfig
 from dmlkit.errors import ConfigError
 from dmlkit.memory import CrossBatchMemory, resolve_size
-from dmlkit.miners.tuples import all_pairs, drop_excluded
+from dmlkit.tuples import all_pairs, drop_excluded
 
 
 def _valid_negatives(stats: dict[str, float]) -> float | None:
@@ -53,12 +51,10 @@ class Objective(nn.Module):
         self.memory = memory
         self.memory_weight = float(memory_weight)
         self.memory_start = int(memory_start)
-        # Every dmlkit loss and miner takes ref_exclude; a foreign module without it gets the same
-        # exclusion through explicit tuples (slower: every anchor × memory pair listed).
-        self._loss_takes_exclude = "ref_exclude" in inspect.signature(loss.forward).parameters
-        self._miner_takes_exclude = miner is not None and (
-            "ref_exclude" in inspect.signature(miner.forward).parameters
-        )
+        # A dmlkit loss or miner (the Loss / Miner protocols) takes ref_exclude; a foreign module gets the
+        # same exclusion through explicit tuples (slower: every anchor × memory pair listed).
+        self._loss_takes_exclude = isinstance(loss, losses.Loss)
+        self._miner_takes_exclude = isinstance(miner, miners.Miner)
         self._stats: dict[str, float] = {}
 
     def set_progress(self, progress: float) -> None:
@@ -75,8 +71,8 @@ class Objective(nn.Module):
         ``indices`` are the dataset indices of the batch items (needed with a memory).
         """
         indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
-        value = self.loss(embeddings, labels, indices_tuple)
-        stats = self._collect("", self.loss, self.miner)
+        value = self.loss(embeddings, labels, indices_tuple=indices_tuple)
+        stats = self._collect("")
         stats.update(self._schedule_stats)
         if self.memory is not None:
             if indices is None:
@@ -102,19 +98,20 @@ class Objective(nn.Module):
             ref_emb, ref_labels, ref_indices = memory.contents()
             ref_emb = ref_emb.to(embeddings.dtype)
             own_copy = indices[:, None] == ref_indices[None, :]
+            refs = {"ref_emb": ref_emb, "ref_labels": ref_labels}
             mined = None
             if self.miner is not None:
                 if self._miner_takes_exclude:
-                    mined = self.miner(embeddings, labels, ref_emb, ref_labels, ref_exclude=own_copy)
+                    mined = self.miner(embeddings, labels, **refs, ref_exclude=own_copy)
                 else:
-                    mined = drop_excluded(self.miner(embeddings, labels, ref_emb, ref_labels), own_copy)
+                    mined = drop_excluded(self.miner(embeddings, labels, **refs), own_copy)
             if self._loss_takes_exclude:
-                term = self.loss(embeddings, labels, mined, ref_emb, ref_labels, ref_exclude=own_copy)
+                term = self.loss(embeddings, labels, indices_tuple=mined, **refs, ref_exclude=own_copy)
             else:
                 if mined is None:
                     mined = all_pairs(labels, ref_labels, own_copy)
-                term = self.loss(embeddings, labels, mined, ref_emb, ref_labels)
-            memory_stats = self._collect("xbm/", self.loss, self.miner)
+                term = self.loss(embeddings, labels, indices_tuple=mined, **refs)
+            memory_stats = self._collect("xbm/")
             stats.update(memory_stats)
             memory_negatives = _valid_negatives(
                 {k.removeprefix("xbm/loss/"): v for k, v in memory_stats.items()}
@@ -127,12 +124,15 @@ class Objective(nn.Module):
             memory.enqueue_all_ranks(embeddings.detach(), labels, indices)
         return self.memory_weight * term
 
-    @staticmethod
-    def _collect(prefix: str, loss: nn.Module, miner: nn.Module | None) -> dict[str, float]:
+    def _collect(self, prefix: str) -> dict[str, float]:
+        """The last call's statistics of a dmlkit loss and miner (foreign modules report none)."""
         out: dict[str, float] = {}
-        for name, module in (("loss", loss), ("miner", miner)):
-            for key, val in (getattr(module, "last_stats", None) or {}).items():
-                out[f"{prefix}{name}/{key}"] = float(val)
+        for name, module, reports in (
+            ("loss", self.loss, self._loss_takes_exclude),
+            ("miner", self.miner, self._miner_takes_exclude),
+        ):
+            if reports:
+                out.update({f"{prefix}{name}/{key}": float(val) for key, val in module.last_stats.items()})
         return out
 
 

@@ -1,4 +1,4 @@
-"""Dataset builders; importing this package registers them in :data:`dmlkit.data.base.DATASETS`."""
+"""Dataset builders; importing this package registers them in :data:`dmlkit.data.base.REGISTRY`."""
 
 from dmlkit.data.datasets.csv_dataset import csv_dataset
 from dmlkit.data.datasets.folder import file_splits, folder

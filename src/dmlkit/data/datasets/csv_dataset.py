@@ -6,9 +6,10 @@ import csv as csvlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmlkit.data.base import DATASETS, IMAGE_EXTENSIONS, DatasetSplits, verify_images
+from dmlkit.data.base import REGISTRY, DatasetSplits, dataset_file
 from dmlkit.data.datasets.folder import file_splits
-from dmlkit.errors import ConfigError, DataError
+from dmlkit.data.images import IMAGE_EXTENSIONS, verify_images
+from dmlkit.errors import DataError
 
 DEFAULT_CSV_NAME = "images.csv"
 
@@ -20,7 +21,7 @@ def _resolve(value: str, base: Path, extension: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-@DATASETS.register("csv")
+@REGISTRY.register("csv")
 def csv_dataset(
     root: str | None = None,
     image_column: str = "image",
@@ -43,13 +44,8 @@ def csv_dataset(
     ``test_classes``/``split_seed`` as for ``folder``. Missing or unreadable images raise ``DataError``
     unless ``skip_unreadable``.
     """
-    if root is None:
-        raise ConfigError("dataset 'csv' needs root: a CSV file or a folder holding images.csv")
-    table = Path(root).expanduser()
-    if table.is_dir():
-        table = table / DEFAULT_CSV_NAME
-    if not table.is_file():
-        raise DataError(f"dataset CSV file not found: '{table}'")
+    expected = f"a CSV file or a folder holding {DEFAULT_CSV_NAME}"
+    table = dataset_file(root, "csv", expected, DEFAULT_CSV_NAME, "dataset CSV file")
     try:
         with table.open(newline="", encoding="utf-8-sig") as handle:
             reader = csvlib.DictReader(handle)
@@ -81,16 +77,10 @@ def csv_dataset(
     paths = [str(_resolve(value.strip(), base, extension)) for value, _, _ in rows]
     ok = verify_images(paths, skip_unreadable, str(table))
     kept = [(path, row) for path, row, good in zip(paths, rows, ok, strict=True) if good]
+    kept_paths = [path for path, _ in kept]
+    labels, ids = [row[1].strip() for _, row in kept], [row[0].strip() for _, row in kept]
     return file_splits(
-        [path for path, _ in kept],
-        [row[1].strip() for _, row in kept],
-        [row[0].strip() for _, row in kept],
-        name="csv",
-        source=str(table),
-        test_classes=test_classes,
-        split_seed=split_seed,
-        image_size=image_size,
-        channels=channels,
+        kept_paths, labels, ids, "csv", str(table), test_classes, split_seed, image_size, channels
     )
 
 

@@ -7,14 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlkit.data.base import (
-    DATASETS,
-    IMAGE_EXTENSIONS,
-    DatasetSplits,
-    FileImageDataset,
-    check_split,
-    verify_images,
-)
+from dmlkit.data.base import REGISTRY, DatasetSplits, FileImageDataset, dataset_root
+from dmlkit.data.images import IMAGE_EXTENSIONS, image_files, verify_images
 from dmlkit.data.splits import split_class_names
 from dmlkit.errors import ConfigError, DataError
 
@@ -23,7 +17,6 @@ def file_splits(
     paths: Sequence[str],
     item_classes: Sequence[str],
     ids: Sequence[str],
-    *,
     name: str,
     source: str,
     test_classes: float | Sequence[str],
@@ -31,7 +24,12 @@ def file_splits(
     image_size: int,
     channels: int,
 ) -> DatasetSplits:
-    """Zero-shot :class:`DatasetSplits` of image files with class names (shared by ``folder`` and ``csv``)."""
+    """Zero-shot :class:`DatasetSplits` of image files with class names (shared by ``folder`` and ``csv``).
+
+    ``source`` names the data in errors; ``test_classes`` / ``split_seed`` choose the test classes (see
+    :func:`~dmlkit.data.splits.split_class_names`); both splits decode to ``channels`` and get the
+    ``photo`` pipelines at ``image_size``.
+    """
     if image_size <= 0:
         raise ConfigError(f"image_size must be positive, got {image_size}")
     item_classes = np.asarray(item_classes, dtype=np.str_)
@@ -39,32 +37,17 @@ def file_splits(
         np.unique(item_classes).tolist(), test_classes, split_seed, source
     )
     parts = []
-    for split, names in (("train", train_names), ("test", test_names)):
+    for names in (train_names, test_names):
         rows = np.flatnonzero(np.isin(item_classes, names))
         # names are sorted, so a binary search gives each item's class code
         codes = np.searchsorted(np.asarray(names, dtype=np.str_), item_classes[rows])
-        dataset = FileImageDataset(
-            [paths[i] for i in rows], codes, names, [ids[i] for i in rows], channels=channels
-        )
-        check_split(dataset, split, source)
-        parts.append(dataset)
-    splits = DatasetSplits(parts[0], parts[1], image_size, channels, name, {"recipe": "photo"})
-    parts[0].transform, parts[1].transform = splits.transform("train"), splits.transform("eval")
-    return splits
+        subset_paths, subset_ids = [paths[i] for i in rows], [ids[i] for i in rows]
+        parts.append(FileImageDataset(subset_paths, codes, names, subset_ids, channels=channels))
+    photo = {"recipe": "photo"}
+    return DatasetSplits.checked(parts[0], parts[1], image_size, channels, name, photo, source=source)
 
 
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p
-        for p in found
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.is_file()
-    )
-
-
-@DATASETS.register("folder")
+@REGISTRY.register("folder")
 def folder(
     root: str | None = None,
     test_classes: float | list[str] = 0.5,
@@ -81,9 +64,7 @@ def folder(
     checked with PIL at build time: unreadable ones raise ``DataError`` unless ``skip_unreadable``; a class
     folder without images raises ``DataError`` naming it.
     """
-    if root is None:
-        raise ConfigError("dataset 'folder' needs root: the folder holding one sub-folder per class")
-    base = Path(root).expanduser()
+    base = dataset_root(root, "folder", "the folder holding one sub-folder per class")
     if not base.is_dir():
         raise DataError(f"dataset folder not found: '{base}'")
     class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -92,7 +73,7 @@ def folder(
     paths: list[str] = []
     classes: list[str] = []
     for class_dir in class_dirs:
-        images = _images_in(class_dir, recursive)
+        images = image_files(class_dir, recursive=recursive, skip_hidden=True)
         if not images:
             raise DataError(
                 f"class folder '{class_dir}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -107,15 +88,7 @@ def folder(
     classes = [c for c, good in zip(classes, ok, strict=True) if good]
     ids = [Path(p).relative_to(base).as_posix() for p in paths]
     return file_splits(
-        paths,
-        classes,
-        ids,
-        name="folder",
-        source=str(base),
-        test_classes=test_classes,
-        split_seed=split_seed,
-        image_size=image_size,
-        channels=channels,
+        paths, classes, ids, "folder", str(base), test_classes, split_seed, image_size, channels
     )
 
 

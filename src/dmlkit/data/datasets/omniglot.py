@@ -8,12 +8,10 @@ alphabets).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from dmlkit.data.base import DATASETS, ArrayImageDataset, DatasetSplits, check_split
-from dmlkit.errors import ConfigError, DataError
+from dmlkit.data.base import REGISTRY, ArrayImageDataset, DatasetSplits, dataset_file
+from dmlkit.errors import DataError
 
 DEFAULT_FILE_NAME = "omniglot28.npz"
 REQUIRED_ARRAYS = ("images", "label", "alphabet", "character", "filename", "split")
@@ -38,7 +36,7 @@ def _split(arrays: dict[str, np.ndarray], which: str, invert: bool, source: str)
     return ArrayImageDataset(images, codes.astype(np.int64), names, ids)
 
 
-@DATASETS.register("omniglot")
+@REGISTRY.register("omniglot")
 def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28) -> DatasetSplits:
     """Omniglot from ``root`` (the ``.npz`` file or a folder holding ``omniglot28.npz``).
 
@@ -46,13 +44,8 @@ def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28)
     ``invert`` (default) makes strokes bright on a dark background, like ``synthetic``; images are resized to
     ``image_size`` by the transforms when it is not 28.
     """
-    if root is None:
-        raise ConfigError(f"dataset 'omniglot' needs root: the {DEFAULT_FILE_NAME} file or its folder")
-    path = Path(root).expanduser()
-    if path.is_dir():
-        path = path / DEFAULT_FILE_NAME
-    if not path.is_file():
-        raise DataError(f"omniglot file not found: '{path}'")
+    expected = f"the {DEFAULT_FILE_NAME} file or its folder"
+    path = dataset_file(root, "omniglot", expected, DEFAULT_FILE_NAME, "omniglot file")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [key for key in REQUIRED_ARRAYS if key not in npz.files]
@@ -70,18 +63,8 @@ def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28)
     native = int(images.shape[1])
     pixels = train.images.float() / 255.0
     mean, std = float(pixels.mean()), float(pixels.std())
-    check_split(train, "train", str(path))
-    check_split(test, "test", str(path))
-    splits = DatasetSplits(
-        train,
-        test,
-        image_size,
-        1,
-        "omniglot",
-        {"recipe": "glyph", "mean": [mean], "std": [std], "native_size": native},
-    )
-    train.transform, test.transform = splits.transform("train"), splits.transform("eval")
-    return splits
+    glyph = {"recipe": "glyph", "mean": [mean], "std": [std], "native_size": native}
+    return DatasetSplits.checked(train, test, image_size, 1, "omniglot", glyph, source=str(path))
 
 
 __all__ = ["omniglot"]

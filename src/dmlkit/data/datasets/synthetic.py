@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dmlkit.data.base import DATASETS, ArrayImageDataset, DatasetSplits, check_split
+from dmlkit.data.base import REGISTRY, ArrayImageDataset, DatasetSplits
 from dmlkit.errors import ConfigError
 
 MAX_STROKES = 4
@@ -120,7 +120,7 @@ def render_glyphs(
     return images.numpy(), labels
 
 
-@DATASETS.register("synthetic")
+@REGISTRY.register("synthetic")
 def synthetic(
     root: str | None = None,
     num_classes: int = 200,
@@ -167,13 +167,8 @@ def synthetic(
         names[num_train_classes:],
         [ids[i] for i in np.flatnonzero(~in_train)],
     )
-    check_split(train, "train", "synthetic")
-    check_split(test, "test", "synthetic")
-    splits = DatasetSplits(
-        train, test, image_size, 1, "synthetic", {"recipe": "glyph", "mean": [mean], "std": [std]}
-    )
-    train.transform, test.transform = splits.transform("train"), splits.transform("eval")
-    return splits
+    glyph = {"recipe": "glyph", "mean": [mean], "std": [std]}
+    return DatasetSplits.checked(train, test, image_size, 1, "synthetic", glyph, source="synthetic")
 
 
 __all__ = ["render_glyphs", "synthetic"]

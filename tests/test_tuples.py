@@ -1,4 +1,4 @@
-"""Index-tuple helpers and the distance matrix against PML's loss_and_miner_utils and distances."""
+"""Index-tuple helpers (dmlkit.tuples) against PML's loss_and_miner_utils, and the validated call (Batch)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmlkit.errors import ConfigError
-from dmlkit.miners import tuples
+from dmlkit import tuples
+from dmlkit.errors import ConfigError, DataError
 
 lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
-pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
 
 LABELS = {
     "mixed": torch.tensor([0, 1, 0, 2, 1, 1, 3, 0]),
@@ -106,38 +105,48 @@ def test_tuple_kind_and_validation() -> None:
     assert tuples.check_indices_tuple((t[0], t[1], torch.tensor([0, 1]), torch.tensor([2, 3]))) == "pairs"
 
 
-PML_DISTANCES = {
-    ("euclidean", True): lambda: pml_distances.LpDistance(),
-    ("euclidean", False): lambda: pml_distances.LpDistance(normalize_embeddings=False),
-    ("squared_euclidean", True): lambda: pml_distances.LpDistance(power=2),
-    ("cosine", True): lambda: pml_distances.CosineSimilarity(),
-    ("dot", True): lambda: pml_distances.DotProductSimilarity(),
-    ("dot", False): lambda: pml_distances.DotProductSimilarity(normalize_embeddings=False),
-}
+def test_pair_counts_add_duplicates_and_masks_collapse_them() -> None:
+    pairs = (torch.tensor([0, 0, 2]), torch.tensor([1, 1, 3]), torch.tensor([1, 1]), torch.tensor([2, 2]))
+    pos, neg = tuples.pair_counts(pairs, (4, 5), torch.device("cpu"))
+    assert pos.dtype == torch.long and pos[0, 1] == 2 and pos[2, 3] == 1 and pos.sum() == 3
+    assert neg[1, 2] == 2 and neg.sum() == 2
+    pos_mask, neg_mask = tuples.pair_masks(pairs, (4, 5), torch.device("cpu"))
+    assert torch.equal(pos_mask, pos > 0) and torch.equal(neg_mask, neg > 0)
 
 
-@pytest.mark.parametrize(("distance", "normalize"), sorted(PML_DISTANCES))
-def test_distance_matrix_matches_pml(distance: str, normalize: bool) -> None:
-    g = torch.Generator().manual_seed(0)
-    x, y = (
-        torch.randn(7, 5, generator=g, dtype=torch.float64),
-        torch.randn(9, 5, generator=g, dtype=torch.float64),
-    )
-    pml = PML_DISTANCES[(distance, normalize)]()
-    torch.testing.assert_close(tuples.distance_matrix(x, y, distance, normalize), pml(x, y))
-    ours_self = tuples.distance_matrix(x, None, distance, normalize)
-    off_diag = ~torch.eye(7, dtype=torch.bool)
-    torch.testing.assert_close(ours_self[off_diag], pml(x)[off_diag])
-    # row-wise variant agrees with the matrix
-    torch.testing.assert_close(
-        tuples.paired_distance(x, y[:7], distance, normalize),
-        tuples.distance_matrix(x, y[:7], distance, normalize).diagonal(),
-    )
+@pytest.mark.parametrize("with_ref", [False, True], ids=["self", "ref"])
+def test_batch_helpers_leave_out_excluded_pairs(with_ref: bool) -> None:
+    labels = LABELS["mixed"]
+    ref = REF_LABELS if with_ref else None
+    size = len(REF_LABELS) if with_ref else len(labels)
+    exclude = torch.rand(len(labels), size, generator=torch.Generator().manual_seed(0)) < 0.3
+    emb = torch.randn(len(labels), 3)
+    ref_emb = torch.randn(size, 3) if with_ref else None
+    batch = tuples.Batch(emb, labels, ref_emb, ref, exclude)
+    assert batch.own_reference is not with_ref
+    assert batch.reference is (ref_emb if with_ref else emb)
+    assert torch.equal(batch.reference_labels, REF_LABELS if with_ref else labels)
+    assert torch.equal(batch.same_labels(), labels[:, None] == batch.reference_labels[None, :])
+    for ours, theirs in zip(batch.label_masks(), tuples.label_masks(labels, ref, exclude), strict=True):
+        assert torch.equal(ours, theirs)
+    assert_equal_tuples(batch.all_pairs(), tuples.all_pairs(labels, ref, exclude))
+    assert_equal_tuples(batch.to_pairs(), tuples.all_pairs(labels, ref, exclude))
+    assert_equal_tuples(batch.to_triplets(), tuples.all_triplets(labels, ref, exclude))
+    rows, cols, is_pos = batch.same_label_entries()
+    pos = torch.zeros(len(labels), size, dtype=torch.bool)
+    pos[rows[is_pos], cols[is_pos]] = True
+    assert torch.equal(pos, batch.label_masks()[0])
+    assert torch.equal(labels[rows], batch.reference_labels[cols])
 
 
-def test_distance_matrix_upcasts_half_precision() -> None:
-    x = torch.randn(4, 3).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mat = tuples.distance_matrix(x, None, "cosine")
-    assert mat.dtype == torch.float32
-    torch.testing.assert_close(mat, tuples.distance_matrix(x.float(), None, "cosine"))
+def test_checked_batch_validates_and_upcasts() -> None:
+    emb, labels = torch.randn(4, 3).half(), torch.tensor([0, 1, 0, 1])
+    batch = tuples.checked_batch(emb, labels, emb, labels, None, "miner", "demo")
+    assert batch.ref_emb is None and batch.own_reference  # the batch itself, by identity
+    assert batch.embeddings.dtype == torch.float32
+    with pytest.raises(ConfigError, match="miner 'demo': ref_exclude needs ref_emb/ref_labels"):
+        tuples.checked_batch(emb, labels, None, None, torch.zeros(4, 4, dtype=torch.bool), "miner", "demo")
+    with pytest.raises(DataError, match="demo: ref_exclude has shape"):
+        tuples.checked_batch(
+            emb, labels, emb.clone(), labels.clone(), torch.zeros(4, 3, dtype=torch.bool), "loss", "demo"
+        )

@@ -3,16 +3,12 @@ tie-breaking by gallery index, same R and the same full-ranking MRR (its second 
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
 from dmlkit.metrics import evaluate, knn
-
-# The package exports the function ``knn``, which hides the module of the same name.
-knn_module = importlib.import_module("dmlkit.metrics.knn")
+from dmlkit.search import torch_backend
 
 METRICS = ("recall@1", "recall@3", "precision@4", "r_precision", "map@r", "mrr", "mrr@3", "map@5", "map_c")
 
@@ -38,7 +34,7 @@ def brute_mrr(q, ql, g, gl, distance, excluded=None):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(knn_module, "GALLERY_TILE", 7)
+    monkeypatch.setattr(torch_backend, "GALLERY_TILE", 7)
 
 
 @pytest.mark.parametrize("distance", ["cosine", "dot", "euclidean", "squared_euclidean"])
@@ -49,7 +45,7 @@ def test_tiled_knn_equals_one_tile(small_tiles, distance):
         torch.randn(40, 5, generator=gen, dtype=torch.float64),
     )
     tiled = knn(q, g, 12, distance, chunk_size=4)
-    knn_module.GALLERY_TILE = 2**16
+    torch_backend.GALLERY_TILE = 2**16
     whole = knn(q, g, 12, distance)
     assert torch.equal(tiled[1], whole[1])
     torch.testing.assert_close(tiled[0], whole[0], rtol=1e-12, atol=1e-12)
@@ -76,7 +72,7 @@ def test_tiled_evaluate_equals_one_tile_with_exclusions(small_tiles, distance):
     by_groups = evaluate(q, ql, g, gl, ignore=(q_groups, g_groups), **kwargs)
     by_callable = evaluate(q, ql, g, gl, ignore=lambda qi, gi: excluded[qi][:, gi], **kwargs)
     loo = evaluate(g, gl, **kwargs)
-    knn_module.GALLERY_TILE = 2**16
+    torch_backend.GALLERY_TILE = 2**16
     for tiled, whole in (
         (by_groups, evaluate(q, ql, g, gl, ignore=(q_groups, g_groups), **kwargs)),
         (by_callable, evaluate(q, ql, g, gl, ignore=(q_groups, g_groups), **kwargs)),

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from dmlkit import search
+from dmlkit.distances import Cosine
 from dmlkit.errors import ConfigError, UnknownNameError
 from dmlkit.metrics import evaluate, knn
 from dmlkit.metrics.clustering import faiss_available
-from dmlkit.metrics.knn import build_exclusion, count_relevant, search
+from dmlkit.search import build_exclusion, count_relevant
+from dmlkit.search.torch_backend import TorchSearch
 
 pytestmark = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
@@ -98,9 +101,16 @@ def test_count_relevant_equals_the_search_pass():
     ids = (rng.integers(0, 10, 40), rng.integers(0, 10, 70))
     groups = (rng.integers(0, 3, 40), rng.integers(0, 3, 70))
     for exclude, ignore in ((None, None), (ids, None), (None, groups), (ids, groups)):
-        exclusion = build_exclusion(40, 70, exclude_self_ids=exclude, ignore=ignore, same_set=False)
-        passed = search(q, g, 1, "cosine", exclusion, query_labels=ql, gallery_labels=gl).num_relevant
-        assert torch.equal(count_relevant(ql, gl, exclusion), passed)
+        exclusion = build_exclusion(40, 70, ids=exclude, ignore=ignore, same_set=False)
+        # The same pairs as a callable, which makes the search count R during its pass over every pair.
+        mask = torch.zeros(40, 70, dtype=torch.bool)
+        for pair in (exclude, ignore):
+            if pair is not None:
+                mask |= torch.from_numpy(pair[0][:, None] == pair[1][None, :])
+        inputs = search.prepare(q, g, ql, gl, ignore=lambda qi, gi, m=mask: m[qi][:, gi])
+        searched = TorchSearch().search(inputs, search.SearchRequest(1, Cosine()))
+        assert inputs.exclusion.fn is not None and searched.num_relevant is not None
+        assert torch.equal(count_relevant(ql, gl, exclusion), searched.num_relevant)
 
 
 @pytest.mark.parametrize("backend", ["faiss-ivf", "faiss-hnsw"])

@@ -1,4 +1,5 @@
-"""Batch-structure helpers shared by every loss and miner: index tuples, label masks, distance matrix.
+"""Batch structure shared by every loss and miner: the validated call (:class:`Batch`), index tuples and
+label masks.
 
 An *indices tuple* is what a miner returns and a loss consumes (the pytorch-metric-learning format):
 
@@ -19,12 +20,12 @@ Conversions follow PML (``loss_and_miner_utils.convert_to_pairs`` / ``convert_to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 import torch
-import torch.nn.functional as F
 
-from dmlkit.distances import check_distance, pairwise
+from dmlkit.distances import upcast
 from dmlkit.errors import ConfigError, DataError
 
 Triplets: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -35,10 +36,6 @@ TupleKind: TypeAlias = Literal["pairs", "triplets"]
 PAIRS: TupleKind = "pairs"
 TRIPLETS: TupleKind = "triplets"
 TUPLE_KINDS: frozenset[str] = frozenset({PAIRS, TRIPLETS})
-
-# Half-precision types are upcast before any distance/loss arithmetic (exp(50·s) and sums over many
-# pairs lose too much in an 8-bit mantissa); float64 is kept as is.
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def tuple_kind(indices_tuple: IndicesTuple) -> TupleKind:
@@ -115,36 +112,90 @@ def _check_labels(labels: torch.Tensor, emb: torch.Tensor, name: str, who: str) 
         )
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 → float32; other dtypes unchanged."""
-    return x.float() if x.dtype in _LOW_PRECISION else x
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """The inputs of one loss or miner call, validated by :func:`checked_batch`.
 
-
-def distance_matrix(
-    embeddings: torch.Tensor,
-    ref_emb: torch.Tensor | None,
-    distance: str,
-    normalize_embeddings: bool = True,
-) -> torch.Tensor:
-    """``pairwise(embeddings, ref_emb, distance)`` after optional L2-normalisation of both sides.
-
-    ``normalize_embeddings=True`` is PML's default for every distance (``BaseDistance``), so e.g. PML's
-    ``LpDistance()`` is ``euclidean`` between unit vectors and ``DotProductSimilarity()`` equals cosine.
-    ``cosine`` always normalises. The matrix is computed with autocast disabled, in float32 at least.
+    ``ref_emb``/``ref_labels`` are None when the reference set is the batch itself; ``exclude`` (boolean,
+    ``len(batch) × len(reference)``) names pairs that are neither positives nor negatives (e.g. an anchor
+    and its own copy in a cross-batch memory); ``indices_tuple`` is a miner's output handed to a loss. The
+    pair helpers below leave the excluded pairs out, so every loss and miner built on them honours
+    ``exclude``.
     """
-    check_distance(distance)
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        x = upcast(embeddings)
-        y = None if ref_emb is None else upcast(ref_emb)
-        if y is not None and y.dtype != x.dtype:
-            common = torch.promote_types(x.dtype, y.dtype)
-            x, y = x.to(common), y.to(common)
-        if normalize_embeddings:
-            x = F.normalize(x, p=2, dim=1)
-            y = None if y is None else F.normalize(y, p=2, dim=1)
-            if distance == "cosine":  # already unit vectors: normalising again would only add rounding
-                distance = "dot"
-        return pairwise(x, y, distance)
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    ref_emb: torch.Tensor | None = None
+    ref_labels: torch.Tensor | None = None
+    exclude: torch.Tensor | None = None
+    indices_tuple: IndicesTuple | None = None
+
+    @property
+    def own_reference(self) -> bool:
+        """True when the reference set is the batch itself (self pairs ``(i, i)`` are then no pairs)."""
+        return self.ref_labels is None
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """The reference embeddings: ``ref_emb``, or the batch's own."""
+        return self.embeddings if self.ref_emb is None else self.ref_emb
+
+    @property
+    def reference_labels(self) -> torch.Tensor:
+        """The reference labels: ``ref_labels``, or the batch's own."""
+        return self.labels if self.ref_labels is None else self.ref_labels
+
+    def same_labels(self) -> torch.Tensor:
+        """Boolean ``batch × reference`` matrix: same label (self pairs and excluded pairs included)."""
+        return self.labels.unsqueeze(1) == self.reference_labels.unsqueeze(0)
+
+    def label_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`label_masks` without the excluded pairs."""
+        return label_masks(self.labels, self.ref_labels, self.exclude)
+
+    def all_pairs(self) -> Pairs:
+        """:func:`all_pairs` without the excluded pairs."""
+        return all_pairs(self.labels, self.ref_labels, self.exclude)
+
+    def to_pairs(self) -> Pairs:
+        """:func:`to_pairs` of :attr:`indices_tuple` (all pairs but the excluded ones when None)."""
+        return to_pairs(self.indices_tuple, self.labels, self.ref_labels, self.exclude)
+
+    def to_triplets(self, per_anchor: int | Literal["all"] = "all") -> Triplets:
+        """:func:`to_triplets` of :attr:`indices_tuple` (when None: all, or ``per_anchor`` random, triplets
+        without the excluded pairs)."""
+        return to_triplets(self.indices_tuple, self.labels, self.ref_labels, per_anchor, self.exclude)
+
+    def same_label_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, is_pos)``: every same-label entry of the ``batch × reference`` matrix in row-major
+        order (:func:`same_label_entries`) and whether it is a positive pair (not the diagonal of the batch
+        against itself, not excluded). Entries not listed are negative pairs unless excluded."""
+        rows, cols = same_label_entries(self.labels, self.ref_labels)
+        is_pos = rows != cols if self.own_reference else torch.ones_like(rows, dtype=torch.bool)
+        if self.exclude is not None:
+            is_pos &= ~self.exclude[rows, cols]
+        return rows, cols, is_pos
+
+
+def checked_batch(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_emb: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    ref_exclude: torch.Tensor | None,
+    role: str,
+    name: str,
+) -> Batch:
+    """A :class:`Batch` of a call's inputs, checked (:func:`check_batch`, :func:`check_exclude`) and with the
+    embeddings upcast to float32 at least (:func:`dmlkit.distances.upcast`); ``role`` and ``name`` (e.g.
+    ``"loss"``, ``"triplet"``) say who is called, in errors."""
+    embeddings, labels, ref_emb, ref_labels = check_batch(embeddings, labels, ref_emb, ref_labels, name)
+    if ref_exclude is not None:
+        if ref_emb is None:
+            raise ConfigError(f"{role} '{name}': ref_exclude needs ref_emb/ref_labels")
+        ref_exclude = check_exclude(ref_exclude, len(embeddings), len(ref_emb), name).to(embeddings.device)
+    ref = None if ref_emb is None else upcast(ref_emb)
+    return Batch(upcast(embeddings), labels, ref, ref_labels, ref_exclude)
 
 
 def label_masks(
@@ -197,7 +248,11 @@ def all_pairs(
     labels: torch.Tensor, ref_labels: torch.Tensor | None = None, exclude: torch.Tensor | None = None
 ) -> Pairs:
     """Every positive and negative pair, in row-major order (PML ``get_all_pairs_indices``)."""
-    pos, neg = label_masks(labels, ref_labels, exclude)
+    return masked_pairs(*label_masks(labels, ref_labels, exclude))
+
+
+def masked_pairs(pos: torch.Tensor, neg: torch.Tensor) -> Pairs:
+    """The pairs ``(a1, p, a2, n)`` of two boolean masks (``pos[a1, p]``, ``neg[a2, n]``), row-major order."""
     a1, p = torch.nonzero(pos, as_tuple=True)
     a2, n = torch.nonzero(neg, as_tuple=True)
     return a1, p, a2, n
@@ -324,11 +379,23 @@ def pair_masks(
     pairs: Pairs, shape: tuple[int, int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean ``(pos, neg)`` masks with ``pos[a1, p]`` and ``neg[a2, n]`` set (duplicates collapse)."""
-    a1, p, a2, n = pairs
-    pos = torch.zeros(shape, dtype=torch.bool, device=device)
-    neg = torch.zeros(shape, dtype=torch.bool, device=device)
-    pos[a1, p] = True
-    neg[a2, n] = True
+    return _pair_matrices(pairs, shape, device, count=False)
+
+
+def pair_counts(
+    pairs: Pairs, shape: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``(pos, neg)`` matrices counting how often each pair occurs in ``pairs`` (duplicates add)."""
+    return _pair_matrices(pairs, shape, device, count=True)
+
+
+def _pair_matrices(
+    pairs: Pairs, shape: tuple[int, int], device: torch.device, count: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.long if count else torch.bool
+    pos, neg = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+    for mat, rows, cols in ((pos, pairs[0], pairs[1]), (neg, pairs[2], pairs[3])):
+        mat.index_put_((rows, cols), torch.ones_like(rows, dtype=dtype), accumulate=count)
     return pos, neg
 
 
@@ -336,30 +403,6 @@ def _empty(device: torch.device, k: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(k))
 
 
-def empty_pairs(device: torch.device) -> Pairs:
-    """Four empty int64 tensors."""
-    return _empty(device, 4)  # type: ignore[return-value]
-
-
 def empty_triplets(device: torch.device) -> Triplets:
     """Three empty int64 tensors."""
     return _empty(device, 3)  # type: ignore[return-value]
-
-
-def paired_distance(
-    x: torch.Tensor, y: torch.Tensor, distance: str, normalize_embeddings: bool = True
-) -> torch.Tensor:
-    """Row-wise ``distance(x[i], y[i])`` (same conventions as :func:`distance_matrix`), shape ``(n,)``."""
-    check_distance(distance)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x, y = upcast(x), upcast(y)
-        if normalize_embeddings or distance == "cosine":
-            x, y = F.normalize(x, p=2, dim=1), F.normalize(y, p=2, dim=1)
-        if distance in ("cosine", "dot"):
-            return (x * y).sum(1)
-        squared = (x - y).pow(2).sum(1)
-        if distance == "squared_euclidean":
-            return squared
-        # sqrt's gradient is infinite at 0: identical rows get distance 0 and gradient 0 instead of NaN.
-        zero = squared == 0
-        return torch.sqrt(squared + zero.to(squared.dtype)) * (~zero).to(squared.dtype)

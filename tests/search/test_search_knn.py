@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dmlkit.errors import ConfigError, DataError
-from dmlkit.metrics import knn
-from dmlkit.metrics.knn import topk_stable
+from dmlkit.search import knn
+from dmlkit.search.torch_backend import topk_stable
 
 DISTANCES = ("cosine", "dot", "euclidean", "squared_euclidean")
 
