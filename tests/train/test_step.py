@@ -29,7 +29,7 @@ class TeacherStep(EmbeddingStep):
         with torch.no_grad():
             target = self.teacher(batch.images)
         gap = (embeddings.float() - target).pow(2).sum(dim=1).mean()
-        return value + self.scale * gap, {**stats, "teacher_gap": float(gap)}
+        return value + self.scale * gap, {**stats, "teacher_gap": float(gap.detach())}
 
 
 def test_a_custom_step_is_trained_logged_saved_and_resumed(tiny_config) -> None:

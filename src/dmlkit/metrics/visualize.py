@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,7 +24,16 @@ from PIL import Image, ImageDraw, ImageFont
 from dmlkit.errors import ConfigError, DataError
 from dmlkit.search.results import RetrievalResults
 
-ImageSource = Any  # ImageDataset | Sequence[image] | Callable[[int], image]
+
+@runtime_checkable
+class StoredImages(Protocol):
+    """A dataset whose stored images (before any transform) are read by index, as a dmlkit
+    :class:`~dmlkit.data.base.ImageDataset`."""
+
+    def load(self, index: int) -> Any: ...
+
+
+ImageSource = StoredImages | Sequence[Any] | Callable[[int], Any]
 PickMode = Literal["failures", "random", "first"]
 
 QUERY_COLOUR = (40, 90, 220)
@@ -97,7 +106,7 @@ def _as_pil(image: Any, where: str) -> Image.Image:
 
 def _loader(source: ImageSource, what: str) -> Callable[[int], Image.Image]:
     """``index -> RGB PIL image`` for an image source."""
-    if hasattr(source, "load") and callable(source.load):
+    if isinstance(source, StoredImages):
         return lambda i: _as_pil(source.load(i), f"{i} of the {what}")
     if callable(source):
         return lambda i: _as_pil(source(i), f"{i} of the {what}")

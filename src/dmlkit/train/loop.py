@@ -153,6 +153,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.epoch_stats = EpochStats()
         self.stop_event: threading.Event | None = None
+        self.logger: RunLogger | None = None  # set up in run(); torn down even after a failed set-up
+        self._log_handler: logging.Handler | None = None
 
     # ----------------------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -341,10 +343,9 @@ class Trainer:
         return result
 
     def _teardown(self) -> None:
-        logger = getattr(self, "logger", None)
-        if logger is not None:
-            logger.close()
-        handler = getattr(self, "_log_handler", None)
+        if self.logger is not None:
+            self.logger.close()
+        handler = self._log_handler
         if handler is not None:
             logging.getLogger(LOGGER_NAME).removeHandler(handler)
             handler.close()
