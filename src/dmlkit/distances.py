@@ -24,6 +24,7 @@ the object. A distance compares equal to its registry name, so ``loss.distance =
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
@@ -57,6 +58,17 @@ def _common(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torc
         dtype = torch.promote_types(x.dtype, y.dtype)
         x, y = x.to(dtype), y.to(dtype)
     return x, y
+
+
+def full_precision(x: torch.Tensor) -> AbstractContextManager[Any]:
+    """A context with autocast off on ``x``'s device (nothing to switch off: a no-op, which is cheaper; the
+    losses call their distances with autocast already off)."""
+    device = x.device.type
+    return (
+        torch.autocast(device_type=device, enabled=False)
+        if torch.is_autocast_enabled(device)
+        else nullcontext()
+    )
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -260,7 +272,7 @@ class _GramDistance(Distance):
     ) -> torch.Tensor:
         """With autograd, the Gram form and its closed-form backward (:class:`_GramMatrix`); without (mining,
         sampling), L2 distances come from ``torch.cdist``, the values of PML's ``LpDistance``."""
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        with full_precision(query):
             x, y = _common(query, ref)
             if y is x:
                 y = None
@@ -275,7 +287,7 @@ class _GramDistance(Distance):
             return mat if scale == 1.0 else mat * scale
 
     def paired(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=a.device.type, enabled=False):
+        with full_precision(a):
             x, y = self._rows(a, b)
             assert y is not None
             if self.kind == "dot":
@@ -350,7 +362,7 @@ class SNR(Distance):
     def matrix(
         self, query: torch.Tensor, ref: torch.Tensor | None = None, scale: float = 1.0
     ) -> torch.Tensor:
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        with full_precision(query):
             x, y = self._rows(query, ref)
             xc = x - x.mean(dim=1, keepdim=True)
             yc = xc if y is None else y - y.mean(dim=1, keepdim=True)
@@ -361,7 +373,7 @@ class SNR(Distance):
             return mat if scale == 1.0 else mat * scale
 
     def paired(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=a.device.type, enabled=False):
+        with full_precision(a):
             x, y = self._rows(a, b)
             assert y is not None
             return torch.var(x - y, dim=1) / torch.var(x, dim=1)

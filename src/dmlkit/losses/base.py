@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dmlkit import distances
+from dmlkit.distances import full_precision
 from dmlkit.errors import ConfigError
 from dmlkit.losses import reducers
 from dmlkit.losses.reducers import reduce
@@ -249,7 +250,7 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
                 indices_tuple = drop_excluded(indices_tuple, batch.exclude)
             batch = dataclasses.replace(batch, indices_tuple=indices_tuple)
         self._stats = {}
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        with full_precision(embeddings):
             return self.compute_loss(batch)
 
     def compute_loss(self, batch: Batch) -> torch.Tensor:
