@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from dmlkit import distances
 from dmlkit.distances import SNR, Cosine, Dot, Euclidean, SquaredEuclidean
 from dmlkit.errors import UnknownNameError
+from tests_support import plain_matrix
 
 pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
 
@@ -119,21 +120,6 @@ def test_distance_matrix_upcasts_half_precision() -> None:
 
 
 # ------------------------------------------------------------------------------------------ gradients
-
-
-def plain_matrix(x: torch.Tensor, y: torch.Tensor | None, name: str, normalize: bool) -> torch.Tensor:
-    """The distance matrix written out for autograd (√ with a zero gradient at 0)."""
-    if normalize or name == "cosine":
-        x = F.normalize(x, p=2, dim=1)
-        y = None if y is None else F.normalize(y, p=2, dim=1)
-    y = x if y is None else y
-    if name in ("cosine", "dot"):
-        return x @ y.T
-    squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.T)).clamp_min(0.0)
-    if name == "squared_euclidean":
-        return squared
-    zero = squared == 0
-    return torch.sqrt(squared + zero.to(squared.dtype) * 1e-16) * (~zero).to(squared.dtype)
 
 
 def batch(n: int, ref: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:

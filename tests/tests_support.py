@@ -1,4 +1,5 @@
-"""Command-line equivalents of the tiny test configuration (see conftest.py)."""
+"""Helpers shared by several test modules: the tiny configuration's command line, independent reference
+formulas (a distance matrix written out for autograd), and the docs tables of hyperparameters."""
 
 from __future__ import annotations
 
@@ -54,3 +55,38 @@ def assert_match_pml_euclidean(metrics: dict[str, float], x: Any, y: Any) -> Non
     assert metrics["recall@1"] == pytest.approx(pml["precision_at_1"], rel=1e-6)
     assert metrics["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], rel=1e-6)
     assert metrics["r_precision"] == pytest.approx(pml["r_precision"], rel=1e-6)
+
+
+def plain_matrix(x: Any, y: Any, name: str, normalize: bool) -> Any:
+    """The distance matrix written out for autograd (√ with a zero gradient at 0): an independent reference
+    of :meth:`dmlkit.distances.Distance.matrix`."""
+    import torch
+    import torch.nn.functional as F
+
+    if normalize or name == "cosine":
+        x = F.normalize(x, p=2, dim=1)
+        y = None if y is None else F.normalize(y, p=2, dim=1)
+    y = x if y is None else y
+    if name in ("cosine", "dot"):
+        return x @ y.T
+    squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.T)).clamp_min(0.0)
+    if name == "squared_euclidean":
+        return squared
+    zero = squared == 0
+    return torch.sqrt(squared + zero.to(squared.dtype) * 1e-16) * (~zero).to(squared.dtype)
+
+
+def documented_hyperparameters(rows: list[str], shared: tuple[str, ...]) -> dict[str, list[tuple[str, str]]]:
+    """``name → [(keyword, default as written), ...]`` from the rows of a docs table whose first cell names
+    the component and whose third cell lists ``keyword=default`` in order; shared options left out."""
+    import re
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        cells = row.split(" | ")
+        name = re.search(r"`(\w+)`", cells[0]).group(1)  # type: ignore[union-attr]
+        first: dict[str, str] = {}  # a keyword may be mentioned again in the explanations
+        for key, value in re.findall(r"`(\w+)=([^`]*)`", cells[2]):
+            first.setdefault(key, value)
+        out[name] = [(key, value) for key, value in first.items() if key not in shared]
+    return out

@@ -17,6 +17,7 @@ import dmlkit.tuples as tuples_module
 from dmlkit import losses
 from dmlkit.losses.base import PairLoss
 from dmlkit.tuples import Batch, to_triplets
+from tests_support import plain_matrix
 
 
 def batch(n: int, ref: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -64,21 +65,6 @@ def test_contrastive_all_pairs_matches_pair_lists(
     fused.backward()
     plain.backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-14)
-
-
-def plain_matrix(x: torch.Tensor, y: torch.Tensor | None, name: str, normalize: bool) -> torch.Tensor:
-    """The distance matrix written out for autograd (√ with a zero gradient at 0)."""
-    if normalize or name == "cosine":
-        x = F.normalize(x, p=2, dim=1)
-        y = None if y is None else F.normalize(y, p=2, dim=1)
-    y = x if y is None else y
-    if name in ("cosine", "dot"):
-        return x @ y.T
-    squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.T)).clamp_min(0.0)
-    if name == "squared_euclidean":
-        return squared
-    zero = squared == 0
-    return torch.sqrt(squared + zero.to(squared.dtype) * 1e-16) * (~zero).to(squared.dtype)
 
 
 def triplet_reference(loss, x, labels, indices, r, rl) -> tuple[torch.Tensor, int, int]:

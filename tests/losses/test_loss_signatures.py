@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from dmlkit import losses
 from dmlkit.errors import UnknownNameError
 from dmlkit.losses.base import BaseLoss, TripletLoss
+from tests_support import documented_hyperparameters
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "losses.md"
 
@@ -93,18 +93,10 @@ def expected(name: str) -> str:
     return ", ".join([*([own] if own else []), "*", *shared])
 
 
-def documented_hyperparameters() -> dict[str, list[tuple[str, str]]]:
+def documented_table() -> dict[str, list[tuple[str, str]]]:
     """``name → [(keyword, default as written), ...]`` from the table of docs/losses.md, in order."""
     table = DOCS.read_text().split("## Available losses", 1)[1].split("\n\n", 2)[1]
-    out: dict[str, list[tuple[str, str]]] = {}
-    for row in table.splitlines()[2:]:
-        cells = row.split(" | ")
-        name = re.search(r"`(\w+)`", cells[0]).group(1)
-        first: dict[str, str] = {}  # a keyword may be mentioned again in the explanations
-        for key, value in re.findall(r"`(\w+)=([^`]*)`", cells[2]):
-            first.setdefault(key, value)
-        out[name] = [(key, value) for key, value in first.items() if key not in SHARED]
-    return out
+    return documented_hyperparameters(table.splitlines()[2:], SHARED)
 
 
 def test_every_registered_loss_is_recorded() -> None:
@@ -149,7 +141,7 @@ def test_shared_options_are_not_positional() -> None:
 
 @pytest.mark.parametrize("name", sorted(RECORDED))
 def test_own_hyperparameters_come_in_the_documented_order_with_the_documented_defaults(name: str) -> None:
-    documented = documented_hyperparameters()[name]
+    documented = documented_table()[name]
     own = [
         p
         for p in inspect.signature(losses.REGISTRY.get(name)).parameters.values()

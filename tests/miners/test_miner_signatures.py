@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from dmlkit import miners
 from dmlkit.errors import UnknownNameError
 from dmlkit.miners.base import BaseMiner
 from dmlkit.miners.pml_style import StochasticMiner
+from tests_support import documented_hyperparameters
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "miners.md"
 
@@ -61,19 +61,11 @@ def expected(name: str) -> str:
     return ", ".join([*([own] if own else []), "*", *shared])
 
 
-def documented_hyperparameters() -> dict[str, list[tuple[str, str]]]:
+def documented_table() -> dict[str, list[tuple[str, str]]]:
     """``name → [(keyword, default as written), ...]`` from the table of docs/miners.md, in order."""
     section = DOCS.read_text().split("## Available miners", 1)[1]
     rows = [line for line in section.split("\n\n")[2].splitlines() if line.startswith("| `")]
-    out: dict[str, list[tuple[str, str]]] = {}
-    for row in rows:
-        cells = row.split(" | ")
-        name = re.search(r"`(\w+)`", cells[0]).group(1)
-        first: dict[str, str] = {}  # a keyword may be mentioned again in the explanations
-        for key, value in re.findall(r"`(\w+)=([^`]*)`", cells[2]):
-            first.setdefault(key, value)
-        out[name] = [(key, value) for key, value in first.items() if key not in SHARED]
-    return out
+    return documented_hyperparameters(rows, SHARED)
 
 
 def test_every_registered_miner_is_recorded() -> None:
@@ -108,7 +100,7 @@ def test_shared_options_are_not_positional() -> None:
 
 @pytest.mark.parametrize("name", sorted(RECORDED))
 def test_own_hyperparameters_come_in_the_documented_order_with_the_documented_defaults(name: str) -> None:
-    documented = documented_hyperparameters()[name]
+    documented = documented_table()[name]
     own = [
         p
         for p in inspect.signature(miners.REGISTRY.get(name)).parameters.values()
