@@ -258,3 +258,145 @@ def test_configuration_doc_lists_every_key_with_its_flag() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     for flag in flag_names():
         assert f"`{flag}`" in text, flag
+
+
+# ------------------------------------------------------------------ YAML 1.2 numbers, malformed flag values
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1e-40", 1e-40),
+        ("1E5", 1e5),
+        (".5", 0.5),
+        ("-1e3", -1e3),
+        ("+2.5e-1", 0.25),
+        ("1.", 1.0),
+        ("1_000.5", 1000.5),
+        ("inf", float("inf")),
+        ("-.inf", float("-inf")),
+        ("1", 1),
+        ("0x1f", 31),
+        ("yes", True),
+        ("'1e5'", "1e5"),
+        ("1e5x", "1e5x"),
+        ("e5", "e5"),
+        ("Infinity", "Infinity"),
+        ("{margin: 1e-1, lr: 3E-4}", {"margin": 0.1, "lr": 3e-4}),
+    ],
+)
+def test_yaml_numbers_are_read_as_yaml_1_2(text, expected) -> None:
+    from dmlkit.config.loading import parse_yaml
+
+    value = parse_yaml(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_yaml_nan_is_a_float() -> None:
+    import math
+
+    from dmlkit.config.loading import parse_yaml
+
+    assert all(math.isnan(parse_yaml(text)) for text in ("nan", ".nan", ".NaN"))
+
+
+def test_exponent_numbers_in_config_files_and_flags(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n  weight_decay: 5E-5\n")
+    config = parse(["--config", str(path), "--loss", "contrastive", "--loss-args", "{pos_margin: 1e-1}"])
+    assert config.optim.lr == 1e-4 and config.optim.weight_decay == 5e-5
+    assert config.objective.loss.args == {"pos_margin": 0.1}
+    assert parse(["--loss-args", "alpha=2e0,beta=5E1"]).objective.loss.args == {"alpha": 2.0, "beta": 50.0}
+
+
+@pytest.mark.parametrize(
+    ("function", "text", "words"),
+    [
+        ("parse_list", "[recall@1, map@r", ["not a list", "'[recall@1, map@r'", "line 1, column 17"]),
+        ("parse_list", "[1, [2]]", ["item 2 is [2]"]),
+        ("parse_list", "[a] b", ["not a list", "'[a] b'"]),
+        ("parse_mapping", "{a: 1", ["not a mapping", "'{a: 1'", "line 1, column 6"]),
+        ("parse_mapping", "[1, 2]", ["not a mapping", "a list"]),
+        ("parse_mapping", "{1: a}", ["key 1 is not a name"]),
+        ("parse_mapping", "a=[1", ["value of 'a'", "'[1'"]),
+        ("parse_mapping", "a=1,b", ["expected key=value", "'b'"]),
+    ],
+)
+def test_malformed_flag_values_are_config_errors_quoting_the_text(function, text, words) -> None:
+    import argparse
+
+    from dmlkit.config import flags
+
+    with pytest.raises(ConfigError) as err:
+        getattr(flags, function)(text)
+    assert isinstance(err.value, argparse.ArgumentTypeError)  # argparse names the flag
+    message = str(err.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+def test_malformed_yaml_file_names_the_line(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  milestones: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not valid YAML: line 4") and "\n" not in message, message
+
+
+def test_component_arguments_are_type_checked_at_config_time() -> None:
+    with pytest.raises(ConfigError, match=r"loss 'contrastive': argument pos_margin must be a number.*'abc'"):
+        make_config({"loss": "contrastive", "loss_args": {"pos_margin": "abc"}})
+    with pytest.raises(ConfigError, match=r"miner 'batch_hard': argument allowed_pos_range"):
+        make_config({"miner": "batch_hard", "miner_args": {"allowed_pos_range": [0.1, "x"]}})
+    with pytest.raises(ConfigError, match=r"dataset 'synthetic': argument num_classes must be an integer"):
+        make_config({"dataset_args": {"num_classes": 2.5}})
+    # lax where nothing is lost: an int for a float, a list for a tuple
+    make_config({"loss": "contrastive", "loss_args": {"pos_margin": 0, "neg_margin": 1}})
+    make_config({"miner": "batch_hard", "miner_args": {"allowed_pos_range": [0, 1]}})
+
+
+@pytest.mark.parametrize(
+    ("values", "culprit"),
+    [
+        ({"lr": float("inf")}, "'optim.lr' (got inf)"),
+        ({"grad_clip": "nan"}, "'optim.grad_clip' (got 'nan')"),
+        ({"momentum": float("nan")}, "'optim.momentum'"),
+        ({"warmup_start_factor": float("-inf")}, "'optim.warmup_start_factor'"),
+        ({"xbm_weight": float("inf")}, "'memory.xbm_weight'"),
+        ({"loss_args": {"alpha": float("inf")}}, "'objective.loss.args': alpha=inf is not a finite number"),
+        ({"loss_args": {"nested": {"list": [1.0, float("nan")]}}}, "nested.list[1]=nan is not a finite"),
+        ({"dataset_args": {"noise": float("nan")}}, "'data.dataset.args': noise=nan"),
+    ],
+)
+def test_non_finite_floats_are_refused_naming_key_and_value(values, culprit) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config(values, "test")
+    assert culprit in str(err.value), str(err.value)
+
+
+def test_metric_names_are_canonical_in_metrics_and_select_metric() -> None:
+    config = make_config({"metrics": ["Recall@1", " MAP@R", "recall@1"], "select_metric": "Map@R"})
+    assert config.eval.metrics == ["recall@1", "map@r"]
+    assert config.eval.select_metric == "map@r"
+    with pytest.raises(ConfigError, match="select_metric 'recall@2' must be one of metrics"):
+        make_config({"metrics": ["recall@1"], "select_metric": "Recall@2"})
+
+
+def test_paths_are_stored_absolute(tmp_path, monkeypatch) -> None:
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    config = make_config({"data_root": "data/set", "pretrained_weights": "w.pt"})
+    assert config.data.data_root == str(tmp_path / "data" / "set")
+    assert config.model.pretrained_weights == str(tmp_path / "w.pt")
+    home = make_config({"data": {"data_root": "~/datasets"}}).data.data_root
+    assert home == os.path.join(os.path.expanduser("~"), "datasets")
+    assert make_config({}).data.data_root is None
+
+
+def test_every_resumable_option_is_a_field() -> None:
+    from dmlkit.config.sections import RESUMABLE, SECTIONS
+
+    for path in RESUMABLE:
+        section, field = path.split(".")
+        assert field in SECTIONS[section].model_fields, path

@@ -5,9 +5,22 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+_WORKER_PREFIX = "Caught "
+_WORKER_TRACEBACK = "\nOriginal Traceback"
+
 
 class DmlkitError(Exception):
-    """Base class of every error dmlkit raises on purpose."""
+    """Base class of every error dmlkit raises on purpose.
+
+    Raised in a DataLoader worker, the error reaches the main process re-created by torch with the worker's
+    whole traceback as its message; the constructor keeps only the original one-line message, so a bad
+    file is reported the same way with or without workers.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_original_message(args[0], type(self)),)
+        super().__init__(*args)
 
 
 class ConfigError(DmlkitError, ValueError):
@@ -27,6 +40,17 @@ class DataError(DmlkitError):
 
 class NonFiniteLossError(DmlkitError):
     """Training produced too many non-finite losses in a row."""
+
+
+def _original_message(message: str, kind: type) -> str:
+    """The message an error had in a DataLoader worker (``message`` unchanged when it was raised here)."""
+    if not (message.startswith(_WORKER_PREFIX) and _WORKER_TRACEBACK in message):
+        return message
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    start = message.rfind(marker)
+    if start < 0:
+        return message
+    return message[start + len(marker) :].strip()
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:

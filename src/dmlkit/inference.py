@@ -67,7 +67,11 @@ def compute_embeddings(
     )
     chunks: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    bar = tqdm(loader, desc=description, disable=not progress, leave=False, unit="batch")
+    # An iterator, not the loader: tqdm.auto calls iter() on what it is given and iterates it again, which
+    # would start the DataLoader's workers twice.
+    bar = tqdm(
+        iter(loader), total=len(loader), desc=description, disable=not progress, leave=False, unit="batch"
+    )
     for images, batch_labels, _ in bar:
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True))

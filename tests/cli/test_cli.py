@@ -237,8 +237,10 @@ def test_errors_name_the_culprit(trained_run: Path, tmp_path: Path, capsys) -> N
     bad_gallery = tmp_path / "bad.npy"
     np.save(bad_gallery, np.zeros((3, 5), dtype=np.float32))
     (tmp_path / "bad.ids.json").write_text(json.dumps({"ids": ["a", "b", "c"]}))
+    query = tmp_path / "query.png"
+    Image.new("L", (16, 16)).save(query)
     assert main(["search", "--checkpoint", str(trained_run / "best.pt"), "--gallery", str(bad_gallery),
-                 "--query", str(tmp_path)]) == 1  # fmt: skip
+                 "--query", str(query)]) == 1  # fmt: skip
     assert "shape" in capsys.readouterr().err
 
     assert main(["train", "--resume", str(tmp_path / "nothing-here")]) == 2

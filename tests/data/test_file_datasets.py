@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import copy
 import csv
+import pickle
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bad_images import truncated_jpeg
 from PIL import Image
 
 from dmlkit import data
@@ -158,7 +163,7 @@ def test_csv_columns_and_paths(tmp_path: Path, table: Path) -> None:
 def test_csv_missing_and_unreadable_images(table: Path) -> None:
     (table / "images" / "hat-1.jpg").unlink()
     (table / "images" / "coat-0.jpg").write_bytes(b"\xff\xd8 truncated")
-    with pytest.raises(DataError, match=r"2 missing or unreadable.*(hat-1|coat-0)\.jpg"):
+    with pytest.raises(DataError, match=r"2 of 8 image\(s\) in .* cannot be used: .*(hat-1|coat-0)\.jpg"):
         data.build("csv", str(table), exclude_labels=["Skip"])
     with pytest.warns(UserWarning, match="skipped 2 "):
         splits = data.build("csv", str(table), exclude_labels=["Skip"], skip_unreadable=True)
@@ -192,3 +197,149 @@ def test_one_listing_one_decoder(tree: Path) -> None:
     (tree / "broken.png").write_text("not an image")
     with pytest.raises(DataError, match=r"cannot read image '.*broken\.png'"):
         images.load_image(tree / "broken.png")
+
+
+def test_file_options_are_checked_before_reading(tree: Path) -> None:
+    for bad, match in (
+        ({"verify_images": "fast"}, "verify_images"),
+        ({"overlap_check": "hash"}, "overlap_check"),
+        ({"max_image_pixels": 0}, "max_image_pixels"),
+        ({"channels": 2}, "channels"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            data.build("folder", str(tree), **bad)
+
+
+def test_truncated_jpeg_is_caught_at_build_time(tree: Path) -> None:
+    truncated_jpeg(tree / "bravo" / "cut.jpg")
+    expected = r"1 of 14 image\(s\) .* cannot be used: .*bravo/cut\.jpg': image file is truncated"
+    with pytest.raises(DataError, match=expected):
+        data.build("folder", str(tree))  # auto: a few small images, fully decoded
+    assert "bravo/cut.jpg" in data.build("folder", str(tree), verify_images="header").train.ids
+    with pytest.warns(UserWarning, match=r"skipped 1 .*cut\.jpg"):
+        splits = data.build("folder", str(tree), skip_unreadable=True)
+    assert "bravo/cut.jpg" not in splits.train.ids
+
+
+def test_pixel_limit_of_file_datasets(tree: Path, table: Path) -> None:
+    with pytest.raises(DataError, match=r"alpha/0\.png': 280 pixels \(20×14\), more than the limit of 100"):
+        data.build("folder", str(tree), max_image_pixels=100)
+    splits = data.build("csv", str(table), exclude_labels=["Skip"], max_image_pixels=None)
+    assert splits.train.max_pixels is None and splits.test.max_pixels is None
+    limited = data.build("folder", str(tree), max_image_pixels=280, verify_images="header")
+    assert limited.train.max_pixels == 280 and limited.train.subset([0]).max_pixels == 280
+
+
+def _broken_after_build(tree: Path, **kwargs: object) -> data.DatasetSplits:
+    """The folder splits, then ``bravo/1.png`` truncated (passes no check: it broke after them)."""
+    splits = data.build("folder", str(tree), skip_unreadable=True, **kwargs)
+    path = tree / "bravo" / "1.png"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return splits
+
+
+def test_skip_unreadable_replaces_a_file_failing_at_load_time(tree: Path) -> None:
+    strict = data.build("folder", str(tree)).train
+    train = _broken_after_build(tree).train
+    index = train.ids.index("bravo/1.png")
+    same_class = [i for i in np.flatnonzero(train.labels == train.labels[index]) if i != index]
+    assert train.substituted == 0
+    with pytest.warns(
+        UserWarning, match=r"bravo/1\.png.*truncated.*replaced by another image of class 'bravo'"
+    ):
+        image, label, returned = train[index]
+    assert (label, returned) == (int(train.labels[index]), index) and train.substituted == 1
+    assert any(torch.equal(image, train[i][0]) for i in same_class)
+    with pytest.warns(UserWarning):
+        again = train[index][0]
+    torch.testing.assert_close(again, image)  # a pure function of (seed, epoch, index)
+    assert train.substituted == 2
+    with pytest.raises(DataError, match=r"bravo/1\.png"):
+        strict[index]
+
+
+def test_substitute_follows_seed_and_epoch(tree: Path) -> None:
+    for j in range(3, 12):
+        _image(tree / "bravo" / f"{j}.png", 100 + j)
+    train = _broken_after_build(tree).train
+    train.transform = None
+    index = train.ids.index("bravo/1.png")
+    chosen = set()
+    with pytest.warns(UserWarning):
+        for epoch in range(6):
+            train.set_epoch(epoch)
+            chosen.add(float(train[index][0].mean()))
+            assert float(train[index][0].mean()) in chosen  # same epoch, same substitute
+    assert len(chosen) > 1  # another epoch may draw another image of the class
+
+
+def test_a_class_without_any_loadable_image_is_an_error(tree: Path) -> None:
+    splits = data.build("folder", str(tree), skip_unreadable=True)
+    for path in (tree / "bravo").iterdir():
+        path.write_bytes(b"gone")
+    index = splits.train.ids.index("bravo/0.png")
+    with pytest.raises(DataError, match=r"bravo/0\.png.*no other image of class 'bravo' loads"):
+        splits.train[index]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_substitution_count_seen_across_dataloader_workers(tree: Path, context: str) -> None:
+    train = _broken_after_build(tree).train
+    train.transform = None
+    (tree / "alpha" / "2.png").write_bytes(b"gone too")
+    workers = 2 if context == "fork" else 1  # spawning a worker costs seconds: one is enough to cross over
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=3, num_workers=workers, multiprocessing_context=context, persistent_workers=True
+    )
+    labels = torch.cat([batch[1] for batch in loader])
+    assert train.substituted == 2  # one per broken item, counted in the workers, read here
+    np.testing.assert_array_equal(labels.numpy(), train.labels)
+    for _ in loader:
+        pass
+    assert train.substituted == 4
+    copied = copy.deepcopy(train)  # plain copies carry the count, not the shared memory
+    assert copied.substituted == 4 and pickle.loads(pickle.dumps(train)).substituted == 4
+
+
+def test_train_test_overlap_is_warned(tree: Path, table: Path) -> None:
+    twin = tree / "delta" / "twin.png"
+    twin.symlink_to(tree / "alpha" / "0.png")
+    with pytest.warns(
+        UserWarning, match=r"1 image\(s\) of the train split .* also in its test split \(same path\)"
+    ):
+        data.build("folder", str(tree))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.build("folder", str(tree), overlap_check="none")
+    twin.unlink()
+    shutil.copy(tree / "alpha" / "0.png", twin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.build("folder", str(tree))  # a copy is another path
+    with pytest.warns(UserWarning, match=r"same content\): '.*alpha/0\.png' = '.*delta/twin\.png'"):
+        data.build("folder", str(tree), overlap_check="content")
+
+    rows = list(csv.DictReader((table / "images.csv").open()))
+    rows.append(
+        {"image": "coat-0", "sender": "7", "label": "Shirt"}
+    )  # one file under a train and a test label
+    _write_csv(table / "images.csv", rows)
+    with pytest.warns(UserWarning, match=r"1 image\(s\) .* \(same path\): '.*images/coat-0\.jpg'"):
+        data.build("csv", str(table), exclude_labels=["Skip"])
+
+
+def test_errors_from_dataloader_workers_keep_their_kind_and_one_line(tree: Path) -> None:
+    """A file too large or failing in a worker process arrives here as the same error class, one line."""
+    paths = [str(tree / "alpha" / "0.png"), str(tree / "alpha" / "1.png")]
+    limited = data.FileImageDataset(paths, [0, 1], ["a", "b"], ["0", "1"], max_pixels=100)
+    (tree / "alpha" / "1.png").write_text("gone")
+    broken = data.FileImageDataset(paths[1:], [0], ["a"], ["1"])
+    for dataset, kind, match in (
+        (limited, data.ImageTooLargeError, r"alpha/0\.png' is too large: 280 pixels \(20×14\)"),
+        (broken, DataError, r"alpha/1\.png': not an image file"),
+    ):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1)
+        with pytest.raises(kind, match=match) as caught:
+            next(iter(loader))
+        assert type(caught.value) is kind and "\n" not in str(caught.value)

@@ -66,3 +66,43 @@ def test_real_omniglot() -> None:
     assert (splits.train.num_classes, splits.test.num_classes) == (964, 659)
     assert (len(splits.train), len(splits.test)) == (19280, 13180)
     assert splits.train.images.float().mean() < 40  # inverted: mostly dark background
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_truncated_or_corrupt_file_is_a_data_error_naming_it(tmp_path: Path, compressed: bool) -> None:
+    """Cut at every 1/40 of its length or with 3 bytes zeroed at every 1/80 (zip directory, .npy headers, zlib
+    streams), the file either still loads or raises ``DataError`` naming it, never a raw exception."""
+    _fake_npz(tmp_path / "good.npz")
+    if compressed:
+        np.savez_compressed(tmp_path / "good.npz", **dict(np.load(tmp_path / "good.npz")))
+    raw = (tmp_path / "good.npz").read_bytes()
+    broken = tmp_path / "broken.npz"
+    variants = [raw[:cut] for cut in range(0, len(raw), len(raw) // 40)]
+    variants += [raw[:pos] + bytes(3) + raw[pos + 3 :] for pos in range(0, len(raw), len(raw) // 80)]
+    failures = 0
+    for variant in variants:
+        broken.write_bytes(variant)
+        try:
+            data.build("omniglot", str(broken))
+        except DataError as exc:
+            assert "broken.npz" in str(exc)
+            failures += 1
+    assert failures > len(variants) // 2
+    broken.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"cannot read omniglot file '.*broken\.npz' \(BadZipFile"):
+        data.build("omniglot", str(broken))
+
+
+def test_arrays_of_the_wrong_shape_or_type_name_the_file_and_array(tmp_path: Path) -> None:
+    """What a corrupt ``.npy`` header that still parses gives: a scalar, another length, strings as labels."""
+    _fake_npz(tmp_path / "good.npz")
+    arrays = dict(np.load(tmp_path / "good.npz"))
+    for key, value, match in (
+        ("label", np.array(5), r"'label' must hold one value per image \(18\), got \(\)"),
+        ("split", arrays["split"][:-1], r"'split' must hold one value per image \(18\), got \(17,\)"),
+        ("label", arrays["alphabet"], r"'label' must be integers"),
+        ("images", arrays["images"][:, :, :, None], r"images must be N×H×W uint8"),
+    ):
+        np.savez(tmp_path / "odd.npz", **{**arrays, key: value})
+        with pytest.raises(DataError, match=rf"odd\.npz.*{match}"):
+            data.build("omniglot", str(tmp_path / "odd.npz"))

@@ -237,8 +237,11 @@ def test_p2sgrad_takes_no_miner_output() -> None:
 def test_bad_options() -> None:
     with pytest.raises(ConfigError, match="distance must be one of 'cosine'"):
         losses.build("arcface", num_classes=3, embedding_size=4, distance="euclidean")
-    with pytest.raises(ConfigError, match="margin must be a positive integer"):
+    # a float margin is refused by the registry's type check, a non-positive one by the loss itself
+    with pytest.raises(ConfigError, match="argument margin must be an integer"):
         losses.build("large_margin_softmax", num_classes=3, embedding_size=4, margin=2.5)
+    with pytest.raises(ConfigError, match="margin must be a positive integer"):
+        losses.build("large_margin_softmax", num_classes=3, embedding_size=4, margin=0)
     with pytest.raises(ConfigError, match="sub_centers"):
         losses.build("subcenter_arcface", num_classes=3, embedding_size=4, sub_centers=0)
 

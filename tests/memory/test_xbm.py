@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmlkit import losses, miners
+from dmlkit import memory as memory_lib
 from dmlkit.config import make_config
 from dmlkit.errors import ConfigError
 from dmlkit.memory import CrossBatchMemory, resolve_size
@@ -31,6 +32,35 @@ def test_resolve_size_counts_and_ratios() -> None:
     for bad in (0, -3, "abc", 0.0, True):
         with pytest.raises(ConfigError):
             resolve_size(bad, 1000)
+
+
+def test_memory_bytes_counts_embeddings_labels_and_indices() -> None:
+    assert memory_lib.memory_bytes(10, 4, "float32") == 10 * (4 * 4 + 8 + 8)
+    assert memory_lib.memory_bytes(10, 4, "bfloat16") == 10 * (4 * 2 + 8 + 8)
+    available = memory_lib.available_bytes("cpu")
+    assert available is None or available > 0
+
+
+def test_a_memory_larger_than_the_available_memory_is_refused_before_allocating(monkeypatch) -> None:
+    monkeypatch.setattr(memory_lib.xbm, "available_bytes", lambda device=None: 2 * 1024**3)
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("allocated before the size check")
+
+    monkeypatch.setattr(memory_lib.xbm.torch, "zeros", no_allocation)
+    with pytest.raises(ConfigError) as err:
+        memory_lib.build_memory("1.0", 10**9, 64, "float32", "cpu")  # 10⁹ × (256 + 16) bytes
+    message = str(err.value)
+    assert message.startswith("xbm_size 1.0: a cross-batch memory of 1,000,000,000 entries (64-d float32")
+    assert "needs 253.3 GiB, but only 2.0 GiB is available on cpu" in message
+    with pytest.raises(ConfigError, match=r"CrossBatchMemory\(size=100000000\)"):
+        CrossBatchMemory(10**8, 64)
+
+
+def test_memory_is_allocated_on_the_requested_device() -> None:
+    memory = memory_lib.build_memory(8, 100, 4, "float16", "cpu")
+    assert memory.size == 8 and memory.embeddings.dtype == torch.float16
+    assert {buffer.device.type for buffer in memory.buffers()} == {"cpu"}
 
 
 @settings(max_examples=40, deadline=None)

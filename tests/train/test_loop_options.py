@@ -178,3 +178,43 @@ def test_validation_and_test_use_the_configured_distance_and_backend(tiny_config
     report = json.loads(capsys.readouterr().out)
     assert (report["distance"], report["backend"]) == ("euclidean", "faiss-flat")
     assert report["metrics"] == pytest.approx(test_after, abs=1e-6)
+
+
+def test_dataloader_workers_train_every_batch_of_every_epoch(tiny_config) -> None:
+    # tqdm.auto used to be handed the DataLoader and created (and dropped) a first, prefetching iterator.
+    with_workers = Trainer(tiny_config(name="workers", epochs=2, num_workers=1)).run()
+    in_process = Trainer(tiny_config(name="in-process", epochs=2)).run()
+    assert ckpt.load(with_workers.run_dir / "last.pt")["global_step"] == 6
+    a, b = weights(with_workers.run_dir), weights(in_process.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreadable_images_replaced_while_training_are_counted_per_epoch(tmp_path, capsys) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from dmlkit.config import make_config
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg")
+        if c < 4:  # the training classes: one truncated file each (its header still parses)
+            path = root / f"c{c}" / "0.jpg"
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) * 2 // 3])
+    config = make_config({
+        "name": "substitutes", "output_dir": str(tmp_path / "runs"),
+        "dataset": "folder", "data_root": str(root),
+        "dataset_args": {"image_size": 16}, "skip_unreadable": True, "verify_images": "header",
+        "val_fraction": 0.0, "sampler": "random", "batch_size": 8, "embedding_size": 8, "epochs": 2,
+        "progress": False, "metrics": ["recall@1"], "select_metric": "recall@1",
+    })  # fmt: skip
+    with pytest.warns(UserWarning, match="skip_unreadable: replaced by another image"):
+        result = Trainer(config).run()
+    rows = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+    assert [row["substituted_images"] for row in rows] == [4, 4]  # every item once per epoch
+    assert "4 unreadable image(s) replaced" in capsys.readouterr().out

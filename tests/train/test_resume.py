@@ -20,6 +20,15 @@ def interrupt_at(step: int):
     return hook
 
 
+def tree_digest(root) -> dict[str, str]:
+    """SHA-256 of every file under ``root``."""
+    import hashlib
+
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
 def history(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
@@ -74,3 +83,64 @@ def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tiny_config) -
         assert {"model", "model_config", "data_spec", "config", "optimizer", "sampler", "rng"} <= set(raw)
     leftovers = [p.name for p in result.run_dir.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_resume_refuses_options_that_cannot_change_before_writing_anything(tiny_config) -> None:
+    import pytest
+
+    from dmlkit.errors import ConfigError
+
+    config = tiny_config(name="refused", epochs=1)
+    run_dir = Trainer(config).run().run_dir
+    before = tree_digest(run_dir)
+    changed = tiny_config(name="refused", epochs=1, embedding_size=32, loss="contrastive", lr=0.5)
+    with pytest.raises(ConfigError) as err:
+        Trainer(changed, run_dir, resume=True)
+    message = str(err.value)
+    for part in ("--embedding-size (model.embedding_size) is 16 in the run, 32 was given", "--loss", "--lr"):
+        assert part in message
+    assert tree_digest(run_dir) == before
+
+
+def test_resume_with_options_that_may_change_is_still_exact(tiny_config) -> None:
+    straight = Trainer(tiny_config(name="plain")).run()
+    config = tiny_config(name="changed")
+    assert Trainer(config, step_hooks=[interrupt_at(4)]).run().interrupted
+    changed = tiny_config(
+        name="changed",
+        num_workers=1,
+        device="cpu",
+        eval_batch_size=8,
+        max_nonfinite_steps=3,
+        wandb_project="x",
+    )
+    resumed = Trainer(changed, straight.run_dir.parent / "changed", resume=True).run()
+    for key, tensor in ckpt.load(straight.run_dir / "last.pt")["model"].items():
+        assert torch.equal(tensor, ckpt.load(resumed.run_dir / "last.pt")["model"][key]), key
+    assert resumed.after == straight.after
+
+
+def test_resume_with_more_epochs_follows_the_longer_schedule(tiny_config) -> None:
+    from dmlkit.train.optim import lr_factor_fn
+
+    first = Trainer(tiny_config(name="longer", epochs=2)).run()
+    longer = tiny_config(name="longer", epochs=4)
+    seen: list[float] = []
+
+    class Recording(Trainer):
+        def _step(self, batch):
+            seen.append(self.optimizer.param_groups[0]["lr"])
+            return super()._step(batch)
+
+    Recording(longer, first.run_dir, resume=True).run()
+    factor = lr_factor_fn(longer.optim, steps_per_epoch=3)
+    assert seen[0] == longer.optim.lr * factor(6)  # the new schedule from the first resumed step on
+    assert seen[0] != longer.optim.lr * lr_factor_fn(tiny_config(epochs=2).optim, 3)(6)
+    assert [row["epoch"] for row in history(first.run_dir)] == [1, 2, 3, 4]
+
+
+def test_resume_can_switch_mixed_precision(tiny_config) -> None:
+    first = Trainer(tiny_config(name="amp", epochs=1)).run()
+    resumed = Trainer(tiny_config(name="amp", epochs=2, amp="bf16"), first.run_dir, resume=True).run()
+    assert not resumed.interrupted and [row["skipped_steps"] for row in history(first.run_dir)] == [0, 0]
+    assert ckpt.load(first.run_dir / "last.pt")["config"]["optim"]["amp"] == "bf16"

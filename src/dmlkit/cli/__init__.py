@@ -10,8 +10,13 @@ from dmlkit import __version__
 from dmlkit.cli.parser import SuggestingParser
 from dmlkit.errors import ConfigError, DmlkitError
 
+#: The subcommands (``dmlkit <command>``), named before the parser is built (an interrupt while the
+#: subcommands' modules import still names its command).
+COMMANDS: tuple[str, ...] = ("train", "eval", "embed", "search", "list")
+
 
 def build_parser() -> SuggestingParser:
+    """The ``dmlkit`` parser with every subcommand (importing their modules: torch and the registries)."""
     from dmlkit.cli import embed, evaluate, listing, search, train
 
     parser = SuggestingParser(
@@ -24,6 +29,19 @@ def build_parser() -> SuggestingParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dmlkit ARGV``; the exit status: 0 done, 1 bad data or a failed run, 2 a bad option or
+    configuration (one line ``dmlkit <command>: error: <message>`` naming the culprit), 130 interrupted
+    (``dmlkit <command>: interrupted``, no traceback, wherever Ctrl-C lands)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        command = argv[0] if argv and argv[0] in COMMANDS else None
+        print(f"dmlkit{f' {command}' if command else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

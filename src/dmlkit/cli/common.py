@@ -11,20 +11,43 @@ from typing import Any
 import torch
 
 from dmlkit import models
+from dmlkit.cli.parser import non_negative_int, positive_int
 from dmlkit.data import transforms
 from dmlkit.data.images import EMBED_EXTENSIONS, image_files, load_image
-from dmlkit.errors import DataError
+from dmlkit.errors import DataError, DmlkitError
 from dmlkit.inference import compute_embeddings
 from dmlkit.train import checkpoint as ckpt
 
+#: What ``eval``/``embed``/``search`` read of a checkpoint besides the weights: the model's rebuild
+#: recipe, the evaluation preprocessing and the training configuration.
+INFERENCE_ENTRIES: tuple[str, ...] = ("model", "model_config", "data_spec", "config")
+
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint (no training state needed) and load its weights."""
-    checkpoint = ckpt.load(path, map_location="cpu")
+    """Rebuild the model stored in a checkpoint (no training state needed) and load its weights.
+
+    ``path`` is a checkpoint file or a run folder (its ``best.pt``, :func:`dmlkit.train.checkpoint.
+    checkpoint_file`). A file that is no dmlkit checkpoint, lacks an entry of :data:`INFERENCE_ENTRIES` or
+    whose weights do not fit its own model raises ``DataError`` naming it.
+    """
+    file = ckpt.checkpoint_file(path)
+    checkpoint = ckpt.load(file, map_location="cpu")
+    missing = [key for key in INFERENCE_ENTRIES if key not in checkpoint]
+    if missing:
+        raise DataError(f"{file} is not a complete dmlkit checkpoint (no {', '.join(map(repr, missing))})")
+    if not isinstance(checkpoint["model_config"], dict) or not isinstance(checkpoint["data_spec"], dict):
+        raise DataError(f"{file}: 'model_config' and 'data_spec' must be mappings; the file is damaged")
     model_config = dict(checkpoint["model_config"])
     model_config["pretrained_weights"] = None  # the checkpoint's own weights replace them
-    model = models.build_model(**model_config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = models.build_model(**model_config)
+    except (DmlkitError, TypeError) as exc:
+        raise DataError(f"{file}: cannot rebuild its model from 'model_config': {exc}") from exc
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{file}: its weights do not fit its own model ({first})") from exc
     return model.to(device).eval(), checkpoint
 
 
@@ -126,17 +149,21 @@ class FilesDataset(torch.utils.data.Dataset):
         return self.transform(image), -1, index
 
 
-def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+def add_checkpoint_argument(
+    parser: argparse.ArgumentParser,
+    help: str = "checkpoint file (best.pt, last.pt) or run folder (its best.pt)",
+) -> None:
     """Add the required ``--checkpoint`` (a checkpoint file or a run folder), read by :func:`load_model`."""
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint file (best.pt, last.pt) or run folder"
-    )
+    parser.add_argument("--checkpoint", required=True, help=help)
 
 
 def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--batch-size``, ``--num-workers``, ``--device`` and ``--no-progress`` (read by :func:`embed`)."""
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
+    """Add ``--batch-size``, ``--num-workers``, ``--device`` and ``--no-progress`` (read by :func:`embed`);
+    a batch size below 1 or a negative worker count is refused while the arguments are parsed."""
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch (256)")
+    parser.add_argument(
+        "--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes (0)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -19,6 +19,7 @@ from dmlkit.cli.common import (
     load_model,
 )
 from dmlkit.cli.parser import SuggestingParser
+from dmlkit.errors import ConfigError
 from dmlkit.inference import resolve_device
 
 
@@ -35,13 +36,15 @@ def add_parser(cli: SuggestingParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    model, checkpoint = load_model(args.checkpoint, device)
-    paths, ids = list_images(args.images, args.image_column)
-    embeddings, _ = embed(model, FilesDataset.for_checkpoint(paths, checkpoint), args, device, "embed")
     out = Path(args.out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
+    if out.is_dir():  # found now, not after every image is embedded
+        raise ConfigError(f"--out {args.out}: {out} is a folder; give the .npy file to write")
+    paths, ids = list_images(args.images, args.image_column)  # a bad --images fails before the model loads
+    device = resolve_device(args.device)
+    model, checkpoint = load_model(args.checkpoint, device)
+    embeddings, _ = embed(model, FilesDataset.for_checkpoint(paths, checkpoint), args, device, "embed")
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, embeddings.numpy().astype(np.float32))
     distance = "cosine" if checkpoint["model_config"].get("normalize", True) else "euclidean"

@@ -14,7 +14,7 @@ from dmlkit import metrics as metrics_lib
 from dmlkit import search as search_lib
 from dmlkit.cli import landmarks
 from dmlkit.cli.common import add_checkpoint_argument, add_embedding_arguments, embed, load_model
-from dmlkit.cli.parser import SuggestingParser
+from dmlkit.cli.parser import SuggestingParser, positive_int
 from dmlkit.config import ComponentSpec, DataSection, config_from_checkpoint
 from dmlkit.config import parse_list as _parse_list
 from dmlkit.config import parse_mapping as _parse_mapping
@@ -71,8 +71,12 @@ def add_parser(cli: SuggestingParser) -> None:
         metavar="IMAGE",
         help="draw queries and their top results (green: same label, red: another) into this .png/.jpg",
     )
-    parser.add_argument("--num-examples", type=int, default=8, help="queries drawn by --examples (8)")
-    parser.add_argument("--examples-top", type=int, default=5, help="results per query in --examples (5)")
+    parser.add_argument(
+        "--num-examples", type=positive_int, default=8, help="queries drawn by --examples (8)"
+    )
+    parser.add_argument(
+        "--examples-top", type=positive_int, default=5, help="results per query in --examples (5)"
+    )
     parser.add_argument(
         "--examples-mode",
         choices=("failures", "random", "first"),
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _data_section(args: argparse.Namespace, trained: DataSection) -> DataSection:
     """The checkpoint's data section with ``--dataset``/``--data-root``/``--dataset-args`` applied; another
-    dataset starts from its own defaults (no root, no arguments)."""
+    dataset starts from its own defaults (no root, no arguments, the image-file options at their defaults)."""
     if args.dataset is None or args.dataset == trained.dataset.name:
         dataset = trained.dataset
         if args.dataset_args is not None:
@@ -161,9 +165,8 @@ def _data_section(args: argparse.Namespace, trained: DataSection) -> DataSection
             update={"dataset": dataset, "data_root": args.data_root or trained.data_root}
         )
     dataset = ComponentSpec(name=args.dataset, args=args.dataset_args or {})
-    return trained.model_copy(
-        update={"dataset": dataset, "data_root": args.data_root, "skip_unreadable": False}
-    )
+    file_defaults = {key: DataSection.model_fields[key].default for key in DataSection.FILE_OPTIONS}
+    return trained.model_copy(update={"dataset": dataset, "data_root": args.data_root, **file_defaults})
 
 
 def _per_class(results: metrics_lib.RetrievalResults, class_names: list[str]) -> dict[str, dict[str, float]]:
@@ -180,9 +183,6 @@ def _check_examples(args: argparse.Namespace) -> None:
         return
     if Path(args.examples).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ConfigError(f"--examples must name a .png or .jpg file, got '{args.examples}'")
-    for flag, value in (("--num-examples", args.num_examples), ("--examples-top", args.examples_top)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be a positive integer, got {value}")
 
 
 def _examples_top(args: argparse.Namespace, num_items: int) -> int:

@@ -4,15 +4,43 @@ Subcommands are added with :meth:`SuggestingParser.add_parser` (named like argpa
 which keeps each subcommand's parser, and every parser records the long options it was given (through
 ``add_argument`` on the parser or on any of its groups), so an unknown ``--embeding-size`` is reported by
 the subcommand that knows ``--embedding-size`` — without argparse's private classes or its error text.
+
+Every error is reported as ``dmlkit <command>: error: <message>`` on the first line of stderr (argparse
+prints the usage first), then the usage, exit status 2. :func:`positive_int` and :func:`non_negative_int`
+are argument types that refuse ``--batch-size 0`` or ``--num-workers -1`` while the arguments are parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from dmlkit.errors import unknown_name_message
+
+#: A usage longer than this many lines (``dmlkit train`` has a flag per config field) is replaced by a
+#: pointer to ``--help`` after an error: the error line is what the user must read.
+MAX_USAGE_LINES = 6
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (``--batch-size``, ``-k``)."""
+    return _integer(text, minimum=1, description="a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0 (``--num-workers``)."""
+    return _integer(text, minimum=0, description="an integer ≥ 0")
+
+
+def _integer(text: str, minimum: int, description: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {description}, got {value}")
+    return value
 
 
 class _RecordingGroup:
@@ -72,6 +100,14 @@ class SuggestingParser(argparse.ArgumentParser):
             # Options a subcommand does not know come back here; the subcommand reports them.
             self.commands.get(getattr(parsed, "command", None) or "", self).reject(extras)
         return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """Exit with status 2: ``<prog>: error: <message>`` first (the culprit), then the usage (or, when
+        the usage is long, where to find it)."""
+        usage = self.format_usage()
+        if usage.count("\n") > MAX_USAGE_LINES:
+            usage = f"run '{self.prog} --help' for the options\n"
+        self.exit(2, f"{self.prog}: error: {message}\n{usage}")
 
     def reject(self, extras: list[str]) -> None:
         """Exit with status 2 naming the first unknown option and the closest valid one."""

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from dmlkit import distances
-from dmlkit.cli.common import FilesDataset, ids_path, list_images, load_model
-from dmlkit.cli.parser import SuggestingParser
-from dmlkit.errors import DataError
+from dmlkit.cli.common import FilesDataset, add_checkpoint_argument, ids_path, list_images, load_model
+from dmlkit.cli.parser import SuggestingParser, positive_int
+from dmlkit.errors import DataError, unknown_name_message
 from dmlkit.inference import compute_embeddings, resolve_device
 from dmlkit.search import RetrievalResults, search
 
@@ -22,46 +23,105 @@ def add_parser(cli: SuggestingParser) -> None:
     parser = cli.add_parser(
         "search", help="search a gallery of embeddings with query images", description=__doc__
     )
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint that embedded the gallery")
+    add_checkpoint_argument(parser, help="the checkpoint that embedded the gallery, or its run folder")
     parser.add_argument("--gallery", required=True, help=".npy written by `dmlkit embed` (ids beside it)")
     parser.add_argument("--query", required=True, help="an image, a folder of images or a CSV")
-    parser.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default: 10)")
+    parser.add_argument("-k", "--k", type=positive_int, default=10, help="neighbours per query (default: 10)")
     parser.add_argument(
         "--distance",
+        choices=distances.available(indexable=True),
         default=None,
-        help=f"{', '.join(distances.available(indexable=True))} (default: the gallery's)",
+        help="distance of the search (default: the gallery's, from its .ids.json)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.k <= 0:
-        raise DataError(f"-k must be positive, got {args.k}")
+def read_gallery(path: str | Path) -> np.ndarray:
+    """The embeddings of a gallery ``.npy``: a 2-D array of finite numbers, one row per item.
+
+    The header is read before the data, so a file of strings or Python objects is refused by its dtype
+    and shape (``allow_pickle=False``: nothing in the file is executed). Raises ``DataError`` naming the
+    file, its dtype and shape, or the first rows that are not finite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"gallery embeddings not found: {path}")
     try:
-        gallery = torch.from_numpy(np.load(args.gallery)).float()
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            # Version 3.0 differs from 2.0 only by a utf-8 header, which numbers and dtypes do not need.
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read gallery embeddings {args.gallery}: {exc}") from exc
-    meta_path = ids_path(args.gallery)
-    if not meta_path.is_file():
-        raise DataError(f"gallery ids file {meta_path} not found (written by `dmlkit embed` beside the .npy)")
-    meta = json.loads(meta_path.read_text())
-    gallery_ids = meta["ids"]
-    if len(gallery_ids) != len(gallery):
+        raise DataError(f"gallery {path} is not a NumPy .npy file ({' '.join(str(exc).split())})") from exc
+    if dtype.kind not in "fiu" or len(shape) != 2 or 0 in shape:
         raise DataError(
-            f"{meta_path} lists {len(gallery_ids)} ids but {args.gallery} has {len(gallery)} rows"
+            f"gallery {path} has dtype {dtype} and shape {shape}; expected a 2-D array of numbers, one "
+            "embedding per row (as `dmlkit embed` writes)"
         )
+    try:
+        gallery = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read gallery {path}: {' '.join(str(exc).split())}") from exc
+    bad = np.flatnonzero(~np.isfinite(gallery).all(axis=1))
+    if bad.size:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if bad.size > 5 else "")
+        raise DataError(
+            f"gallery {path} (dtype {dtype}, shape {shape}) has NaN or infinite values in {bad.size} of "
+            f"{shape[0]} rows (rows {shown})"
+        )
+    return gallery
+
+
+def read_gallery_ids(gallery_path: str | Path, rows: int) -> tuple[list[str], str | None]:
+    """``(ids, distance)`` from the ``.ids.json`` beside a gallery (:func:`ids_path`): one string id per
+    row and the distance it was embedded for (``None``: not recorded). Raises ``DataError`` naming the
+    file and what is wrong with it."""
+    path = ids_path(gallery_path)
+    if not path.is_file():
+        raise DataError(f"gallery ids file {path} not found (written by `dmlkit embed` beside the .npy)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"gallery ids file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or "ids" not in meta:
+        found = f"keys {sorted(meta)}" if isinstance(meta, dict) else f"a {type(meta).__name__}"
+        raise DataError(f"gallery ids file {path} must be an object with an 'ids' list; found {found}")
+    ids = meta["ids"]
+    if not isinstance(ids, list):
+        raise DataError(
+            f"gallery ids file {path}: 'ids' must be a list of strings, got a {type(ids).__name__}"
+        )
+    wrong = next((i for i, item in enumerate(ids) if not isinstance(item, str)), None)
+    if wrong is not None:
+        raise DataError(f"gallery ids file {path}: ids[{wrong}] is {ids[wrong]!r}, not a string")
+    if len(ids) != rows:
+        raise DataError(f"{path} lists {len(ids)} ids but {gallery_path} has {rows} rows")
+    distance = meta.get("distance")
+    if distance is not None and distance not in distances.available(indexable=True):
+        valid = distances.available(indexable=True)
+        raise DataError(f"gallery ids file {path}: " + unknown_name_message("distance", str(distance), valid))
+    return ids, distance
+
+
+def run(args: argparse.Namespace) -> int:
+    # The gallery, its ids and the queries are checked before the model is loaded.
+    gallery = torch.from_numpy(read_gallery(args.gallery)).float()
+    gallery_ids, gallery_distance = read_gallery_ids(args.gallery, len(gallery))
+    paths, query_ids = list_images(args.query)
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
-    if gallery.ndim != 2 or gallery.shape[1] != model.embedding_size:
+    if gallery.shape[1] != model.embedding_size:
         raise DataError(
             f"{args.gallery} has shape {tuple(gallery.shape)}; the checkpoint embeds to "
             f"{model.embedding_size} dimensions"
         )
-    paths, query_ids = list_images(args.query)
     queries, _ = compute_embeddings(model, FilesDataset.for_checkpoint(paths, checkpoint), device=device)
-    distance = args.distance or meta.get("distance", "cosine")
+    distance = args.distance or gallery_distance or "cosine"
     k = min(args.k, len(gallery))
     results = _listing(search(queries, gallery, k=k, distance=distance), query_ids, gallery_ids)
     if args.json:

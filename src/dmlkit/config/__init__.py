@@ -2,14 +2,17 @@
 
 - :mod:`.sections`: ``TrainConfig`` = ``run``, ``data``, ``model``, ``objective``, ``memory``, ``optim``,
   ``eval``, ``log``; named components are :class:`ComponentSpec` ``(name, args)``;
-- :mod:`.loading`: ``make_config`` (from sections and/or flag-named keys), ``load_yaml`` / ``dump_yaml``;
-- :mod:`.flags`: one command-line flag per field (``--embedding-size``), ``config_from_args``.
+- :mod:`.loading`: ``make_config`` (from sections and/or flag-named keys), ``load_yaml`` / ``dump_yaml``,
+  ``parse_yaml`` (YAML with YAML 1.2 numbers: ``1e-4`` is a float, :class:`Yaml12Loader`);
+- :mod:`.flags`: one command-line flag per field (``--embedding-size``), ``config_from_args``; a malformed
+  list or mapping flag is a :class:`FlagValueError` quoting the text.
 
 Unknown keys, flags and names are errors that name the key and suggest the closest valid one; values and
 names are validated before any data is loaded.
 """
 
 from dmlkit.config.flags import (
+    FlagValueError,
     add_config_arguments,
     config_from_args,
     flag_names,
@@ -18,11 +21,13 @@ from dmlkit.config.flags import (
 )
 from dmlkit.config.loading import (
     FlagKey,
+    Yaml12Loader,
     config_from_checkpoint,
     dump_yaml,
     flag_keys,
     load_yaml,
     make_config,
+    parse_yaml,
     validate_names,
 )
 from dmlkit.config.sections import (
@@ -46,6 +51,7 @@ __all__ = [
     "DataSection",
     "EvalSection",
     "FlagKey",
+    "FlagValueError",
     "LogSection",
     "MemorySection",
     "ModelSection",
@@ -54,6 +60,7 @@ __all__ = [
     "RunSection",
     "Section",
     "TrainConfig",
+    "Yaml12Loader",
     "add_config_arguments",
     "config_from_args",
     "config_from_checkpoint",
@@ -64,5 +71,6 @@ __all__ = [
     "make_config",
     "parse_list",
     "parse_mapping",
+    "parse_yaml",
     "validate_names",
 ]

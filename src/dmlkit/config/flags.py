@@ -14,8 +14,17 @@ from typing import Any, Literal
 import yaml
 
 from dmlkit import distances, metrics
-from dmlkit.config.loading import FlagKey, apply_flags, flag_keys, load_yaml, make_config
+from dmlkit.config.loading import (
+    FlagKey,
+    apply_flags,
+    flag_keys,
+    load_yaml,
+    make_config,
+    parse_yaml,
+    yaml_error,
+)
 from dmlkit.config.sections import SECTIONS, TrainConfig
+from dmlkit.errors import ConfigError
 from dmlkit.train import optim
 
 #: Flags whose value must be one of a registry's names (argparse lists them in ``--help``).
@@ -27,8 +36,24 @@ CHOICES: dict[str, typing.Callable[[], list[str]]] = {
 }
 
 
+class FlagValueError(ConfigError, argparse.ArgumentTypeError):
+    """A malformed flag value. argparse reports it as ``argument --flag: <message>`` (an
+    ``ArgumentTypeError``); called from Python, it is a ``ConfigError``."""
+
+
+def _yaml_value(text: str, what: str) -> Any:
+    """``text`` read as YAML (YAML 1.2 numbers: :class:`Yaml12Loader`); a syntax error names ``what``."""
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise FlagValueError(f"{what}: {text!r} is not valid YAML ({yaml_error(exc)})") from None
+
+
 def parse_mapping(text: str) -> dict[str, Any]:
-    """``'{alpha: 2, beta: 50}'`` (YAML/JSON) or ``'alpha=2,beta=50'`` → dict; ``none``/``{}`` → {}."""
+    """``'{alpha: 2, beta: 50}'`` (YAML/JSON) or ``'alpha=2,beta=50'`` → dict; ``none``/``{}`` → {}.
+
+    Values are read as YAML 1.2 (``{margin: 1e-1}`` is a float); malformed text raises
+    :class:`FlagValueError` quoting it."""
     text = text.strip()
     if not text or text.lower() in ("none", "null", "{}"):
         return {}
@@ -36,25 +61,33 @@ def parse_mapping(text: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part in text.split(","):
             key, sep, value = part.partition("=")
-            if not sep:
-                raise argparse.ArgumentTypeError(f"expected key=value, got '{part}'")
-            out[key.strip()] = yaml.safe_load(value.strip())
+            if not sep or not key.strip():
+                raise FlagValueError(f"expected key=value, got {part.strip()!r} in {text!r}")
+            out[key.strip()] = _yaml_value(value.strip(), f"value of {key.strip()!r}")
         return out
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise argparse.ArgumentTypeError(f"not a mapping: {text!r} ({exc})") from None
+    value = _yaml_value(text, "not a mapping")
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"not a mapping: {text!r}")
+        shown = "text" if isinstance(value, str) else type(value).__name__
+        raise FlagValueError(f"not a mapping: {text!r} (a {shown}; write '{{key: value, ...}}')")
+    keys = [key for key in value if not isinstance(key, str)]
+    if keys:
+        raise FlagValueError(f"not a mapping of names: {text!r} (key {keys[0]!r} is not a name)")
     return value
 
 
 def parse_list(text: str) -> list[str]:
-    """``'a,b'`` or ``'[a, b]'`` → ``['a', 'b']``."""
+    """``'a,b'`` or ``'[a, b]'`` (YAML) → ``['a', 'b']``; malformed text (``'[a, b'``, nested lists or
+    mappings) raises :class:`FlagValueError` quoting it."""
     text = text.strip()
-    if text.startswith("["):
-        return [str(v) for v in yaml.safe_load(text)]
-    return [part.strip() for part in text.split(",") if part.strip()]
+    if not text.startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    items = _yaml_value(text, "not a list")
+    if not isinstance(items, list):
+        raise FlagValueError(f"not a list: {text!r} (write '[a, b, ...]' or 'a,b,...')")
+    for index, item in enumerate(items):
+        if isinstance(item, list | dict) or item is None:
+            raise FlagValueError(f"not a list of values: {text!r} (item {index + 1} is {item!r})")
+    return [str(item) for item in items]
 
 
 def _none_or(text: str) -> str | None:

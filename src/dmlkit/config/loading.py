@@ -8,22 +8,69 @@ flags are applied this way.
 Flat YAML files (the layout before sections: every key at the top level) are converted with a
 ``FutureWarning`` that lists where each key went; write them in sections (the run directory's resolved
 ``config.yaml`` shows the layout).
+
+YAML is read by :class:`Yaml12Loader` everywhere (config files, ``--*-args`` mappings, list flags): PyYAML
+follows YAML 1.1, where a float needs a dot, so ``lr: 1e-4`` would be the *string* ``'1e-4'``; this loader
+reads numbers as YAML 1.2 does.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from dmlkit.config.sections import SECTIONS, ComponentSpec, TrainConfig
 from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+#: YAML 1.2's float (core schema): a dot or an exponent (``1e-40``, ``1E5``, ``.5``, ``-1e3``, ``1.``),
+#: ``.inf``/``inf`` and ``.nan``/``nan`` in any of their cases; ``_`` digit separators (YAML 1.1) still work.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.?(?:inf|Inf|INF)
+    |\.?(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python objects) whose floats follow YAML 1.2: ``1e-40`` is a float.
+
+    PyYAML's YAML 1.1 float needs a dot, so ``1e-4`` or ``1E5`` would be strings that a float field, or a
+    loss hyperparameter, refuses (or worse, takes as a string). Integers, booleans and nulls are PyYAML's.
+    """
+
+    # A copy of the safe loader's resolvers without its float (add_implicit_resolver appends to the copy).
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+Yaml12Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789.iInN"))
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read as YAML by :class:`Yaml12Loader` (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=Yaml12Loader)  # a SafeLoader subclass: no Python objects
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error on one line: ``line 3, column 7: expected ',' or ']', but got '<stream end>'``."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f" ({exc.context})" if exc.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"
+    return " ".join(str(exc).split())
 
 
 @dataclass(frozen=True)
@@ -167,9 +214,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of config sections, got {type(data).__name__}"

@@ -12,6 +12,9 @@ flag names, so a key means the same in a YAML section, on the command line and i
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +44,36 @@ def _check_choice(kind: str, value: str, choices: list[str]) -> str:
     return value
 
 
+def require_finite(value: Any, where: str) -> Any:
+    """``value`` unchanged; raises ``ValueError`` naming the key (``where.key[0]``...) and the value if a
+    float anywhere inside it (mappings and lists are walked) is infinite or NaN.
+
+    Typed float fields refuse ``inf``/``nan`` through ``allow_inf_nan=False``; this covers the values pydantic
+    cannot type, the keyword arguments of components (``loss_args``, ...) and mapping-valued options.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}={value!r} is not a finite number")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            require_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for position, item in enumerate(value):
+            require_finite(item, f"{where}[{position}]")
+    return value
+
+
+def canonical_metric(name: str) -> str:
+    """The one spelling of a metric name used everywhere (config, history rows, results): stripped,
+    lower-case (``"MAP@R "`` → ``"map@r"``)."""
+    return name.strip().lower()
+
+
+def absolute_path(path: str | None) -> str | None:
+    """``~`` expanded and made absolute against the current folder, so that a run's stored configuration
+    means the same file from any folder (``dmlkit eval``, ``--resume``)."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
 class ComponentSpec(BaseModel):
     """A component chosen by name with its keyword arguments; the owning package's registry validates both.
 
@@ -57,11 +90,17 @@ class ComponentSpec(BaseModel):
     def _from_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
+    @field_validator("args")
+    @classmethod
+    def _finite_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return require_finite(value, "")  # type: ignore[no-any-return]
+
 
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: ``--lr inf`` or ``grad_clip: .nan`` is refused at config time, naming the key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     #: Section name in YAML and in error messages.
     key: ClassVar[str] = ""
@@ -91,12 +130,29 @@ class DataSection(Section):
     dataset: ComponentSpec = _component(
         "synthetic", "dataset name (see `dmlkit list datasets`)", "extra keyword arguments of the dataset"
     )
-    data_root: str | None = _field(None, "dataset folder or file (not needed by 'synthetic')")
+    data_root: str | None = _field(
+        None, "dataset folder or file (not needed by 'synthetic'; stored absolute)"
+    )
     val_fraction: float = _field(
         0.2, "fraction of training classes held out (class-disjoint) for validation", ge=0.0, lt=1.0
     )
     num_workers: int = _field(0, "DataLoader worker processes", ge=0)
-    skip_unreadable: bool = _field(False, "drop unreadable images (reporting how many) instead of failing")
+    skip_unreadable: bool = _field(
+        False,
+        "drop images that fail the build-time check (reporting how many) and replace ones that fail while "
+        "training by another image of their class, instead of failing",
+    )
+    verify_images: data_lib.images.VerifyMode = _field(
+        "auto",
+        "build-time check of image files: 'header' (parse headers), 'full' (decode every image, in threads) "
+        "or 'auto' (full when the images total at most 4·10⁹ pixels, else header)",
+    )
+    max_image_pixels: int | None = _field(
+        data_lib.images.DEFAULT_MAX_IMAGE_PIXELS,
+        "refuse images with more pixels than this (decompression-bomb guard; Pillow's limit by default; "
+        "none: no limit)",
+        ge=1,
+    )
     sampler: ComponentSpec = _component(
         "m_per_class",
         "batch sampler name (see `dmlkit list samplers`)",
@@ -104,6 +160,11 @@ class DataSection(Section):
     )
     batch_size: int = _field(128, "images per batch", gt=0)
     samples_per_class: int = _field(4, "images per class in a batch (K of P×K)", gt=0)
+
+    @field_validator("data_root")
+    @classmethod
+    def _absolute_root(cls, value: str | None) -> str | None:
+        return absolute_path(value)
 
     @model_validator(mode="after")
     def _check_batch_shape(self) -> DataSection:
@@ -121,21 +182,42 @@ class DataSection(Section):
         name = self.sampler.name
         return name in registry and "samples_per_class" in registry.parameters(name)
 
+    #: Fields that are keyword arguments of the datasets that read image files (``folder``, ``csv``).
+    FILE_OPTIONS: ClassVar[tuple[str, ...]] = ("skip_unreadable", "verify_images", "max_image_pixels")
+
+    def file_options(self) -> dict[str, Any]:
+        """The :data:`FILE_OPTIONS` set away from their defaults."""
+        fields = type(self).model_fields
+        return {
+            key: getattr(self, key) for key in self.FILE_OPTIONS if getattr(self, key) != fields[key].default
+        }
+
+    @model_validator(mode="after")
+    def _file_options_given_once(self) -> DataSection:
+        # ``--verify-images header`` with ``--dataset-args '{verify_images: full}'``: refuse, not pick one
+        for key, value in self.file_options().items():
+            if key in self.dataset.args and self.dataset.args[key] != value:
+                given = self.dataset.args[key]
+                raise ValueError(f"{key} is {value!r} but dataset_args sets {key}: {given!r}; give it once")
+        return self
+
     def dataset_kwargs(self) -> dict[str, Any]:
-        """The dataset's keyword arguments, ``skip_unreadable`` folded in (datasets that read files)."""
-        kwargs = dict(self.dataset.args)
-        if self.skip_unreadable:
-            kwargs["skip_unreadable"] = True
-        return kwargs
+        """The dataset's keyword arguments with the :data:`FILE_OPTIONS` set away from their defaults folded
+        in, for a dataset that takes them (:meth:`check` refuses them for one that does not)."""
+        accepted = data_lib.REGISTRY.parameters(self.dataset.name)
+        return {**self.dataset.args, **{k: v for k, v in self.file_options().items() if k in accepted}}
 
     def check(self, config: TrainConfig) -> None:
         data_lib.REGISTRY.check_kwargs(self.dataset.name, self.dataset.args, provided_by_caller=("root",))
-        if self.skip_unreadable and "skip_unreadable" not in data_lib.REGISTRY.parameters(self.dataset.name):
-            raise ConfigError(f"skip_unreadable: dataset '{self.dataset.name}' reads no image files")
-        sampler_extra = ("samples_per_class",) if self.sampler_takes_k else ()
+        accepted = data_lib.REGISTRY.parameters(self.dataset.name)
+        for key in self.file_options():
+            if key not in accepted:
+                raise ConfigError(f"{key}: dataset '{self.dataset.name}' reads no image files")
+        # The values too (a mapping): the registry checks their types before any data is loaded.
+        sampler_extra = {"samples_per_class": self.samples_per_class} if self.sampler_takes_k else {}
         samplers.REGISTRY.check_kwargs(
             self.sampler.name,
-            list(self.sampler.args) + list(sampler_extra),
+            {**self.sampler.args, **sampler_extra},
             provided_by_caller=("labels", "batch_size", "seed", "rank", "world_size"),
         )
 
@@ -146,11 +228,16 @@ class ModelSection(Section):
     key: ClassVar[str] = "model"
 
     backbone: str = _field("small_cnn", "'small_cnn', 'timm:<name>' or 'torchvision:<name>'")
-    pretrained_weights: str | None = _field(None, "local state-dict file for the backbone")
+    pretrained_weights: str | None = _field(None, "local state-dict file for the backbone (stored absolute)")
     embedding_size: int = _field(64, "embedding dimension (0: pooled backbone features)", ge=0)
     pooling: str = _field("avg", "global pooling: avg, max or gem")
     normalize: bool = _field(True, "L2-normalise embeddings")
     freeze_bn: bool = _field(False, "keep BatchNorm layers in eval mode with frozen affine parameters")
+
+    @field_validator("pretrained_weights")
+    @classmethod
+    def _absolute_weights(cls, value: str | None) -> str | None:
+        return absolute_path(value)
 
     def check(self, config: TrainConfig) -> None:
         models.backbones.REGISTRY.get(self.backbone)
@@ -260,7 +347,10 @@ class OptimSection(Section):
         "none", "mixed precision: bf16 (cpu or cuda) or fp16 with grad scaling (cuda)"
     )
     max_nonfinite_steps: int = _field(
-        10, "abort after this many non-finite losses in a row (each one is skipped)", gt=0
+        10,
+        "abort after this many skipped steps in a row (a step with non-finite embeddings, loss or gradient "
+        "is skipped)",
+        gt=0,
     )
 
     @field_validator("loss_lr", "grad_clip")
@@ -290,7 +380,10 @@ class EvalSection(Section):
     metrics: list[str] = _field(
         lambda: list(metrics.DEFAULT_METRICS), "metrics reported on validation and test"
     )
-    select_metric: str = _field("map@r", "validation metric that selects best.pt (higher is better)")
+    select_metric: str = _field(
+        "map@r",
+        "validation metric that selects best.pt (its best value: the highest, the lowest for distances)",
+    )
     eval_batch_size: int = _field(256, "batch size when computing embeddings", gt=0)
     eval_distance: str = _field(
         "cosine", "distance of the validation/test k-NN search (and of dists@* metrics)"
@@ -306,7 +399,13 @@ class EvalSection(Section):
     def _metrics_not_empty(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one metric is needed")
-        return [m.strip().lower() for m in value]
+        return list(dict.fromkeys(canonical_metric(m) for m in value))
+
+    @field_validator("select_metric")
+    @classmethod
+    def _canonical_select(cls, value: str) -> str:
+        # Stored in its canonical spelling: the loop indexes the validation results with it.
+        return canonical_metric(value)
 
     @field_validator("eval_distance")
     @classmethod
@@ -320,7 +419,7 @@ class EvalSection(Section):
 
     @model_validator(mode="after")
     def _select_among_metrics(self) -> EvalSection:
-        if self.select_metric.lower() not in self.metrics:
+        if self.select_metric not in self.metrics:
             raise ValueError(f"select_metric '{self.select_metric}' must be one of metrics {self.metrics}")
         return self
 
@@ -360,6 +459,42 @@ class TrainConfig(BaseModel):
         for section in self.sections():
             section.check(self)
 
+
+#: The options that may change when a run is resumed (``section.field``); every other change is refused
+#: by name (:meth:`dmlkit.train.run_dir.RunDirectory.check_resume`). Each was chosen because the resumed run
+#: really applies the new value and nothing saved depends on the old one:
+#:
+#: - ``run.device``: the state is loaded on the CPU and moved to the model's device;
+#: - ``run.progress``, ``log.*``: output only;
+#: - ``run.deterministic``: kernel choice only (bitwise repeatability is then lost, as the flag says);
+#: - ``data.num_workers``: batches, their order and their augmentation do not depend on the workers;
+#: - ``optim.epochs``: the loop runs to the new count and the lr schedule is recomputed for the new length
+#:   from the current iteration on (the saved state holds only the iteration counter);
+#: - ``optim.grad_clip``, ``optim.max_nonfinite_steps``: read at every step;
+#: - ``optim.amp``: read at every step; the grad scaler starts fresh when switching to fp16;
+#: - ``eval.val_every``, ``eval.eval_batch_size``: when and in what batches validation runs, not what it
+#:   measures.
+#:
+#: Not here: anything that shapes the model, the data, the split, the sampler, the objective, the optimizer
+#: state (``lr``, ``weight_decay``, ...: the saved optimizer restores its own), the seed, or what the saved
+#: best value was measured with (metrics, distance, search backend, ``select_metric``).
+RESUMABLE: frozenset[str] = frozenset(
+    {
+        "run.device",
+        "run.progress",
+        "run.deterministic",
+        "data.num_workers",
+        "optim.epochs",
+        "optim.grad_clip",
+        "optim.max_nonfinite_steps",
+        "optim.amp",
+        "eval.val_every",
+        "eval.eval_batch_size",
+        "log.tensorboard",
+        "log.wandb",
+        "log.wandb_project",
+    }
+)
 
 #: Section name → its model, in YAML and ``--help`` order.
 SECTIONS: dict[str, type[Section]] = {

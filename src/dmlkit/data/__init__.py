@@ -1,7 +1,8 @@
 """Datasets for zero-shot retrieval: ``build(name, root, **kwargs)`` → :class:`DatasetSplits`.
 
 Registered names (:data:`REGISTRY`, :func:`available`): ``synthetic`` (built in, the default),
-``folder``, ``csv``, ``omniglot``. Image files are listed, decoded and checked by :mod:`dmlkit.data.images`.
+``folder``, ``csv``, ``omniglot``. Image files are listed, decoded and checked by :mod:`dmlkit.data.images`
+(one decoder, :func:`load_image`; the build-time check, :func:`verify_images`; a pixel limit).
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ from dmlkit.data.base import (
     DatasetSplits,
     FileImageDataset,
     ImageDataset,
+    SharedCounter,
     item_seed,
 )
 from dmlkit.data.datasets import render_glyphs
-from dmlkit.data.images import IMAGE_EXTENSIONS, load_image, verify_images
+from dmlkit.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageTooLargeError,
+    find_overlap,
+    load_image,
+    verify_images,
+)
 from dmlkit.data.splits import class_disjoint_split, split_class_names
 
 DEFAULT_DATASET = "synthetic"
@@ -49,16 +58,20 @@ def data_spec(splits: DatasetSplits) -> dict[str, Any]:
 
 __all__ = [
     "DEFAULT_DATASET",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_EXTENSIONS",
     "REGISTRY",
     "ArrayImageDataset",
     "DatasetSplits",
     "FileImageDataset",
     "ImageDataset",
+    "ImageTooLargeError",
+    "SharedCounter",
     "available",
     "build",
     "class_disjoint_split",
     "data_spec",
+    "find_overlap",
     "images",
     "item_seed",
     "load_image",

@@ -9,6 +9,7 @@ classes (zero-shot retrieval).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dmlkit.data import transforms
-from dmlkit.data.images import load_image
+from dmlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from dmlkit.errors import ConfigError, DataError
 from dmlkit.registry import Registry
 
@@ -188,8 +189,42 @@ class ArrayImageDataset(ImageDataset):
         )
 
 
+class SharedCounter:
+    """A count that DataLoader worker processes add to and the main process reads (:attr:`value`).
+
+    It lives in a shared-memory tensor: forked workers share its pages, spawned / forkserver ones receive it
+    through torch's multiprocessing pickler (a handle to the same memory), and plain pickling (``copy``,
+    ``pickle``) copies the count. Each process adds only to its own slot (the main process to slot 0,
+    worker ``w`` to slot ``1 + w mod (SLOTS − 1)``), so no lock is needed and no increment is lost (as long
+    as one DataLoader at a time iterates the dataset, as training and evaluation do).
+    """
+
+    SLOTS = 64
+
+    def __init__(self) -> None:
+        self._slots = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self, count: int = 1) -> None:
+        """Add ``count`` in this process's slot."""
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self._slots[slot] += count
+
+    @property
+    def value(self) -> int:
+        """The total over every process."""
+        return int(self._slots.sum())
+
+
 class FileImageDataset(ImageDataset):
-    """Images decoded lazily from files with PIL (converted to RGB, or to ``L`` when ``channels == 1``)."""
+    """Images decoded lazily from files with :func:`~dmlkit.data.images.load_image` (``RGB``, or ``L`` when
+    ``channels == 1``), refusing images above ``max_pixels`` pixels (``None``: no limit).
+
+    A file that fails to load raises ``DataError`` naming it, unless ``skip_unreadable``: the item is then
+    replaced by another image of the same class, chosen by a pure function of (``augment_seed``, ``epoch``,
+    index) (a resumed run replays the same substitutes), with a warning naming the file (once per process);
+    :attr:`substituted` counts the replacements, in the DataLoader workers too.
+    """
 
     def __init__(
         self,
@@ -199,6 +234,9 @@ class FileImageDataset(ImageDataset):
         ids: Sequence[str],
         transform: Transform | None = None,
         channels: int = 3,
+        *,
+        skip_unreadable: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if channels not in (1, 3):
             raise DataError(f"file datasets decode to 1 or 3 channels, got channels={channels}")
@@ -207,9 +245,47 @@ class FileImageDataset(ImageDataset):
         self.paths = np.asarray([str(p) for p in paths], dtype=np.str_)
         if len(self.paths) != len(self.labels):
             raise DataError(f"{len(self.paths)} paths for {len(self.labels)} labels")
+        self.skip_unreadable = skip_unreadable
+        self.max_pixels = max_pixels
+        self._substituted = SharedCounter()
+
+    @property
+    def substituted(self) -> int:
+        """How many loads failed and were replaced by another image of the class (``skip_unreadable``),
+        since this dataset was made, in every process (DataLoader workers included)."""
+        return self._substituted.value
 
     def load(self, index: int) -> Image.Image:
-        return load_image(str(self.paths[index]), self.channels)
+        try:
+            return load_image(str(self.paths[index]), self.channels, max_pixels=self.max_pixels)
+        except DataError as exc:
+            if not self.skip_unreadable:
+                raise
+            return self._substitute(index, exc)
+
+    def _substitute(self, index: int, failure: DataError) -> Image.Image:
+        """The first loadable image of ``index``'s class in an order drawn from ``(augment_seed, epoch,
+        index)``; ``DataError`` when none of them loads."""
+        label = self.labels[index]
+        others = np.flatnonzero(self.labels == label)
+        others = others[others != index]
+        rng = np.random.default_rng(item_seed(self.augment_seed or 0, self.epoch, index))
+        order = rng.permutation(others)
+        for other in order:
+            try:
+                image = load_image(str(self.paths[other]), self.channels, max_pixels=self.max_pixels)
+            except DataError:
+                continue
+            self._substituted.add()
+            # the same text every time for one file: Python shows it once per process, not once per draw
+            name = self.class_names[label]
+            warnings.warn(
+                f"{failure} (skip_unreadable: replaced by another image of class '{name}')", stacklevel=3
+            )
+            return image
+        raise DataError(
+            f"{failure}; no other image of class '{self.class_names[label]}' loads either (skip_unreadable)"
+        )
 
     def _select(self, indices: np.ndarray, labels: np.ndarray, class_names: list[str]) -> ImageDataset:
         return FileImageDataset(
@@ -218,6 +294,8 @@ class FileImageDataset(ImageDataset):
             class_names,
             [self.ids[i] for i in indices],
             channels=self.channels,
+            skip_unreadable=self.skip_unreadable,
+            max_pixels=self.max_pixels,
         )
 
 
@@ -307,6 +385,7 @@ __all__ = [
     "DatasetSplits",
     "FileImageDataset",
     "ImageDataset",
+    "SharedCounter",
     "check_split",
     "dataset_file",
     "dataset_root",

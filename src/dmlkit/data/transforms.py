@@ -7,27 +7,100 @@ Two recipes:
   ``RandomHorizontalFlip`` + ``Normalize`` (ImageNet statistics); eval = ``Resize(int(size × 1.14))`` (shorter
   side) + ``CenterCrop(size)`` + ``Normalize``.
 - ``glyph`` (small in-memory grayscale images: ``synthetic``, ``omniglot``): train = a small
-  ``RandomAffine`` (±10°, ±10 % shift, ×0.9–1.1 scale, bilinear); eval = nothing; both resize only when the
-  stored size differs from ``image_size`` and normalise with the dataset's own mean/std (≈ zero mean, unit
-  variance).
+  ``RandomAffine`` (±10°, ±10 % shift, ×0.9–1.1 scale, bilinear); eval = nothing; both resize an input
+  whose size is not ``image_size`` × ``image_size`` (:class:`FitSize`) and normalise with the dataset's own
+  mean/std (≈ zero mean, unit variance).
 
-Both end with a float32 ``C × H × W`` plain tensor.
+Every pipeline starts with :class:`MatchChannels` and ends with a float32 ``channels × image_size ×
+image_size`` plain tensor, whatever the input: a PIL image of any mode or a ``uint8`` tensor, of any size,
+with 1, 3 (or with an alpha channel 2 or 4) channels. So a checkpoint's recorded pipeline
+(``transforms.build("eval", **data_spec)``) applies to any dataset: a glyph model evaluated on 105 px glyphs
+or on RGB photos of varying sizes sees what it was trained on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
-from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
+from dmlkit.data.images import to_channels
+from dmlkit.errors import ConfigError, DataError, UnknownNameError, unknown_name_message
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 KINDS: tuple[str, ...] = ("train", "eval")
 RECIPES: tuple[str, ...] = ("photo", "glyph")
 EVAL_RESIZE_RATIO = 1.14  # 256/224: resize the shorter side, then centre-crop
+#: RGB → gray weights (ITU-R 601-2 luma), the ones of Pillow's ``convert("L")``: a tensor and a decoded file
+#: become the same gray image.
+LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+
+class MatchChannels:
+    """First step of every pipeline: the input as ``channels`` channels (1 or 3).
+
+    A PIL image goes through :func:`dmlkit.data.images.to_channels` (the decoder's own conversion: 16-bit
+    scaling, transparency onto white, ``L`` / ``RGB``). A tensor (``C × H × W`` or ``H × W``; ``uint8`` or
+    float in [0, 1]) has a trailing alpha channel (C = 2 or 4) composited onto white, then gray is repeated
+    into RGB or RGB is reduced to gray with :data:`LUMA_WEIGHTS`; its dtype is kept.
+    """
+
+    def __init__(self, channels: int) -> None:
+        if channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def __call__(self, image: Any) -> Any:
+        if isinstance(image, Image.Image):
+            return to_channels(image, self.channels)
+        tensor = image if isinstance(image, torch.Tensor) else v2.functional.to_image(image)
+        tensor = tensor.as_subclass(torch.Tensor)
+        if tensor.dim() == 2:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 3:
+            raise DataError(f"expected a C × H × W image, got a tensor of shape {tuple(tensor.shape)}")
+        if tensor.shape[0] in (2, 4):
+            tensor = self._without_alpha(tensor)
+        count = tensor.shape[0]
+        if count == self.channels:
+            return tensor
+        if count == 1 and self.channels == 3:
+            return tensor.expand(3, -1, -1).contiguous()
+        if count == 3 and self.channels == 1:
+            weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.float32).view(3, 1, 1)
+            gray = (tensor.float() * weights).sum(0, keepdim=True)
+            return gray.round_().clamp_(0, 255).to(tensor.dtype) if tensor.dtype == torch.uint8 else gray
+        raise DataError(f"cannot turn a {count}-channel image into {self.channels} channel(s)")
+
+    @staticmethod
+    def _without_alpha(tensor: torch.Tensor) -> torch.Tensor:
+        full = 255.0 if tensor.dtype == torch.uint8 else 1.0
+        colour, alpha = tensor[:-1].float(), tensor[-1:].float() / full
+        out = colour * alpha + full * (1.0 - alpha)  # onto white, like the decoder
+        return out.round_().to(torch.uint8) if tensor.dtype == torch.uint8 else out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(channels={self.channels})"
+
+
+class FitSize:
+    """Resize (bilinear, antialiased) an image whose size is not ``size × size`` to exactly that; others
+    pass untouched. Decided per input, so stored glyphs of the training size are never resampled."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if tuple(image.shape[-2:]) == (self.size, self.size):
+            return image
+        return v2.functional.resize(image, [self.size, self.size], antialias=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
 
 
 def _stats(values: Sequence[float] | None, default: Sequence[float], channels: int, what: str) -> list[float]:
@@ -55,8 +128,10 @@ def build(
     """The ``kind`` (``train``/``eval``) pipeline of ``recipe`` (``photo``/``glyph``) for ``image_size``.
 
     ``mean``/``std`` default to the ImageNet statistics for ``photo`` and to 0.5/0.5 for ``glyph`` (dataset
-    builders pass the measured ones); ``native_size`` is the stored size of ``glyph`` images (a resize is
-    added when it differs from ``image_size``); ``crop_scale`` is the area range of ``RandomResizedCrop``.
+    builders pass the measured ones); ``native_size`` records the stored size of a dataset's ``glyph``
+    images (kept in the spec for reference: :class:`FitSize` resizes by each input's actual size);
+    ``crop_scale`` is the area range of ``RandomResizedCrop``. The output is always a float32 ``channels ×
+    image_size × image_size`` tensor (:class:`MatchChannels`, :class:`FitSize`).
     """
     if kind not in KINDS:
         raise UnknownNameError(unknown_name_message("transform kind", kind, KINDS))
@@ -64,13 +139,16 @@ def build(
         raise UnknownNameError(unknown_name_message("transform recipe", recipe, RECIPES))
     if image_size <= 0:
         raise ConfigError(f"image_size must be positive, got {image_size}")
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels}")
     if recipe == "photo":
         mean = _stats(mean, IMAGENET_MEAN, channels, "mean")
         std = _stats(std, IMAGENET_STD, channels, "std")
     else:
         mean = _stats(mean, (0.5,), channels, "mean")
         std = _stats(std, (0.5,), channels, "std")
-    steps: list[v2.Transform] = [v2.ToImage()]
+    del native_size  # recorded in specs; the resize below depends on each input's size, not on it
+    steps: list[Any] = [MatchChannels(channels), v2.ToImage()]
     if recipe == "photo":
         if kind == "train":
             steps += [
@@ -83,8 +161,7 @@ def build(
                 v2.CenterCrop(image_size),
             ]
     else:
-        if native_size is not None and native_size != image_size:
-            steps.append(v2.Resize((image_size, image_size), antialias=True))
+        steps.append(FitSize(image_size))
         if kind == "train":
             steps.append(
                 v2.RandomAffine(
@@ -98,4 +175,13 @@ def build(
     return v2.Compose(steps)
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "KINDS", "RECIPES", "build"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "KINDS",
+    "LUMA_WEIGHTS",
+    "RECIPES",
+    "FitSize",
+    "MatchChannels",
+    "build",
+]

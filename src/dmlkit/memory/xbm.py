@@ -14,6 +14,8 @@ iteration counter used for the warm-up.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,87 @@ def resolve_size(size: int | float | str, train_size: int) -> int:
     return value if isinstance(value, int) else max(1, round(value * train_size))
 
 
+#: Bytes per entry besides the embedding: the int64 label and the int64 dataset index.
+_ENTRY_OVERHEAD = 2 * torch.empty((), dtype=torch.int64).element_size()
+_GIB = 1024**3
+
+
+def memory_bytes(size: int, embedding_size: int, dtype: str | torch.dtype = "float32") -> int:
+    """Bytes a memory of ``size`` entries takes: ``size × (embedding_size × dtype bytes + 16)``."""
+    itemsize = torch.empty((), dtype=_dtype(dtype)).element_size()
+    return int(size) * (int(embedding_size) * itemsize + _ENTRY_OVERHEAD)
+
+
+def available_bytes(device: torch.device | str | None = None) -> int | None:
+    """Memory that can still be allocated on ``device``: free CUDA memory (``torch.cuda.mem_get_info``), or
+    for the CPU the kernel's ``MemAvailable`` (free + reclaimable; ``/proc/meminfo``), else the free
+    physical pages (``os.sysconf``). None where it cannot be told (other devices, other systems)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(
+    size: int,
+    embedding_size: int,
+    dtype: str | torch.dtype = "float32",
+    device: torch.device | str | None = None,
+    what: str = "cross-batch memory",
+) -> None:
+    """Raise ``ConfigError`` before allocating when a memory of ``size`` entries needs more than the memory
+    available on ``device`` (:func:`available_bytes`; no check where that is unknown). ``what`` names the
+    option in the message (e.g. ``xbm_size 1.0``)."""
+    needed = memory_bytes(size, embedding_size, dtype)
+    available = available_bytes(device)
+    if available is None or needed <= available:
+        return
+    where = torch.device(device if device is not None else "cpu")
+    raise ConfigError(
+        f"{what}: a cross-batch memory of {size:,} entries ({embedding_size}-d {_dtype_name(dtype)} "
+        f"embeddings + int64 label and index) needs {needed / _GIB:,.1f} GiB, but only "
+        f"{available / _GIB:,.1f} GiB is available on {where}; use a smaller --xbm-size (a count, or a "
+        "ratio of the training set) or a 2-byte --xbm-dtype"
+    )
+
+
+def build_memory(
+    size: int | float | str,
+    train_size: int,
+    embedding_size: int,
+    dtype: str | torch.dtype = "float32",
+    device: torch.device | str | None = None,
+) -> CrossBatchMemory:
+    """The memory of a run: size resolved (:func:`resolve_size`), checked against the memory available on
+    ``device`` (:func:`check_fits`, the message naming ``xbm_size`` as given), allocated on ``device``."""
+    entries = resolve_size(size, train_size)
+    check_fits(entries, embedding_size, dtype, device, what=f"xbm_size {size}")
+    return CrossBatchMemory(entries, embedding_size, dtype, device=device)
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"xbm dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class CrossBatchMemory(nn.Module):
     """A FIFO ring buffer of ``size`` (embedding, label, dataset index) entries.
 
@@ -70,23 +153,33 @@ class CrossBatchMemory(nn.Module):
     fill: torch.Tensor
     iteration: torch.Tensor
 
-    def __init__(self, size: int, embedding_size: int, dtype: str | torch.dtype = "float32") -> None:
+    def __init__(
+        self,
+        size: int,
+        embedding_size: int,
+        dtype: str | torch.dtype = "float32",
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if size < 1 or embedding_size < 1:
             raise ConfigError(
                 f"CrossBatchMemory needs size ≥ 1 and embedding_size ≥ 1, got {size}, {embedding_size}"
             )
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ConfigError(f"xbm dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-            dtype = DTYPES[dtype]
+        dtype = _dtype(dtype)
+        # Before allocating: a size beyond the available memory is a named error, not a crash or a
+        # machine driven into swap.
+        check_fits(size, embedding_size, dtype, device, what=f"CrossBatchMemory(size={size})")
         self.size = int(size)
-        self.register_buffer("embeddings", torch.zeros(self.size, embedding_size, dtype=dtype))
-        self.register_buffer("labels", torch.full((self.size,), -1, dtype=torch.int64))
-        self.register_buffer("indices", torch.full((self.size,), -1, dtype=torch.int64))
-        self.register_buffer("write_pointer", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("fill", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+        buffers = {
+            "embeddings": torch.zeros(self.size, embedding_size, dtype=dtype, device=device),
+            "labels": torch.full((self.size,), -1, dtype=torch.int64, device=device),
+            "indices": torch.full((self.size,), -1, dtype=torch.int64, device=device),
+            "write_pointer": torch.zeros((), dtype=torch.int64, device=device),
+            "fill": torch.zeros((), dtype=torch.int64, device=device),
+            "iteration": torch.zeros((), dtype=torch.int64, device=device),
+        }
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
 
     def __len__(self) -> int:
         return int(self.fill)

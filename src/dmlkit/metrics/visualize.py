@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dmlkit.data.images import load_image, to_channels
 from dmlkit.errors import ConfigError, DataError
 from dmlkit.search.results import RetrievalResults
 
@@ -81,13 +82,12 @@ def pick_queries(results: RetrievalResults, n: int, mode: PickMode = "failures",
 def _as_pil(image: Any, where: str) -> Image.Image:
     """One image of a source as an RGB PIL image."""
     if isinstance(image, str | Path):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
-        except OSError as exc:
-            raise DataError(f"cannot read image {image} ({where}): {exc}") from exc
+        try:  # the datasets' decoder: EXIF orientation, 16-bit grayscale, transparency, size limit
+            return load_image(image, 3)
+        except DataError as exc:
+            raise DataError(f"{exc} ({where})") from exc
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_channels(image, 3)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):

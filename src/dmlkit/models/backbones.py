@@ -29,6 +29,7 @@ from torch import nn
 
 from dmlkit.errors import ConfigError, DataError, UnknownNameError, closest, unknown_name_message
 from dmlkit.registry import Registry
+from dmlkit.train.checkpoint import load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -337,20 +338,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local ``.pt/.pth/.bin/.ckpt`` (``torch.load``, weights only) or ``.safetensors`` file.
 
     Checkpoint wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped. Raises ``DataError``
-    naming the file when it is missing, unreadable or holds no tensors.
+    on one line naming the file when it is missing, unreadable, holds Python objects other than tensors
+    (never executed: :func:`dmlkit.train.checkpoint.load_weights_only`) or holds no tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"pretrained weights file not found: '{path}'")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"cannot read pretrained weights '{path}': {exc}") from exc
+        except Exception as exc:  # safetensors' own error types, and OSError
+            message = " ".join(str(exc).split())
+            raise DataError(f"cannot read pretrained weights '{path}': {message}") from exc
+    else:
+        obj = load_weights_only(path, "pretrained weights")
     for _ in range(3):  # checkpoint wrappers nest at most a couple of levels
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in ("state_dict", "model", "module", "backbone") if k in obj), None)

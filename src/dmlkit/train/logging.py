@@ -31,8 +31,41 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def setup_file_logging(run_dir: Path) -> logging.Handler:
-    """Send the ``dmlkit`` logger to ``run_dir/train.log`` (and to the console at INFO)."""
+class RunLogFile(logging.Handler):
+    """The run's ``train.log``, opened only when the run starts (:meth:`open`): records logged before are
+    kept in memory and written first, so a run that fails or is interrupted during set-up writes no file
+    (and a refused resume leaves the run's log untouched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._pending: list[logging.LogRecord] = []
+        self._file: logging.FileHandler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is None:
+            self._pending.append(record)
+        else:
+            self._file.handle(record)
+
+    def open(self, path: Path) -> None:
+        """Append to ``path`` from now on, starting with the records kept so far."""
+        self._file = logging.FileHandler(path)
+        self._file.setFormatter(self.formatter)
+        for record in self._pending:
+            self._file.handle(record)
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._pending.clear()
+        super().close()
+
+
+def setup_run_logging() -> RunLogFile:
+    """Send the ``dmlkit`` logger to the console at INFO and to a :class:`RunLogFile` (returned; the caller
+    opens it in the run directory and removes it when the run ends)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # the CLI's root handler would print every line twice
@@ -40,8 +73,7 @@ def setup_file_logging(run_dir: Path) -> logging.Handler:
         console = _StdoutHandler()  # progress bars use stderr; the report goes to stdout
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler = RunLogFile()
     logger.addHandler(handler)
     return handler
 
@@ -56,25 +88,22 @@ class RunLogger:
         self.tb = None
         self.wandb_run = None
         if log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ConfigError(
-                    "--tensorboard needs the tensorboard package: pip install 'dmlkit[tensorboard]'"
-                ) from exc
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tb = _import_logger("tensorboard").SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if log.wandb:
-            try:
-                import wandb
-            except ImportError as exc:
-                raise ConfigError("--wandb needs the wandb package: pip install 'dmlkit[wandb]'") from exc
-            self.wandb_run = wandb.init(
+            self.wandb_run = _import_logger("wandb").init(
                 project=log.wandb_project,
                 name=config.run.name,
                 config=config.model_dump(mode="json"),
                 dir=str(run_dir),
                 resume="allow",
             )
+
+    @staticmethod
+    def check_available(config: TrainConfig) -> None:
+        """Raise ``ConfigError`` now (before data loading) if a configured logger's package is missing."""
+        for name in ("tensorboard", "wandb"):
+            if getattr(config.log, name):
+                _import_logger(name)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -103,3 +132,16 @@ class RunLogger:
             self.tb.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _import_logger(name: str) -> Any:
+    """The module of an optional logger (``tensorboard``: its ``SummaryWriter`` module; ``wandb``); a
+    missing package is a ``ConfigError`` naming the flag and the install command."""
+    try:
+        if name == "tensorboard":
+            import torch.utils.tensorboard as module
+        else:
+            import wandb as module
+    except ImportError as exc:
+        raise ConfigError(f"--{name} needs the {name} package: pip install 'dmlkit[{name}]'") from exc
+    return module

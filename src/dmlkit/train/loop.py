@@ -26,18 +26,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dmlkit import models, samplers
+from dmlkit import metrics, models, samplers
 from dmlkit.config import TrainConfig
+from dmlkit.data import FileImageDataset
 from dmlkit.errors import ConfigError, NonFiniteLossError
 from dmlkit.inference import evaluate_model, resolve_device
 from dmlkit.train import checkpoint as ckpt
 from dmlkit.train.data import RunData, run_data
-from dmlkit.train.logging import LOGGER_NAME, RunLogger, setup_file_logging
+from dmlkit.train.logging import LOGGER_NAME, RunLogFile, RunLogger, setup_run_logging
 from dmlkit.train.objective import build_objective
 from dmlkit.train.optim import build_optimizer, build_scheduler
 from dmlkit.train.run_dir import RunDirectory
 from dmlkit.train.stats import EpochStats
-from dmlkit.train.step import Batch, EmbeddingStep, StepFactory, TrainingStep
+from dmlkit.train.step import Batch, EmbeddingStep, StepFactory, StepOutput, TrainingStep
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -46,7 +47,14 @@ StepHook = Callable[["Trainer", int], None]
 
 @dataclass
 class TrainResult:
-    """What a finished (or interrupted) run produced."""
+    """What a finished (or interrupted) run produced.
+
+    ``started`` is False when the run was interrupted during set-up (data, model, the test before training,
+    loading the resumed state): nothing was written then. ``selection`` says how ``best.pt`` was chosen
+    (also in ``results.json``): ``{"method": "validation", "metric", "epoch", "value"}`` or
+    ``{"method": "last_epoch", "epoch", "reason"}``, with ``"unselectable_epochs"`` listing validated epochs
+    whose selection value was not finite.
+    """
 
     run_dir: Path
     interrupted: bool = False
@@ -54,6 +62,8 @@ class TrainResult:
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
     wall_time: float = 0.0
+    started: bool = True
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         """Test metrics before and after training, one metric per row."""
@@ -67,23 +77,35 @@ class TrainResult:
         return "\n".join(lines)
 
 
+@dataclass
+class StopRequest:
+    """What SIGINT/SIGTERM do (see :func:`graceful_interrupt`): while ``graceful`` is False (the run's
+    set-up, when nothing is saved yet) they raise ``KeyboardInterrupt`` at once; afterwards they set
+    ``event``, and the loop saves a resumable checkpoint after the current step."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    graceful: bool = False
+
+
 @contextmanager
-def graceful_interrupt() -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM set an event instead of killing the process; a second SIGINT aborts at once."""
-    event = threading.Event()
+def graceful_interrupt() -> Iterator[StopRequest]:
+    """SIGINT/SIGTERM stop the run: at once during set-up, after the current step once training runs
+    (``StopRequest.graceful``); a second SIGINT aborts at once."""
+    stop = StopRequest()
+    event = stop.event
     if threading.current_thread() is not threading.main_thread():
-        yield event
+        yield stop
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if event.is_set() and signum == signal.SIGINT:
+        if not stop.graceful or (event.is_set() and signum == signal.SIGINT):
             raise KeyboardInterrupt
         event.set()
         log.warning("received %s: saving a resumable checkpoint after this step", signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield event
+        yield stop
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -118,26 +140,29 @@ def build_sampler(config: TrainConfig, train_set: Any) -> samplers.BatchSampler:
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs training, validation and the final test.
 
-    ``step``: a factory of the :class:`~dmlkit.train.step.TrainingStep` (default:
-    :class:`~dmlkit.train.step.EmbeddingStep`); ``step_hooks``: called after every step with
-    ``(trainer, global_step)``.
+    ``run_dir``: where a new run goes (default ``<output_dir>/<name>``; a folder holding another run's files
+    is refused unless ``overwrite``, which removes them when the new run starts), or, with ``resume``, the
+    run to continue (its ``last.pt``; ``config`` may differ from the run's only in
+    :data:`dmlkit.config.sections.RESUMABLE` options). ``step``: a factory of the
+    :class:`~dmlkit.train.step.TrainingStep` (default: :class:`~dmlkit.train.step.EmbeddingStep`);
+    ``step_hooks``: called after every step with ``(trainer, global_step)``.
+
+    Nothing is written before the run starts (see :mod:`dmlkit.train.run_dir`).
     """
 
     def __init__(
         self,
         config: TrainConfig,
-        run_dir: Path | str | None = None,
+        run_dir: Path | str | RunDirectory | None = None,
         *,
         resume: bool = False,
+        overwrite: bool = False,
         step_hooks: list[StepHook] | None = None,
         step: StepFactory | None = None,
     ) -> None:
         self.config = config
         self.resume = resume
-        if run_dir is None:
-            self.directory = RunDirectory.create(config)
-        else:
-            self.directory = RunDirectory.existing(run_dir) if resume else RunDirectory(run_dir)
+        self.directory = self._directory(config, run_dir, resume, overwrite)
         self.run_dir = self.directory.path
         self.step_hooks = list(step_hooks or [])
         self.step_factory: StepFactory = step or EmbeddingStep
@@ -147,28 +172,47 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0  # batches consumed in the current epoch
-        self.best_value = -math.inf
+        self.higher_is_better = metrics.higher_is_better(config.eval.select_metric)
+        self.best_value = -math.inf if self.higher_is_better else math.inf
         self.best_epoch: int | None = None
+        self.unselectable_epochs: list[int] = []  # validated epochs whose selection value was not finite
+        self.no_selection: str | None = None  # why validation cannot select at all (set in _setup)
+        self.selection: dict[str, Any] = {}
         self.before: dict[str, float] = {}
         self.nonfinite_in_row = 0
         self.epoch_stats = EpochStats()
+        self.saved_at: tuple[int, int] | None = None  # (epoch, batch) of the state in last.pt
         self.stop_event: threading.Event | None = None
-        self.logger: RunLogger | None = None  # set up in run(); torn down even after a failed set-up
-        self._log_handler: logging.Handler | None = None
+        self.logger: RunLogger | None = None  # set up when the run starts; torn down even after a failure
+        self._log_file: RunLogFile | None = None
+
+    @staticmethod
+    def _directory(
+        config: TrainConfig, run_dir: Path | str | RunDirectory | None, resume: bool, overwrite: bool
+    ) -> RunDirectory:
+        """The run's folder, checked before anything is loaded or written."""
+        if not resume:
+            path = run_dir.path if isinstance(run_dir, RunDirectory) else run_dir
+            return RunDirectory.for_new_run(config, path, overwrite=overwrite)
+        if overwrite:
+            raise ConfigError("--overwrite starts a new run; it cannot be combined with --resume")
+        if run_dir is None:
+            raise ConfigError("resuming needs the run directory to resume")
+        directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory.existing(run_dir)
+        directory.check_resume(config)
+        return directory
 
     # ----------------------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
         config = self.config
         seed_everything(config.run.seed, config.run.deterministic)
-        self.directory.write_config(config)
-        self._log_handler = setup_file_logging(self.run_dir)
-        # Before data loading: a missing logger package fails fast.
-        self.logger = RunLogger(config, self.run_dir)
+        RunLogger.check_available(config)  # before data loading: a missing logger package fails fast
         log.info("run directory: %s", self.run_dir)
 
         self.data: RunData = run_data(config)
         self.train_set, self.val_set, self.test_set = self.data.train, self.data.val, self.data.test
         log.info("%s", self.data.describe(config.data.dataset.name))
+        self._check_validation()
 
         model_config = config.model
         self.model = models.build_model(
@@ -183,7 +227,7 @@ class Trainer:
         if model_config.freeze_bn:
             models.freeze_batchnorm(self.model)  # before the optimizer sees the parameters
         self.objective = build_objective(
-            config, self.data.num_classes, self.model.embedding_size, len(self.train_set)
+            config, self.data.num_classes, self.model.embedding_size, len(self.train_set), self.device
         ).to(self.device)
         self.step: TrainingStep = self.step_factory(self.model, self.objective, self.device, config.optim.amp)
         if isinstance(self.step, torch.nn.Module):
@@ -209,6 +253,28 @@ class Trainer:
         self.scheduler = build_scheduler(config.optim, self.optimizer, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.optim.amp == "fp16")
 
+    def _check_validation(self) -> None:
+        """Decide whether validation can select ``best.pt``: not without a validation split, nor with fewer
+        than two classes in it (every retrieval metric is then 1.0 or undefined). Then the last epoch is
+        the model, said here and in ``results.json``."""
+        val = self.val_set
+        if val is None:
+            self.no_selection = "there is no validation split (val_fraction 0)"
+            return
+        classes = len(np.unique(val.labels))
+        if classes >= 2:
+            return
+        self.no_selection = (
+            f"the validation split holds {classes} class ({len(val)} images): too few to compare models"
+        )
+        self.val_set = None
+        log.warning(
+            "%s; validation is skipped and best.pt will be the last epoch (a larger --val-fraction holds "
+            "out more of the %d training classes)",
+            self.no_selection,
+            self.data.num_classes + classes,
+        )
+
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         sampler_state = self.sampler.state_dict()
@@ -230,6 +296,7 @@ class Trainer:
             "global_step": self.global_step,
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
+            "unselectable_epochs": list(self.unselectable_epochs),
             "before": dict(self.before),
             "epoch_totals": self.epoch_stats.state_dict(),
             "rng": ckpt.rng_state(),
@@ -239,7 +306,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16: a run switched to fp16 starts a fresh scaler
+            self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(state["objective"])
         self.step.load_state_dict(state.get("step", {}))
         self.sampler.load_state_dict(state["sampler"])
@@ -248,12 +316,26 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.best_value = float(state["best_value"])
         self.best_epoch = state["best_epoch"]
+        self.unselectable_epochs = list(state.get("unselectable_epochs", []))
         self.before = dict(state["before"])
         self.epoch_stats = EpochStats.from_state(state["epoch_totals"])
         ckpt.set_rng_state(state["rng"])
+        self._follow_schedule()
+
+    def _follow_schedule(self) -> None:
+        """Set the current lr from the schedule built for this configuration: the saved optimizer restored
+        the lr of the saved run's schedule, which differs when ``epochs`` changed on resume (unchanged, this
+        writes the same value: ``LambdaLR`` computes it the same way)."""
+        scheduler = self.scheduler
+        groups = self.optimizer.param_groups
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
 
     def save(self, name: str = RunDirectory.LAST) -> Path:
-        return self.directory.save(self.state_dict(), name)
+        path = self.directory.save(self.state_dict(), name)
+        if name == RunDirectory.LAST:
+            self.saved_at = (self.epoch, self.batches_done)
+        return path
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset: Any, description: str) -> dict[str, float]:
@@ -278,11 +360,17 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train (or continue) to ``epochs``, then test the best checkpoint once."""
         start_time = time.perf_counter()
+        self._log_file = setup_run_logging()
         try:
-            self._setup()
-            self._start()
             with graceful_interrupt() as stop:
-                self.stop_event = stop
+                self.stop_event = stop.event
+                try:
+                    self._setup()
+                    self._start(stop)
+                except KeyboardInterrupt:
+                    if stop.graceful:  # a second Ctrl-C once the run had started: abort at once
+                        raise
+                    return self._interrupted_in_setup(time.perf_counter() - start_time)
                 interrupted = self._train_epochs()
             if interrupted:
                 path = self.save()
@@ -301,11 +389,13 @@ class Trainer:
         finally:
             self._teardown()
 
-    def _start(self) -> None:
-        """Resume from ``last.pt``, or measure the untrained model on the test split."""
+    def _start(self, stop: StopRequest) -> None:
+        """Resume from ``last.pt``, or measure the untrained model on the test split; then the run has
+        started: signals now save a checkpoint, and the run directory is created and written."""
         if self.resume:
-            self.load_state_dict(self.directory.load(map_location=self.device))
-            self.logger.truncate_after(self.epoch)
+            self.load_state_dict(self.directory.resume_state())
+            self.directory.release_state()
+            self.saved_at = (self.epoch, self.batches_done)
             log.info(
                 "resumed from %s at epoch %d, batch %d (step %d)",
                 self.directory.file(RunDirectory.LAST),
@@ -316,26 +406,43 @@ class Trainer:
         else:
             self.before = self.evaluate(self.test_set, "test (before)")
             log.info("test before training: %s", _fmt(self.before))
+        stop.graceful = True
+        self.directory.start(self.config, resumed=self.resume)
+        assert self._log_file is not None
+        self._log_file.open(self.directory.file(RunDirectory.LOG))
+        self.logger = RunLogger(self.config, self.run_dir)
+        if self.resume:
+            self.logger.truncate_after(self.epoch)
+
+    def _interrupted_in_setup(self, wall_time: float) -> TrainResult:
+        what = f"{self.run_dir} is unchanged" if self.resume else "no run directory was created"
+        log.warning("interrupted before training started: nothing was saved (%s)", what)
+        return TrainResult(self.run_dir, interrupted=True, started=False, wall_time=wall_time)
 
     def _finish(self, after: dict[str, float], wall_time: float) -> TrainResult:
         result = TrainResult(
-            self.run_dir, best_epoch=self.best_epoch, before=self.before, after=after, wall_time=wall_time
+            self.run_dir,
+            best_epoch=self.best_epoch,
+            before=self.before,
+            after=after,
+            wall_time=wall_time,
+            selection=dict(self.selection),
         )
         self.directory.write_results(
             {
                 "test_before": self.before,
                 "test_after": after,
                 "best_epoch": self.best_epoch,
+                "selection": self.selection,
                 "wall_time_s": wall_time,
             }
         )
         log.info(
             "\ntest split of '%s' (%d images, classes unseen in training), before training and with "
-            "best.pt (epoch %s, selected on validation %s); wall time %.1f s; run directory %s\n%s",
+            "best.pt (%s); wall time %.1f s; run directory %s\n%s",
             self.config.data.dataset.name,
             len(self.test_set),
-            self.best_epoch,
-            self.config.eval.select_metric,
+            _describe_selection(self.selection),
             wall_time,
             self.run_dir,
             result.table(),
@@ -345,7 +452,7 @@ class Trainer:
     def _teardown(self) -> None:
         if self.logger is not None:
             self.logger.close()
-        handler = self._log_handler
+        handler = self._log_file
         if handler is not None:
             logging.getLogger(LOGGER_NAME).removeHandler(handler)
             handler.close()
@@ -368,16 +475,35 @@ class Trainer:
             row = self._end_of_epoch()
             self.epoch += 1
             self.batches_done = 0
+            assert self.logger is not None
             self.logger.log_epoch(row)
             self.save()
         return False
 
     def _train_one_epoch(self) -> bool:
         """Train on the rest of the current epoch; True when stopped by a signal."""
+        substituted = self._substituted()
+        try:
+            return self._train_batches()
+        finally:  # also when interrupted: the count is part of the checkpointed epoch statistics
+            self.epoch_stats.substituted += self._substituted() - substituted
+
+    def _substituted(self) -> int:
+        """Images of the training split replaced so far because they failed to load (``skip_unreadable``;
+        counted in the DataLoader workers too)."""
+        dataset = self.train_set
+        return dataset.substituted if isinstance(dataset, FileImageDataset) else 0
+
+    def _train_batches(self) -> bool:
         stats = self.epoch_stats
         started, seconds_before = time.perf_counter(), stats.seconds
+        logger = self.logger
+        assert logger is not None
+        # tqdm is handed the loader's iterator, not the loader: tqdm.auto's class calls iter() on an iterable
+        # in its constructor, and that first DataLoader iterator (with workers, already prefetching from the
+        # stateful batch sampler) would be dropped, and with it the first batches of every epoch.
         bar = tqdm(
-            self.loader,
+            iter(self.loader),
             total=self.steps_per_epoch - self.batches_done,
             desc=f"epoch {self.epoch + 1}/{self.config.optim.epochs}",
             disable=not self.config.run.progress,
@@ -395,8 +521,8 @@ class Trainer:
             self.batches_done += 1
             stats.add_step(loss_value, step_stats, len(batch.images))
             stats.seconds = seconds_before + time.perf_counter() - started
-            if loss_value is not None and self.logger.per_step:
-                self.logger.log_scalars({"train/loss": loss_value, **step_stats}, step=self.global_step)
+            if loss_value is not None and logger.per_step:
+                logger.log_scalars({"train/loss": loss_value, **step_stats}, step=self.global_step)
             bar.set_postfix(
                 loss=f"{loss_value:.4f}" if loss_value is not None else "skip",
                 img_s=f"{stats.images_per_second:.0f}",
@@ -411,30 +537,46 @@ class Trainer:
         return False
 
     def _step(self, batch: Batch) -> tuple[float | None, dict[str, float]]:
-        """One optimisation step; ``(None, stats)`` when it was skipped."""
+        """One optimisation step; ``(None, stats)`` when it was skipped: non-finite embeddings, loss or
+        gradient (a loss can be finite on non-finite embeddings: several losses mask NaN similarities
+        away, so the embeddings are checked as well)."""
         optim = self.config.optim
         self.optimizer.zero_grad(set_to_none=True)
         self.step.set_progress(self.global_step / max(1, optim.epochs * self.steps_per_epoch))
         out = self.step(batch)
+        value, bad_rows = _loss_and_bad_rows(out)
+        if bad_rows:
+            return self._skip_step(f"non-finite embeddings ({bad_rows} of {len(out.embeddings)})"), out.stats
         if self.sampler.needs_embeddings:  # samplers that choose batches from the embeddings get them
             self.sampler.update_embeddings(out.indices.cpu(), out.embeddings.float().cpu())
-        value = float(out.loss.detach())
         if not math.isfinite(value):
             return self._skip_step(f"non-finite loss ({value})"), out.stats
         self.scaler.scale(out.loss).backward()
-        if optim.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], optim.grad_clip
-            )
-            if not torch.isfinite(norm) and not self.scaler.is_enabled():
-                return self._skip_step(f"non-finite gradient norm ({float(norm)})"), out.stats
+        norm = self._gradient_norm()
+        if norm is not None and not math.isfinite(norm):
+            return self._skip_step(f"non-finite gradient norm ({norm})"), out.stats
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
         self.nonfinite_in_row = 0
         return value, out.stats
+
+    def _gradient_norm(self) -> float | None:
+        """The total gradient norm (clipped to ``grad_clip`` if set); None under fp16, where the grad scaler
+        itself skips a step whose gradients overflowed and lowers its scale."""
+        clip = self.config.optim.grad_clip
+        if self.scaler.is_enabled() and clip is None:
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        elif params:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        else:
+            return None
+        return None if self.scaler.is_enabled() else float(norm)
 
     def _skip_step(self, reason: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -447,17 +589,64 @@ class Trainer:
             reason,
             self.nonfinite_in_row,
         )
-        if self.nonfinite_in_row >= self.config.optim.max_nonfinite_steps:
+        where = f"step {self.global_step} (epoch {self.epoch + 1}, batch {self.batches_done + 1})"
+        broken = self._nonfinite_state()  # e.g. BatchNorm statistics updated by the skipped forward pass
+        if broken is not None:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_row} non-finite losses in a row at step {self.global_step} "
-                f"(epoch {self.epoch + 1}); training aborted. The last good checkpoint is "
-                f"{self.directory.file(RunDirectory.LAST)}. Try a lower --lr, --grad-clip, or --amp none."
+                f"training diverged at {where}: {reason}, and {broken} is now non-finite (skipping the step "
+                f"cannot undo that). {self._recovery()}"
+            )
+        limit = self.config.optim.max_nonfinite_steps
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"training diverged: {self.nonfinite_in_row} non-finite steps in a row "
+                f"(--max-nonfinite-steps {limit}), the last at {where}: {reason}. {self._recovery()}"
             )
         return None
+
+    def _nonfinite_state(self) -> str | None:
+        """The first floating-point parameter or buffer of the model, the objective or the step that holds
+        a non-finite value (``"model buffer 'bn.running_mean'"``), or None; one device sync for all."""
+        owners: list[tuple[str, Any]] = [("model", self.model), ("objective", self.objective)]
+        if isinstance(self.step, torch.nn.Module):
+            owners.append(("step", self.step))
+        tensors = [
+            (f"{owner} {kind} '{name}'", tensor)
+            for owner, module in owners
+            for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
+            for name, tensor in named
+            if tensor.is_floating_point()
+        ]
+        if not tensors:
+            return None
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in tensors])
+        if bool(finite.all()):
+            return None
+        return tensors[int((~finite).nonzero()[0, 0])][0]
+
+    def _recovery(self) -> str:
+        """What the user can do after an abort: the checkpoint that exists, or that none does yet."""
+        last = self.directory.file(RunDirectory.LAST)
+        if self.saved_at is None or not last.is_file():
+            return (
+                f"No checkpoint was saved yet ({self.run_dir} has no {RunDirectory.LAST}): start again "
+                "with a lower --lr, a --grad-clip, or --amp none."
+            )
+        epoch, batch = self.saved_at
+        where = f"epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
+        return (
+            f"The last good checkpoint is {last} (after {where}): resume it with `dmlkit train --resume "
+            f"{self.run_dir}` and a --grad-clip or --amp none, or start again with a lower --lr."
+        )
 
     def _end_of_epoch(self) -> dict[str, Any]:
         config = self.config
         epoch_number = self.epoch + 1
+        broken = self._nonfinite_state()  # never validate, select or save a diverged model
+        if broken is not None:
+            raise NonFiniteLossError(
+                f"training diverged: after epoch {epoch_number}, {broken} is non-finite. {self._recovery()}"
+            )
         row: dict[str, Any] = {
             "epoch": epoch_number,
             "step": self.global_step,
@@ -469,27 +658,85 @@ class Trainer:
         is_last = epoch_number == config.optim.epochs
         loss = row.get("train_loss", float("nan"))
         message = f"epoch {epoch_number}: loss {loss:.4f}, {row['images_per_s']:.0f} img/s"
+        if self.epoch_stats.skipped:
+            message = f"{message}, {self.epoch_stats.skipped} step(s) skipped (non-finite)"
+        if config.data.skip_unreadable:
+            row["substituted_images"] = self.epoch_stats.substituted
+            if self.epoch_stats.substituted:
+                message = f"{message}, {self.epoch_stats.substituted} unreadable image(s) replaced"
         if self.val_set is not None and (epoch_number % config.eval.val_every == 0 or is_last):
             val = self.evaluate(self.val_set, f"val (epoch {epoch_number})")
             row.update({f"val/{k}": v for k, v in val.items()})
-            value = val[config.eval.select_metric]
-            if value > self.best_value:
-                self.best_value, self.best_epoch = value, epoch_number
-                self.save(RunDirectory.BEST)
+            self._select(epoch_number, val[config.eval.select_metric])
             best = " (best)" if self.best_epoch == epoch_number else ""
             message = f"{message}, val {_fmt(val)}{best}"
         log.info("%s", message)
         return row
 
+    def _select(self, epoch_number: int, value: float) -> None:
+        """Keep ``best.pt`` at the best finite validation value (in the metric's own direction); an epoch
+        whose value is not finite cannot be selected, and the log says so."""
+        metric = self.config.eval.select_metric
+        if not math.isfinite(value):
+            self.unselectable_epochs.append(epoch_number)
+            log.warning(
+                "epoch %d: validation %s is %s, so this epoch cannot be selected as best.pt",
+                epoch_number,
+                metric,
+                value,
+            )
+            return
+        better = value > self.best_value if self.higher_is_better else value < self.best_value
+        if better:
+            self.best_value, self.best_epoch = value, epoch_number
+            self.save(RunDirectory.BEST)
+
     def _final_test(self) -> dict[str, float]:
         best = self.directory.file(RunDirectory.BEST)
-        if self.val_set is None or not best.exists():
-            # Without a validation split there is nothing to select with: the last epoch is the model.
-            self.save(RunDirectory.BEST)
-            self.best_epoch = self.epoch
-        else:
+        if self.best_epoch is not None and best.exists():
             self.model.load_state_dict(ckpt.load(best, map_location=self.device)["model"])
+            self.selection = {
+                "method": "validation",
+                "metric": self.config.eval.select_metric,
+                "epoch": self.best_epoch,
+                "value": self.best_value,
+            }
+        else:
+            reason = self._why_last_epoch()
+            self.save(RunDirectory.BEST)  # nothing to select with: the last epoch is the model
+            self.best_epoch = self.epoch
+            self.selection = {"method": "last_epoch", "epoch": self.epoch, "reason": reason}
+            log.info("best.pt is the last epoch (%d): %s", self.epoch, reason)  # warned when it became so
+        if self.unselectable_epochs:
+            self.selection["unselectable_epochs"] = list(self.unselectable_epochs)
         return self.evaluate(self.test_set, "test (best.pt)")
+
+    def _why_last_epoch(self) -> str:
+        if self.no_selection is not None:
+            return self.no_selection
+        metric = self.config.eval.select_metric
+        if self.best_epoch is not None:
+            return f"{RunDirectory.BEST} of epoch {self.best_epoch} is missing"
+        if self.unselectable_epochs:
+            return f"validation {metric} was not finite in any validated epoch"
+        return "no epoch was trained" if self.epoch == 0 else "no epoch was validated"
+
+
+def _loss_and_bad_rows(out: StepOutput) -> tuple[float, int]:
+    """The step's loss as a float and how many embedding rows hold a non-finite value (one device sync)."""
+    embeddings = out.embeddings
+    bad_rows = (~torch.isfinite(embeddings).reshape(len(embeddings), -1).all(dim=1)).sum()
+    loss, bad = torch.stack([out.loss.detach().float().reshape(()), bad_rows.float()]).tolist()
+    return loss, int(bad)
+
+
+def _describe_selection(selection: dict[str, Any]) -> str:
+    if selection.get("method") == "validation":
+        return (
+            f"epoch {selection['epoch']}, selected on validation {selection['metric']} = "
+            f"{selection['value']:.4f}"
+        )
+    return f"epoch {selection.get('epoch')}, the last: {selection.get('reason', 'not selected')}"
 
 
 def _fmt(values: dict[str, float]) -> str:

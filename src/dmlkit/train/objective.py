@@ -12,7 +12,7 @@ from torch import nn
 from dmlkit import losses, miners
 from dmlkit.config import TrainConfig
 from dmlkit.errors import ConfigError
-from dmlkit.memory import CrossBatchMemory, resolve_size
+from dmlkit.memory import CrossBatchMemory, build_memory
 from dmlkit.tuples import all_pairs, drop_excluded
 
 
@@ -137,9 +137,16 @@ class Objective(nn.Module):
 
 
 def build_objective(
-    config: TrainConfig, num_classes: int, embedding_size: int, train_size: int | None = None
+    config: TrainConfig,
+    num_classes: int,
+    embedding_size: int,
+    train_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> Objective:
-    """Loss, miner and memory from the config (``num_classes``/``embedding_size`` to losses needing them)."""
+    """Loss, miner and memory from the config (``num_classes``/``embedding_size`` to losses needing them).
+
+    The memory is allocated on ``device`` (default: the CPU), after a check that it fits there.
+    """
     objective, memory_config = config.objective, config.memory
     loss_spec = objective.loss
     needs = losses.REGISTRY.get(loss_spec.name).needs
@@ -155,8 +162,8 @@ def build_objective(
     if memory_config.xbm_size is not None:
         if train_size is None:
             raise ConfigError("a cross-batch memory sized as a ratio needs the training-set size")
-        memory = CrossBatchMemory(
-            resolve_size(memory_config.xbm_size, train_size), embedding_size, memory_config.xbm_dtype
+        memory = build_memory(
+            memory_config.xbm_size, train_size, embedding_size, memory_config.xbm_dtype, device
         )
     schedule = (
         miners.check_schedule(miner_spec.name, objective.miner_schedule) if miner_spec is not None else None

@@ -14,7 +14,9 @@ class EpochStats:
 
     ``sums[key] / counts[key]`` is the epoch mean of a statistic over the steps where it was finite
     (statistics absent or undefined at a step are not averaged in); ``counted`` steps were taken,
-    ``skipped`` were not (non-finite loss); ``images`` and ``seconds`` give the throughput.
+    ``skipped`` were not (non-finite embeddings, loss or gradient); ``images`` and ``seconds`` give the
+    throughput; ``substituted`` counts unreadable images replaced by another of their class
+    (``skip_unreadable``).
     """
 
     sums: dict[str, float] = field(default_factory=dict)
@@ -23,6 +25,7 @@ class EpochStats:
     images: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    substituted: int = 0
 
     def add_step(self, loss: float | None, stats: dict[str, float], images: int) -> None:
         """Account one batch: its loss and statistics (``loss=None``: the step was skipped)."""
@@ -53,4 +56,4 @@ class EpochStats:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochStats:
-        return cls(**state)
+        return cls(**state)  # a key added later (``substituted``) takes its default from older checkpoints

@@ -2,7 +2,8 @@
 
 The loop hands a :class:`Batch` to the step and gets a :class:`StepOutput` back (a scalar loss, float
 statistics for the logs, and the batch's embeddings); the loop then does everything every step shares:
-the non-finite checks, ``backward`` with gradient scaling, clipping, the optimizer and the schedule.
+the non-finite checks (embeddings, loss, gradient: a step failing one is skipped), ``backward`` with
+gradient scaling, clipping, the optimizer and the schedule.
 
 The default :class:`EmbeddingStep` is embed → gather → objective (memory, miner, loss). A feature that
 needs a different step subclasses it or writes a new one and passes its factory to
@@ -42,8 +43,9 @@ class Batch:
 @dataclass
 class StepOutput:
     """What a step returns: the scalar loss to minimise, statistics (plain floats, logged as epoch means),
-    and the embeddings with the labels and dataset indices they belong to (detached; samplers that choose
-    batches from embeddings receive them)."""
+    and the embeddings with the labels and dataset indices they belong to (detached; the loop checks them
+    for non-finite values, since a loss may mask those, and samplers that choose batches from embeddings
+    receive them)."""
 
     loss: torch.Tensor
     stats: dict[str, float]

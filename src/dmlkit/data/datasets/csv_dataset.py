@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dmlkit.data.base import REGISTRY, DatasetSplits, dataset_file
-from dmlkit.data.datasets.folder import file_splits
-from dmlkit.data.images import IMAGE_EXTENSIONS, verify_images
+from dmlkit.data.datasets.folder import FileOptions, file_splits
+from dmlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, OverlapCheck, VerifyMode
 from dmlkit.errors import DataError
 
 DEFAULT_CSV_NAME = "images.csv"
@@ -34,6 +34,9 @@ def csv_dataset(
     channels: int = 3,
     skip_unreadable: bool = False,
     split_seed: int | None = None,
+    verify_images: VerifyMode = "auto",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    overlap_check: OverlapCheck = "path",
 ) -> DatasetSplits:
     """Images listed in a CSV file: ``root`` is the file, or a folder holding ``images.csv``.
 
@@ -41,9 +44,11 @@ def csv_dataset(
     extension), relative to ``images_dir`` (itself relative to the CSV's folder); by default the CSV's folder,
     or its ``images/`` sub-folder when the first image is found there. Rows whose label is in
     ``exclude_labels`` (e.g. ``["Not sure", "Skip"]``) are dropped. The zero-shot split by classes follows
-    ``test_classes``/``split_seed`` as for ``folder``. Missing or unreadable images raise ``DataError``
-    unless ``skip_unreadable``.
+    ``test_classes``/``split_seed`` as for ``folder``, and so do the checks (``verify_images``,
+    ``max_image_pixels``, ``skip_unreadable``, ``overlap_check``: one file listed under a train label and a
+    test label is warned about).
     """
+    options = FileOptions(channels, skip_unreadable, verify_images, max_image_pixels, overlap_check)
     expected = f"a CSV file or a folder holding {DEFAULT_CSV_NAME}"
     table = dataset_file(root, "csv", expected, DEFAULT_CSV_NAME, "dataset CSV file")
     try:
@@ -75,12 +80,12 @@ def csv_dataset(
             (c for c in candidates if _resolve(rows[0][0].strip(), c, extension).is_file()), table.parent
         )
     paths = [str(_resolve(value.strip(), base, extension)) for value, _, _ in rows]
-    ok = verify_images(paths, skip_unreadable, str(table))
+    ok = options.verify(paths, str(table))
     kept = [(path, row) for path, row, good in zip(paths, rows, ok, strict=True) if good]
     kept_paths = [path for path, _ in kept]
     labels, ids = [row[1].strip() for _, row in kept], [row[0].strip() for _, row in kept]
     return file_splits(
-        kept_paths, labels, ids, "csv", str(table), test_classes, split_seed, image_size, channels
+        kept_paths, labels, ids, "csv", str(table), test_classes, split_seed, image_size, options
     )
 
 

@@ -8,6 +8,8 @@ alphabets).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from dmlkit.data.base import REGISTRY, ArrayImageDataset, DatasetSplits, dataset_file
@@ -36,6 +38,42 @@ def _split(arrays: dict[str, np.ndarray], which: str, invert: bool, source: str)
     return ArrayImageDataset(images, codes.astype(np.int64), names, ids)
 
 
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The :data:`REQUIRED_ARRAYS` of the ``.npz`` file; ``DataError`` naming it when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in REQUIRED_ARRAYS if key not in npz.files]
+            if missing:
+                raise DataError(f"'{path}' lacks arrays {missing} (has {npz.files})")
+            return {key: npz[key] for key in REQUIRED_ARRAYS}
+    except DataError:
+        raise
+    except Exception as exc:
+        # Everything in this block only reads the file, and a truncated or corrupt archive fails in many
+        # ways (zipfile.BadZipFile, EOFError, zlib.error, a tokenize error in a .npy header, OSError,
+        # ValueError...): whatever it is, it is this file's fault.
+        reason = str(exc) or "unexpected end of data"
+        raise DataError(
+            f"cannot read omniglot file '{path}' ({type(exc).__name__}: {reason}): truncated or corrupt"
+        ) from exc
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """``DataError`` naming the file and the array unless ``images`` is N×H×W ``uint8``, ``label`` N integers
+    and the other arrays N values each (a corrupt ``.npy`` header can still parse, with another shape)."""
+    images = arrays["images"]
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
+        shown = f"{images.shape} {images.dtype}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise DataError(f"'{path}': images must be N×H×W uint8, got {shown}")
+    for key in REQUIRED_ARRAYS[1:]:
+        value = arrays[key]
+        if not isinstance(value, np.ndarray) or value.shape != (len(images),):
+            shown = value.shape if isinstance(value, np.ndarray) else type(value).__name__
+            raise DataError(f"'{path}': '{key}' must hold one value per image ({len(images)}), got {shown}")
+    if not np.issubdtype(arrays["label"].dtype, np.integer):
+        raise DataError(f"'{path}': 'label' must be integers, got {arrays['label'].dtype}")
+
+
 @REGISTRY.register("omniglot")
 def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28) -> DatasetSplits:
     """Omniglot from ``root`` (the ``.npz`` file or a folder holding ``omniglot28.npz``).
@@ -46,17 +84,9 @@ def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28)
     """
     expected = f"the {DEFAULT_FILE_NAME} file or its folder"
     path = dataset_file(root, "omniglot", expected, DEFAULT_FILE_NAME, "omniglot file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [key for key in REQUIRED_ARRAYS if key not in npz.files]
-            if missing:
-                raise DataError(f"'{path}' lacks arrays {missing} (has {npz.files})")
-            arrays = {key: npz[key] for key in REQUIRED_ARRAYS}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read omniglot file '{path}': {exc}") from exc
+    arrays = _read_arrays(path)
+    _check_arrays(arrays, path)
     images = arrays["images"]
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise DataError(f"'{path}': images must be N×H×W uint8, got {images.shape} {images.dtype}")
     arrays["split"] = arrays["split"].astype(str)
     train = _split(arrays, "background", invert, str(path))
     test = _split(arrays, "evaluation", invert, str(path))
