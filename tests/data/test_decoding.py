@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_images import png_header, truncated_jpeg
 from PIL import Image
 
+from bad_images import png_header, truncated_jpeg
 from dmlkit.data import images
 from dmlkit.errors import ConfigError, DataError
 
@@ -126,12 +126,17 @@ def test_header_check_misses_a_truncated_jpeg_full_decode_does_not(tmp_path: Pat
         images.verify_images(paths, False, "src", mode="fast")
 
 
-def test_auto_decodes_below_the_pixel_budget_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_decodes_below_the_pixel_budget_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     cut = str(truncated_jpeg(tmp_path / "cut.jpg"))  # 2,304 pixels
     assert images.resolve_verify_mode("auto", images.FULL_VERIFY_PIXEL_BUDGET) == "full"
     assert images.resolve_verify_mode("auto", images.FULL_VERIFY_PIXEL_BUDGET + 1) == "header"
     monkeypatch.setattr(images, "FULL_VERIFY_PIXEL_BUDGET", 2_000)
-    assert images.verify_images([cut], False, "src", mode="auto").tolist() == [True]  # headers only
+    with caplog.at_level("INFO", logger="dmlkit.data.images"):
+        assert images.verify_images([cut], False, "src", mode="auto").tolist() == [True]  # headers only
+    # the user is told that only headers were checked, and how to check everything
+    assert "only their headers were checked" in caplog.text and "--verify-images full" in caplog.text
 
 
 def test_full_check_runs_in_threads_and_names_every_bad_file(tmp_path: Path) -> None:

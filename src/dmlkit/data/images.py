@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import struct
 import warnings
@@ -32,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dmlkit.errors import ConfigError, DataError
+
+_log = logging.getLogger(__name__)
 
 _PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -266,7 +269,17 @@ def verify_images(
     paths = [str(p) for p in paths]
     resolve_verify_mode(mode, 0)  # a bad mode fails before any file is read
     problems, pixels = _check_all(paths, mode == "full", channels, max_pixels)
-    if mode == "auto" and resolve_verify_mode(mode, int(pixels.sum())) == "full":
+    if mode == "auto" and resolve_verify_mode(mode, int(pixels.sum())) == "header":
+        _log.info(
+            "verify_images auto: the %d images of '%s' total %.1f·10⁹ pixels, above the full-decode budget "
+            "(%.0f·10⁹): only their headers were checked; a file that fails to decode stops the run when it "
+            "is loaded (--verify-images full checks every pixel; --skip-unreadable replaces such files)",
+            len(paths),
+            source,
+            pixels.sum() / 1e9,
+            FULL_VERIFY_PIXEL_BUDGET / 1e9,
+        )
+    elif mode == "auto":
         good = [i for i, problem in enumerate(problems) if problem is None]
         decoded, _ = _check_all([paths[i] for i in good], True, channels, max_pixels)
         for i, problem in zip(good, decoded, strict=True):
