@@ -71,6 +71,7 @@ def test_previous_checkpoint_always_loads_after_kill_9(tmp_path: Path) -> None:
         _kill_writer_at_random(run_dir, rng)
         versions.append(_assert_whole(run_dir / "last.pt"))
         interrupted_writes += any(run_dir.glob(".last.pt.*.tmp"))
+    print(f"{trials} kills: {interrupted_writes} mid-write, {len(set(versions))} distinct checkpoints loaded")
     # The kills must have hit writes in progress, and at different points of the stream.
     assert interrupted_writes >= trials // 10, f"only {interrupted_writes} kills interrupted a write"
     assert len(set(versions)) > 5, versions
