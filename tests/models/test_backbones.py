@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -33,17 +34,6 @@ def test_the_backbone_registry_resolves_prefixed_names() -> None:
         backbones.build("small_cnn", width=[8])
 
 
-def test_heads_registry() -> None:
-    from dmlkit.models import heads
-
-    assert heads.available() == ["identity", "linear"]
-    assert heads.build("linear", in_features=6, embedding_size=3)(torch.randn(2, 6)).shape == (2, 3)
-    assert (
-        heads.for_embedding_size(6, 3).out_features == 3
-        and heads.for_embedding_size(6, None).out_features == 6
-    )
-
-
 def test_timm_resnet_on_small_grayscale_images() -> None:
     model = build_model("timm:resnet18", embedding_size=16, pooling="gem", in_channels=1)
     assert model.feature_dim == 512
@@ -53,21 +43,12 @@ def test_timm_resnet_on_small_grayscale_images() -> None:
     assert not any("fc" in k for k in model.backbone.state_dict())  # classifier removed
 
 
-def test_timm_vit_tokens_become_a_feature_map() -> None:
+def test_timm_vit_gives_tokens_with_their_layout() -> None:
     model = build_model("timm:vit_tiny_patch16_224", embedding_size=8, image_size=32)
-    assert model.backbone(torch.randn(2, 3, 32, 32)).shape == (2, 192, 2, 2)
+    assert model.backbone(torch.randn(2, 3, 32, 32)).shape == (2, 5, 192)  # class token + 2×2 patches
+    assert model.backbone.tokens == backbones.TokenLayout(prefix=1, class_token=True)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 8)
-
-
-def test_timm_local_weights_use_timm_key_names(tmp_path: Path) -> None:
-    import timm
-
-    reference = timm.create_model("resnet18", pretrained=False)  # with its classifier, like a downloaded file
-    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
-    model = build_model("timm:resnet18", 8, pretrained_weights=str(tmp_path / "resnet18.pth"))
-    report = model.weights_report
-    assert report is not None and not report.missing and sorted(report.unexpected) == ["fc.bias", "fc.weight"]
-    torch.testing.assert_close(model.backbone.model.conv1.weight, reference.conv1.weight)
+    assert build_model("timm:resnet18", 8).backbone.tokens == backbones.TokenLayout()
 
 
 def test_unknown_timm_model_or_argument() -> None:
@@ -98,11 +79,89 @@ def test_torchvision_resnet_keeps_official_key_names(tmp_path: Path) -> None:
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 8)
 
 
+def test_torchvision_googlenet_without_aux_heads() -> None:
+    """GoogLeNet (the XBM paper's backbone) builds; its auxiliary classifiers are left out of the backbone
+    but created, so torchvision's official file (which has them) maps one to one."""
+    import torchvision
+
+    model = build_model("torchvision:googlenet", 8, image_size=64).eval()
+    assert model.feature_dim == 1024 and model(torch.randn(2, 3, 64, 64)).shape == (2, 8)
+    assert not any(k.startswith(("aux1", "aux2", "fc")) for k in model.backbone.state_dict())
+    reference = torchvision.models.googlenet(weights=None, init_weights=True, aux_logits=True).eval()
+    model.backbone.load_state_dict(
+        {k: v for k, v in reference.state_dict().items() if k in model.backbone.state_dict()}
+    )
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # the pooled features are the classifier's input (aux heads only train)
+        reference.fc = nn.Identity()
+        torch.testing.assert_close(model.features(x), reference(x))
+
+
 def test_torchvision_model_without_a_feature_map_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="googlenet"):
-        build_model("torchvision:googlenet", init_weights=False)
+    with pytest.raises(ConfigError, match="vit_b_16"):
+        build_model("torchvision:vit_b_16", image_size=64)
     with pytest.raises(UnknownNameError, match="torchvision:resnet18"):
         build_model("torchvision:resnet-18")
+
+
+def test_inception_v3_is_probed_at_a_size_it_accepts() -> None:
+    model = build_model("torchvision:inception_v3", 8)  # 64 px is too small for it: probed at 224
+    assert model.feature_dim == 2048
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("small_cnn", ["features.0", "features.2", "features.4", "features.6"]),
+        ("timm:resnet18", ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"]),
+        ("torchvision:resnet18", ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"]),
+        (
+            "timm:swin_tiny_patch4_window7_224",
+            ["patch_embed", "layers.0", "layers.1", "layers.2", "layers.3+norm"],
+        ),
+        (
+            "timm:tf_efficientnet_lite0",
+            ["conv_stem+bn1", *(f"blocks.{i}" for i in range(6)), "blocks.6+conv_head+bn2"],
+        ),
+        (
+            "timm:vit_tiny_patch16_224",
+            ["cls_token+pos_embed+patch_embed", *(f"blocks.{i}" for i in range(11)), "blocks.11+norm"],
+        ),
+        (
+            "torchvision:vgg11",
+            ["features.0", "features.3", *(f"features.{i}+features.{i + 2}" for i in (6, 11, 16))],
+        ),
+        ("torchvision:densenet121", None),
+        ("torchvision:mobilenet_v2", [f"features.{i}" for i in range(19)]),
+    ],
+)
+def test_blocks_are_the_stages_stem_first_and_cover_every_parameter(name: str, expected) -> None:
+    backbone = build_model(name, 8, image_size=64).backbone
+    blocks = backbone.blocks()
+    if expected is not None:
+        assert [b.name for b in blocks] == expected
+    listed = [p for block in blocks for p in block.parameters]
+    assert sorted(listed) == sorted(k for k, _ in backbone.named_parameters())  # each exactly once
+    # in order: every parameter of a block comes before those of the next (forward order)
+    order = {k: i for i, (k, _) in enumerate(backbone.named_parameters())}
+    assert all(
+        max(order[p] for p in a.parameters) < min(order[p] for p in b.parameters)
+        for a, b in itertools.pairwise(blocks)
+    )
+
+
+def test_timm_blocks_are_timms_coarse_groups() -> None:
+    """Reference: ``timm.models.group_parameters(model, model.group_matcher(coarse=True))``."""
+    from timm.models import group_parameters
+
+    backbone = build_model("timm:resnet18", 8).backbone
+    groups = group_parameters(backbone.model, backbone.model.group_matcher(coarse=True))
+    assert [list(b.parameters) for b in backbone.blocks()] == [
+        [f"model.{n}" for n in g] for g in groups.values()
+    ]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from dmlkit.models import (
     freeze_batchnorm,
     load_local_weights,
     map_state_dict_by_position,
+    pooling,
 )
 
 
@@ -101,7 +102,11 @@ def test_safetensors_and_partial_weights(tmp_path: Path) -> None:
     partial = {k: v for k, v in source.items() if k.startswith("features.0.")}
     partial["extra.weight"] = torch.zeros(3)
     safetensors.save_file(partial, str(tmp_path / "part.safetensors"))
-    model = build_model("small_cnn", 8, pretrained_weights=str(tmp_path / "part.safetensors"))
+    with pytest.raises(DataError, match="only partly"):
+        build_model("small_cnn", 8, pretrained_weights=str(tmp_path / "part.safetensors"))
+    model = build_model(
+        "small_cnn", 8, pretrained_weights=str(tmp_path / "part.safetensors"), allow_partial_weights=True
+    )
     report = model.weights_report
     assert report is not None and not report.complete
     assert "extra.weight" in report.unexpected and "features.2.0.weight" in report.missing
@@ -135,6 +140,8 @@ def test_weights_errors_name_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"w\.bin"):
         build_model("small_cnn", pretrained_weights=str(wrong_shapes))
+    with pytest.raises(DataError, match=r"no tensor.*w\.bin"):  # even allowed, nothing would load
+        build_model("small_cnn", pretrained_weights=str(wrong_shapes), allow_partial_weights=True)
 
 
 def test_map_state_dict_by_position(tmp_path: Path) -> None:
@@ -151,3 +158,104 @@ def test_map_state_dict_by_position(tmp_path: Path) -> None:
         map_state_dict_by_position({"a": torch.zeros(1), **dict(list(renamed_source.items())[1:])}, target)
     with pytest.raises(DataError, match="by position"):
         map_state_dict_by_position({"a": torch.zeros(1)}, target)
+
+
+# ------------------------------------------------------------------------------------ partial fine-tuning
+
+
+def _trainable(model: EmbeddingModel) -> set[str]:
+    return {k for k, p in model.backbone.named_parameters() if p.requires_grad}
+
+
+def test_trainable_blocks_freeze_the_first_stages() -> None:
+    model = build_model("small_cnn", 8, trainable_blocks=1)
+    blocks = model.backbone.blocks()
+    assert _trainable(model) == set(blocks[-1].parameters) and model.trainable_blocks == 1
+    assert all(p.requires_grad for p in model.head_parameters())
+    model.train()
+    frozen_bn = model.backbone.features[0][1]
+    assert not frozen_bn.training and model.backbone.features[6][1].training  # frozen stages: eval mode
+    before = frozen_bn.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    torch.testing.assert_close(frozen_bn.running_mean, before)  # a frozen stage computes what it did
+    assert (
+        model.backbone.features[0][0].weight.grad is None
+        and model.backbone.features[6][0].weight.grad is not None
+    )
+    from dmlkit.models import set_trainable_blocks
+
+    set_trainable_blocks(model, None)  # unfreeze (after a warm-up)
+    assert _trainable(model) == {k for k, _ in model.backbone.named_parameters()}
+    model.train()
+    assert frozen_bn.training
+
+
+def test_no_trainable_block_freezes_the_backbone_not_the_head() -> None:
+    model = build_model(
+        "timm:vit_tiny_patch16_224", 8, pooling="gem", image_size=32, trainable_blocks=0
+    ).train()
+    assert not _trainable(model) and not model.backbone.training
+    assert (
+        all(p.requires_grad for p in model.head_parameters()) and len(model.head_parameters()) == 3
+    )  # p, W, b
+    assert {id(p) for p in model.backbone_parameters()} | {id(p) for p in model.head_parameters()} == {
+        id(p) for p in model.parameters()
+    }
+    vit = build_model("timm:vit_tiny_patch16_224", 8, image_size=32, trainable_blocks=2)
+    last_two = {
+        k
+        for k, _ in vit.backbone.named_parameters()
+        if k.startswith(("model.blocks.10.", "model.blocks.11."))
+    }
+    assert _trainable(vit) == last_two | {
+        "model.norm.weight",
+        "model.norm.bias",
+    }  # the final norm goes with them
+
+
+def test_trainable_blocks_keep_frozen_batchnorm_frozen() -> None:
+    from dmlkit.models import set_trainable_blocks
+
+    model = build_model("timm:resnet18", 8, trainable_blocks=2)
+    freeze_batchnorm(model)
+    set_trainable_blocks(model, None)
+    bn = model.backbone.model.layer1[0].bn1
+    assert not bn.weight.requires_grad and model.backbone.model.layer1[0].conv1.weight.requires_grad
+
+
+def test_trainable_blocks_out_of_range() -> None:
+    with pytest.raises(ConfigError, match=r"trainable_blocks=6.*has 5 blocks: conv1\+bn1, layer1"):
+        build_model("timm:resnet18", 8, trainable_blocks=6)
+
+
+def test_a_vit_trains_with_class_token_pooling(tmp_path: Path) -> None:
+    """``dmlkit train`` with a tiny ViT and ``--pooling cls`` on 32-px images (a few seconds on CPU)."""
+    from dmlkit.cli import main
+    from tests_support import tiny_argv
+
+    argv = tiny_argv(tmp_path, name="vit", epochs=1)
+    argv[argv.index("--dataset-args") + 1] = json.dumps(
+        {"num_classes": 8, "samples_per_class": 8, "image_size": 32, "test_fraction": 0.5}
+    )
+    argv += [
+        "--backbone",
+        "timm:vit_tiny_patch16_224",
+        "--pooling",
+        "cls",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-4",
+    ]
+    assert main(["train", *argv]) == 0
+    results = json.loads((tmp_path / "vit" / "results.json").read_text())
+    assert set(results["test_after"]) == {"recall@1", "map@r"}
+    history = [json.loads(line) for line in (tmp_path / "vit" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 3 and history[-1]["skipped_steps"] == 0 and history[-1]["train_loss"] > 0
+    checkpoint = torch.load(tmp_path / "vit" / "best.pt", weights_only=True)
+    assert checkpoint["model_config"]["pooling"] == "cls"
+    assert checkpoint["model_config"]["backbone"] == "timm:vit_tiny_patch16_224"
+    from dmlkit.cli.common import load_model
+
+    model, _ = load_model(tmp_path / "vit" / "best.pt", torch.device("cpu"))  # rebuilt from the checkpoint
+    assert isinstance(model.pool, pooling.ClassToken)

@@ -218,3 +218,60 @@ def test_unreadable_images_replaced_while_training_are_counted_per_epoch(tmp_pat
     rows = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
     assert [row["substituted_images"] for row in rows] == [4, 4]  # every item once per epoch
     assert "4 unreadable image(s) replaced" in capsys.readouterr().out
+
+
+def test_frozen_backbone_epochs_then_it_trains(tiny_config) -> None:
+    initial = weights(Trainer(tiny_config(name="init", epochs=0)).run().run_dir, "best.pt")
+    backbone = [k for k in initial if k.startswith("backbone.")]
+    head = [k for k in initial if k.startswith("head.")]
+    assert any(k.endswith("running_mean") for k in backbone) and head
+
+    frozen = weights(Trainer(tiny_config(name="frozen", epochs=1, freeze_backbone_epochs=1)).run().run_dir)
+    for key in backbone:  # weights and BatchNorm statistics: a fixed feature extractor
+        assert torch.equal(initial[key], frozen[key]), key
+    assert not torch.equal(initial[head[0]], frozen[head[0]])  # the head trained
+
+    thawed = Trainer(tiny_config(name="thawed", epochs=2, freeze_backbone_epochs=1)).run()
+    after = weights(thawed.run_dir)
+    assert all(
+        not torch.equal(initial[k], after[k]) for k in backbone if not k.endswith("num_batches_tracked")
+    )
+    rows = [json.loads(line) for line in (thawed.run_dir / "history.jsonl").read_text().splitlines()]
+    assert [row["backbone_frozen"] for row in rows] == [True, False]
+
+
+def test_thawing_keeps_batchnorm_frozen_by_freeze_bn(tiny_config) -> None:
+    initial = weights(Trainer(tiny_config(name="init", epochs=0)).run().run_dir, "best.pt")
+    after = weights(
+        Trainer(tiny_config(name="both", epochs=2, freeze_backbone_epochs=1, freeze_bn=True)).run().run_dir
+    )
+    bn = [k for k in initial if k.endswith("running_mean")]
+    for key in bn:
+        layer = key.rsplit(".", 1)[0]
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            assert torch.equal(initial[f"{layer}.{name}"], after[f"{layer}.{name}"]), f"{layer}.{name}"
+    conv = next(k for k in initial if k.startswith("backbone.") and initial[k].ndim == 4)
+    assert not torch.equal(initial[conv], after[conv])
+
+
+def test_resume_inside_the_frozen_epochs_is_exact(tiny_config) -> None:
+    import os
+    import signal
+
+    def interrupt(trainer: Trainer, global_step: int) -> None:
+        if (trainer.epoch, trainer.batches_done) == (0, 1):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    options = {"epochs": 3, "freeze_backbone_epochs": 2}
+    straight = Trainer(tiny_config(name="straight", **options)).run()
+    first = Trainer(tiny_config(name="stopped", **options), step_hooks=[interrupt]).run()
+    assert first.interrupted
+    Trainer(tiny_config(name="stopped", **options), first.run_dir, resume=True).run()
+    a, b = weights(straight.run_dir), weights(first.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_head_lr_is_applied_and_logged(tiny_config) -> None:
+    result = Trainer(tiny_config(name="head-lr", epochs=1, scheduler="constant", head_lr=0.05)).run()
+    row = json.loads((result.run_dir / "history.jsonl").read_text().splitlines()[0])
+    assert row["lr"] == pytest.approx(1e-3) and row["head_lr"] == pytest.approx(0.05)

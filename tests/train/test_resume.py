@@ -133,7 +133,7 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tiny_config) -> Non
             return super()._step(batch)
 
     Recording(longer, first.run_dir, resume=True).run()
-    factor = lr_factor_fn(longer.optim, steps_per_epoch=3)
+    factor = lr_factor_fn(longer.optim, updates_per_epoch=3)
     assert seen[0] == longer.optim.lr * factor(6)  # the new schedule from the first resumed step on
     assert seen[0] != longer.optim.lr * lr_factor_fn(tiny_config(epochs=2).optim, 3)(6)
     assert [row["epoch"] for row in history(first.run_dir)] == [1, 2, 3, 4]

@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     args.backend = args.backend or trained.eval.eval_backend
     metrics_lib.check_options(metric_names, args.distance, args.backend)
     dataset_name = args.dataset or trained.data.dataset.name
-    dataset = build_data(_data_section(args, trained.data), trained.run.seed).split(args.split)
+    # The checkpoint's recorded preprocessing, not one resolved again from the flags of today's defaults.
+    section = _data_section(args, trained.data)
+    dataset = build_data(section, trained.run.seed, spec=checkpoint["data_spec"]).split(args.split)
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
     embeddings, labels = embed(model, dataset, args, device, "eval")
     # One search serves the metrics and the pictures: it keeps as many neighbours as either needs.
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _data_section(args: argparse.Namespace, trained: DataSection) -> DataSection:
     """The checkpoint's data section with ``--dataset``/``--data-root``/``--dataset-args`` applied; another
-    dataset starts from its own defaults (no root, no arguments, the image-file options at their defaults)."""
+    dataset starts from its own defaults (no root, no arguments, every data option at its default)."""
     if args.dataset is None or args.dataset == trained.dataset.name:
         dataset = trained.dataset
         if args.dataset_args is not None:
@@ -164,9 +166,14 @@ def _data_section(args: argparse.Namespace, trained: DataSection) -> DataSection
         return trained.model_copy(
             update={"dataset": dataset, "data_root": args.data_root or trained.data_root}
         )
+    # Every other data option (image-file checks, image size, recipe, cache, ...) at its default.
     dataset = ComponentSpec(name=args.dataset, args=args.dataset_args or {})
-    file_defaults = {key: DataSection.model_fields[key].default for key in DataSection.FILE_OPTIONS}
-    return trained.model_copy(update={"dataset": dataset, "data_root": args.data_root, **file_defaults})
+    return DataSection(
+        dataset=dataset,
+        data_root=args.data_root,
+        val_fraction=trained.val_fraction,
+        num_workers=trained.num_workers,
+    )
 
 
 def _per_class(results: metrics_lib.RetrievalResults, class_names: list[str]) -> dict[str, dict[str, float]]:

@@ -26,10 +26,12 @@ def registries() -> dict[str, Listed]:
 
     return {
         "datasets": data.REGISTRY,
+        "augmentations": data.augment.REGISTRY,
         "samplers": samplers.REGISTRY,
         "backbones": models.backbones.REGISTRY,
         "pooling": models.pooling.REGISTRY,
         "heads": models.heads.REGISTRY,
+        "weights": models.weights.REGISTRY,
         "losses": losses.REGISTRY,
         "reducers": reducers.REGISTRY,
         "miners": miners.REGISTRY,

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dmlkit import data as data_lib
@@ -110,7 +111,7 @@ class Section(BaseModel):
 
 
 class RunSection(Section):
-    """Where the run goes and how repeatable it is."""
+    """Where the run goes, how repeatable it is, and how fast it runs."""
 
     key: ClassVar[str] = "run"
 
@@ -120,6 +121,16 @@ class RunSection(Section):
     deterministic: bool = _field(False, "use deterministic kernels (slower; bitwise repeatable on CPU)")
     device: str = _field("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     progress: bool = _field(True, "show a progress bar")
+    channels_last: bool = _field(
+        False,
+        "channels-last memory format for the model and the training batches (faster convolutions on "
+        "tensor-core GPUs, with --amp)",
+    )
+    compile: bool = _field(
+        False,
+        "torch.compile the model for training (validation and test run it uncompiled; checkpoints hold the "
+        "plain model's weights)",
+    )
 
 
 class DataSection(Section):
@@ -136,7 +147,11 @@ class DataSection(Section):
     val_fraction: float = _field(
         0.2, "fraction of training classes held out (class-disjoint) for validation", ge=0.0, lt=1.0
     )
-    num_workers: int = _field(0, "DataLoader worker processes", ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = _field(
+        0,
+        "DataLoader worker processes; auto: one per core this process may use (os.sched_getaffinity) "
+        "less one for the training loop, at most 32",
+    )
     skip_unreadable: bool = _field(
         False,
         "drop images that fail the build-time check (reporting how many) and replace ones that fail while "
@@ -160,11 +175,82 @@ class DataSection(Section):
     )
     batch_size: int = _field(128, "images per batch", gt=0)
     samples_per_class: int = _field(4, "images per class in a batch (K of P×K)", gt=0)
+    augment: ComponentSpec | None = _component(
+        None,
+        "augmentation recipe: photo, base, big, red, adv, randaugment, test, glyph (docs/pipeline.md); "
+        "none: the dataset's, photo for image files, glyph for glyphs",
+        "hyperparameters of the augmentation recipe, e.g. '{scale: [0.2, 1.0]}' or '{num_ops: 2}'",
+    )
+    image_size: int | None = _field(
+        None,
+        "input size in pixels (a square; the dataset's image_size argument); none: the recipe's (big: 256), "
+        "else the backbone's, else the dataset's",
+        gt=0,
+    )
+    mean: list[float] | None = _field(
+        None, "normalisation mean per channel, e.g. 0.5,0.5,0.5; none: the backbone's, else the dataset's"
+    )
+    std: list[float] | None = _field(
+        None, "normalisation std per channel; none: the backbone's, else the dataset's"
+    )
+    interpolation: str | None = _field(
+        None,
+        "resize interpolation of photo recipes: bilinear, bicubic or nearest; none: the backbone's, else "
+        "bilinear",
+    )
+    crop_pct: float | None = _field(
+        None,
+        "evaluation crop ratio: resize the shorter side to image_size / crop_pct, then centre-crop; none: "
+        "the backbone's, else the recipe's (0.875; photo 1/1.14, big 1)",
+        gt=0.0,
+        le=1.0,
+    )
+    cache_size: int | None = _field(
+        None,
+        "decode every image once before training into a cache at this shorter side (uint8, shared by the "
+        "workers; costs channels·h·w bytes per image); none: decode on every load",
+        ge=1,
+    )
+    cache_dir: str | None = _field(
+        None,
+        "keep the decoded-image cache in a memory-mapped file in this folder (reused by later runs "
+        "over the same files) instead of in shared memory",
+    )
+    gpu_decode: Literal["auto", "on", "off"] = _field(
+        "auto",
+        "training batches decoded (nvJPEG), cropped and normalised on the GPU: auto (when the device is "
+        "CUDA, the dataset reads image files and the recipe is photo, base or big), on (required), off",
+    )
 
-    @field_validator("data_root")
+    @field_validator("data_root", "cache_dir")
     @classmethod
     def _absolute_root(cls, value: str | None) -> str | None:
         return absolute_path(value)
+
+    @field_validator("gpu_decode", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        # YAML reads a bare on / off as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("interpolation")
+    @classmethod
+    def _known_interpolation(cls, value: str | None) -> str | None:
+        if value is not None and value not in data_lib.augment.INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(data_lib.augment.INTERPOLATIONS)}")
+        return value
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _statistics(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and len(value) not in (1, 3):
+            raise ValueError(f"needs 1 or 3 values (one per channel), got {len(value)}")
+        return value
+
+    @property
+    def workers(self) -> int:
+        """``num_workers`` as a count (``auto`` resolved: :func:`dmlkit.data.base.auto_workers`)."""
+        return data_lib.auto_workers() if self.num_workers == "auto" else int(self.num_workers)
 
     @model_validator(mode="after")
     def _check_batch_shape(self) -> DataSection:
@@ -184,12 +270,16 @@ class DataSection(Section):
 
     #: Fields that are keyword arguments of the datasets that read image files (``folder``, ``csv``).
     FILE_OPTIONS: ClassVar[tuple[str, ...]] = ("skip_unreadable", "verify_images", "max_image_pixels")
+    #: Fields passed to the dataset builder when set: the file options and ``image_size``.
+    DATASET_OPTIONS: ClassVar[tuple[str, ...]] = (*FILE_OPTIONS, "image_size")
 
     def file_options(self) -> dict[str, Any]:
-        """The :data:`FILE_OPTIONS` set away from their defaults."""
+        """The :data:`DATASET_OPTIONS` set away from their defaults."""
         fields = type(self).model_fields
         return {
-            key: getattr(self, key) for key in self.FILE_OPTIONS if getattr(self, key) != fields[key].default
+            key: getattr(self, key)
+            for key in self.DATASET_OPTIONS
+            if getattr(self, key) != fields[key].default
         }
 
     @model_validator(mode="after")
@@ -212,7 +302,14 @@ class DataSection(Section):
         accepted = data_lib.REGISTRY.parameters(self.dataset.name)
         for key in self.file_options():
             if key not in accepted:
-                raise ConfigError(f"{key}: dataset '{self.dataset.name}' reads no image files")
+                what = "takes no image_size" if key == "image_size" else "reads no image files"
+                raise ConfigError(f"{key}: dataset '{self.dataset.name}' {what}")
+        if self.augment is not None:  # its name, keywords and values, before any data is loaded
+            data_lib.augment.build(self.augment.name, **self.augment.args)
+        if self.gpu_decode == "on" and not torch.cuda.is_available():
+            raise ConfigError(
+                "gpu_decode on needs a CUDA device; none is available (auto or off decode on the CPU)"
+            )
         # The values too (a mapping): the registry checks their types before any data is loaded.
         sampler_extra = {"samples_per_class": self.samples_per_class} if self.sampler_takes_k else {}
         samplers.REGISTRY.check_kwargs(
@@ -228,20 +325,94 @@ class ModelSection(Section):
     key: ClassVar[str] = "model"
 
     backbone: str = _field("small_cnn", "'small_cnn', 'timm:<name>' or 'torchvision:<name>'")
-    pretrained_weights: str | None = _field(None, "local state-dict file for the backbone (stored absolute)")
-    embedding_size: int = _field(64, "embedding dimension (0: pooled backbone features)", ge=0)
-    pooling: str = _field("avg", "global pooling: avg, max or gem")
+    pretrained_weights: str | None = _field(
+        None,
+        "backbone weights: a local state-dict file (stored absolute) or 'package:<name>', the file of an "
+        "installed weight package (see `dmlkit list weights`); key names are mapped automatically",
+    )
+    allow_partial_weights: bool = _field(
+        False, "load pretrained weights that fit the backbone only partly instead of refusing them"
+    )
+    embedding_size: int = _field(64, "embedding dimension, the head's output (0: no head)", ge=0)
+    pooling: str = _field(
+        "avg",
+        "global pooling: avg, max, gem (of a map, or of the patch tokens without class/register tokens), "
+        "cls (the class token), cls+avg (both, concatenated)",
+    )
+    head: ComponentSpec = _component(
+        "linear",
+        "embedding head: linear, mlp or none (the pooled features; see `dmlkit list heads`)",
+        "head options, e.g. '{bn: true}' (linear), '{hidden_size: 1024, bn: false}' (mlp)",
+    )
     normalize: bool = _field(True, "L2-normalise embeddings")
     freeze_bn: bool = _field(False, "keep BatchNorm layers in eval mode with frozen affine parameters")
+    trainable_blocks: int | None = _field(
+        None, "train only the last K blocks (stages) of the backbone (0: frozen backbone; none: all)", ge=0
+    )
 
     @field_validator("pretrained_weights")
     @classmethod
     def _absolute_weights(cls, value: str | None) -> str | None:
-        return absolute_path(value)
+        # a shortcut names a package, not a file: kept as written
+        return value if models.weights.is_shortcut(value) else absolute_path(value)
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _none_head(cls, value: Any) -> Any:
+        # ``--head none`` arrives as a missing name (the flag parser reads "none" as None)
+        if value is None:
+            return {"name": models.heads.NO_HEAD}
+        if isinstance(value, Mapping) and value.get("name") is None:
+            return {**value, "name": models.heads.NO_HEAD}
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_head_no_size(cls, data: Any) -> Any:
+        # ``--head none`` alone means embedding_size 0 (the default 64 would contradict it); a size given
+        # explicitly is checked against the head in ``check``
+        if not isinstance(data, Mapping) or "embedding_size" in data or "head" not in data:
+            return data
+        head = data["head"]
+        name = head.get("name") if isinstance(head, Mapping) else getattr(head, "name", head)
+        return {**data, "embedding_size": 0} if name in (None, models.heads.NO_HEAD) else data
+
+    @model_validator(mode="after")
+    def _weights_fit_backbone(self) -> ModelSection:
+        # the backbone is never guessed from a shortcut: a mismatch, or a shortcut without --backbone, is
+        # an error saying which backbone to pass
+        models.weights.check_fits(self.pretrained_weights, self.backbone, "backbone" in self.model_fields_set)
+        return self
 
     def check(self, config: TrainConfig) -> None:
         models.backbones.REGISTRY.get(self.backbone)
-        models.pooling.REGISTRY.get(self.pooling)
+        pooling = models.pooling.REGISTRY.get(self.pooling)
+        # known without building: small_cnn and torchvision's feature extractors give maps (timm models
+        # are checked when built)
+        maps_only = self.backbone == "small_cnn" or self.backbone.startswith("torchvision:")
+        if getattr(pooling, "needs_class_token", False) and maps_only:
+            raise ConfigError(
+                f"pooling '{self.pooling}' needs a backbone with a class token (a timm ViT, DeiT or DINOv2), "
+                f"not {self.backbone}"
+            )
+        models.heads.check(self.head.name, self.embedding_size, self.head.args)
+        if models.weights.is_shortcut(self.pretrained_weights):
+            models.weights.resolve(self.pretrained_weights)  # type: ignore[arg-type]  # installed?
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The :func:`dmlkit.models.build_model` keywords this section sets (the caller adds
+        ``in_channels`` and ``image_size``, which come from the data; ``freeze_bn`` is applied after)."""
+        return {
+            "backbone": self.backbone,
+            "embedding_size": self.embedding_size,
+            "pooling": self.pooling,
+            "head": self.head.name,
+            "head_args": dict(self.head.args),
+            "normalize": self.normalize,
+            "pretrained_weights": self.pretrained_weights,
+            "allow_partial_weights": self.allow_partial_weights,
+            "trainable_blocks": self.trainable_blocks,
+        }
 
 
 class ObjectiveSection(Section):
@@ -322,26 +493,62 @@ class MemorySection(Section):
 
 
 class OptimSection(Section):
-    """Optimizer, learning-rate schedule (stepped every iteration), precision and step safety."""
+    """Optimizer and its parameter groups, learning-rate schedule, gradient accumulation, backbone freezing,
+    precision and step safety."""
 
     key: ClassVar[str] = "optim"
 
     epochs: int = _field(30, "training epochs", ge=0)
     optimizer: str = _field("adam", "optimizer: " + ", ".join(optim.OPTIMIZERS.available()))
-    lr: float = _field(1e-3, "learning rate of the model", gt=0)
+    optimizer_args: dict[str, Any] = _field(
+        dict,
+        "the optimizer's own hyperparameters, e.g. '{betas: [0.9, 0.99]}' ("
+        + optim.own_options(optim.OPTIMIZERS)
+        + ")",
+    )
+    lr: float = _field(1e-3, "learning rate of the model (of the backbone, with head_lr)", gt=0)
+    head_lr: float | None = _field(
+        None, "learning rate of the embedding head, pooling + head, like Roth et al.'s fc_lr (default: lr)"
+    )
     loss_lr: float | None = _field(None, "learning rate of the loss's own parameters (default: lr)")
     weight_decay: float = _field(0.0, "weight decay", ge=0)
-    momentum: float = _field(0.9, "SGD momentum", ge=0, lt=1)
+    momentum: float = _field(0.9, "SGD momentum (rmsprop takes its own: optimizer_args momentum)", ge=0, lt=1)
     scheduler: str = _field(
         "warmup_cosine",
-        "learning-rate schedule, stepped every iteration: " + ", ".join(optim.SCHEDULERS.available()),
+        "learning-rate schedule, stepped every optimizer update (plateau: every validation): "
+        + ", ".join(optim.SCHEDULERS.available()),
     )
-    warmup_epochs: float = _field(1.0, "linear warm-up length in epochs (warmup_cosine)", ge=0)
+    scheduler_args: dict[str, Any] = _field(
+        dict,
+        "the schedule's own hyperparameters, e.g. '{patience: 3}' ("
+        + optim.own_options(optim.SCHEDULERS)
+        + ")",
+    )
+    warmup_epochs: float = _field(
+        1.0, "linear warm-up length in epochs (warmup_cosine, plateau; 0: none)", ge=0
+    )
     warmup_start_factor: float = _field(0.01, "lr factor at the start of warm-up", gt=0, le=1)
-    min_lr_factor: float = _field(0.0, "lr factor reached at the end of the cosine", ge=0, le=1)
+    min_lr_factor: float = _field(
+        0.0,
+        "lr factor reached at the end of the cosine (warmup_cosine), floor of the drops (plateau)",
+        ge=0,
+        le=1,
+    )
     step_size: int = _field(10, "epochs between lr drops (step)", gt=0)
     milestones: list[int] = _field(list, "epochs at which lr drops (multistep)")
-    gamma: float = _field(0.1, "lr drop factor (step, multistep)", gt=0)
+    gamma: float = _field(0.1, "lr drop factor (step, multistep, plateau)", gt=0)
+    accumulate: int = _field(
+        1,
+        "gradient accumulation: one optimizer update per N batches, with the mean of their gradients (the "
+        "loss and the miner see one batch at a time)",
+        ge=1,
+    )
+    freeze_backbone_epochs: int = _field(
+        0,
+        "train only the pooling and head for the first N epochs (the backbone gets no gradients and runs in "
+        "eval mode, BatchNorm statistics fixed), then the backbone too",
+        ge=0,
+    )
     grad_clip: float | None = _field(None, "clip the gradient norm to this value")
     amp: Literal["none", "bf16", "fp16"] = _field(
         "none", "mixed precision: bf16 (cpu or cuda) or fp16 with grad scaling (cuda)"
@@ -353,7 +560,7 @@ class OptimSection(Section):
         gt=0,
     )
 
-    @field_validator("loss_lr", "grad_clip")
+    @field_validator("loss_lr", "head_lr", "grad_clip")
     @classmethod
     def _positive_or_none(cls, value: float | None, info: Any) -> float | None:
         if value is not None and value <= 0:
@@ -370,9 +577,24 @@ class OptimSection(Section):
     def _known_scheduler(cls, value: str) -> str:
         return _check_choice("scheduler", value, optim.SCHEDULERS.available())
 
+    @field_validator("optimizer_args", "scheduler_args")
+    @classmethod
+    def _finite_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return require_finite(value, "")  # type: ignore[no-any-return]
+
+    def check(self, config: TrainConfig) -> None:
+        optim.OPTIMIZERS.check_kwargs(self.optimizer, self.optimizer_args)
+        optim.SCHEDULERS.check_kwargs(self.scheduler, self.scheduler_args)
+        if self.scheduler in optim.VALIDATION_SCHEDULES and config.data.val_fraction == 0:
+            raise ConfigError(
+                f"scheduler '{self.scheduler}' steps on validation, but val_fraction is 0 (no validation "
+                "split)"
+            )
+
 
 class EvalSection(Section):
-    """Validation (which selects best.pt) and the final test: metrics, distance and search backend."""
+    """Validation (which selects best.pt and may stop training early) and the final test: metrics, distance
+    and search backend."""
 
     key: ClassVar[str] = "eval"
 
@@ -392,6 +614,12 @@ class EvalSection(Section):
         "torch",
         "validation/test k-NN search: torch (exact), faiss-flat (exact), faiss-ivf / faiss-hnsw "
         "(approximate; need faiss)",
+    )
+    early_stop_patience: int | None = _field(
+        None,
+        "stop training once the validation select_metric has not improved for this many validations "
+        "(Berton et al.: 3); the test then uses best.pt; none: off",
+        ge=1,
     )
 
     @field_validator("metrics")
@@ -425,6 +653,10 @@ class EvalSection(Section):
 
     def check(self, config: TrainConfig) -> None:
         metrics.check_options(self.metrics, self.eval_distance, self.eval_backend)
+        if self.early_stop_patience is not None and config.data.val_fraction == 0:
+            raise ConfigError(
+                f"early_stop_patience {self.early_stop_patience} needs validation, but val_fraction is 0"
+            )
 
 
 class LogSection(Section):
@@ -468,28 +700,42 @@ class TrainConfig(BaseModel):
 #: - ``run.progress``, ``log.*``: output only;
 #: - ``run.deterministic``: kernel choice only (bitwise repeatability is then lost, as the flag says);
 #: - ``data.num_workers``: batches, their order and their augmentation do not depend on the workers;
+#: - ``data.gpu_decode``, ``data.cache_dir``: where images are decoded and cached, not which items, crops
+#:   or flips a batch gets (the crop boxes are drawn from the same per-item seeds on either path);
 #: - ``optim.epochs``: the loop runs to the new count and the lr schedule is recomputed for the new length
 #:   from the current iteration on (the saved state holds only the iteration counter);
 #: - ``optim.grad_clip``, ``optim.max_nonfinite_steps``: read at every step;
 #: - ``optim.amp``: read at every step; the grad scaler starts fresh when switching to fp16;
 #: - ``eval.val_every``, ``eval.eval_batch_size``: when and in what batches validation runs, not what it
-#:   measures.
+#:   measures (``plateau`` and early stopping count validations, not epochs);
+#: - ``run.channels_last``, ``run.compile``: memory layout and compilation of the same computation (bitwise
+#:   repeatability across the change is not promised, as with ``deterministic``); checkpoints hold the plain
+#:   model's weights either way;
+#: - ``eval.early_stop_patience``: read at every validation against the saved count of validations without
+#:   improvement, so resuming a run that stopped early with a larger patience (or none) continues it.
 #:
 #: Not here: anything that shapes the model, the data, the split, the sampler, the objective, the optimizer
-#: state (``lr``, ``weight_decay``, ...: the saved optimizer restores its own), the seed, or what the saved
-#: best value was measured with (metrics, distance, search backend, ``select_metric``).
+#: state (``lr``, ``head_lr``, ``weight_decay``, ``optimizer_args``, ...: the saved optimizer restores its
+#: own), the schedule (``scheduler``, ``scheduler_args``), what an update is (``accumulate``), which epochs
+#: train the backbone (``freeze_backbone_epochs``), the seed, or what the saved best value was measured with
+#: (metrics, distance, search backend, ``select_metric``).
 RESUMABLE: frozenset[str] = frozenset(
     {
         "run.device",
         "run.progress",
         "run.deterministic",
         "data.num_workers",
+        "data.gpu_decode",
+        "data.cache_dir",
         "optim.epochs",
         "optim.grad_clip",
         "optim.max_nonfinite_steps",
         "optim.amp",
         "eval.val_every",
         "eval.eval_batch_size",
+        "eval.early_stop_patience",
+        "run.channels_last",
+        "run.compile",
         "log.tensorboard",
         "log.wandb",
         "log.wandb_project",

@@ -2,14 +2,17 @@
 
 Registered names (:data:`REGISTRY`, :func:`available`): ``synthetic`` (built in, the default),
 ``folder``, ``csv``, ``omniglot``. Image files are listed, decoded and checked by :mod:`dmlkit.data.images`
-(one decoder, :func:`load_image`; the build-time check, :func:`verify_images`; a pixel limit).
+(:func:`load_image` / :func:`load_image_tensor`; the build-time check, :func:`verify_images`; a pixel
+limit); augmentation recipes are named in :mod:`dmlkit.data.augment` and pipelines built by
+:mod:`dmlkit.data.transforms`; :mod:`dmlkit.data.cache` keeps decoded images, :mod:`dmlkit.data.gpu_pipeline`
+decodes and crops on the GPU.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dmlkit.data import images, transforms
+from dmlkit.data import augment, cache, images, transforms
 from dmlkit.data.base import (
     REGISTRY,
     ArrayImageDataset,
@@ -17,8 +20,10 @@ from dmlkit.data.base import (
     FileImageDataset,
     ImageDataset,
     SharedCounter,
+    auto_workers,
     item_seed,
 )
+from dmlkit.data.cache import DecodedCache
 from dmlkit.data.datasets import render_glyphs
 from dmlkit.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -26,6 +31,7 @@ from dmlkit.data.images import (
     ImageTooLargeError,
     find_overlap,
     load_image,
+    load_image_tensor,
     verify_images,
 )
 from dmlkit.data.splits import class_disjoint_split, split_class_names
@@ -63,18 +69,23 @@ __all__ = [
     "REGISTRY",
     "ArrayImageDataset",
     "DatasetSplits",
+    "DecodedCache",
     "FileImageDataset",
     "ImageDataset",
     "ImageTooLargeError",
     "SharedCounter",
+    "augment",
+    "auto_workers",
     "available",
     "build",
+    "cache",
     "class_disjoint_split",
     "data_spec",
     "find_overlap",
     "images",
     "item_seed",
     "load_image",
+    "load_image_tensor",
     "render_glyphs",
     "split_class_names",
     "transforms",

@@ -1,14 +1,16 @@
 """Image datasets with class labels, stable item ids and deterministic per-item augmentation.
 
 :class:`ImageDataset` is the common interface; :class:`ArrayImageDataset` keeps small datasets in memory as
-``uint8`` tensors and :class:`FileImageDataset` decodes image files lazily with PIL. Builders, registered in
-:data:`REGISTRY`, return a :class:`DatasetSplits` whose ``train`` and ``test`` datasets have disjoint
-classes (zero-shot retrieval).
+``uint8`` tensors and :class:`FileImageDataset` decodes image files lazily into ``uint8`` tensors
+(:func:`~dmlkit.data.images.load_image_tensor`), or reads them from a decoded-image cache. Builders,
+registered in :data:`REGISTRY`, return a :class:`DatasetSplits` whose ``train`` and ``test`` datasets have
+disjoint classes (zero-shot retrieval).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dmlkit.data import transforms
-from dmlkit.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from dmlkit.data.cache import DecodedCache, reduce
+from dmlkit.data.images import DECODERS, DEFAULT_MAX_IMAGE_PIXELS, load_image_tensor
 from dmlkit.errors import ConfigError, DataError
 from dmlkit.registry import Registry
 
@@ -36,6 +39,20 @@ def item_seed(augment_seed: int, epoch: int, index: int) -> int:
     """
     digest = hashlib.blake2b(f"{augment_seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+#: ``num_workers auto`` never starts more workers than this: each is a process with its own memory, and
+#: at ≈ 650–870 images/s per worker (BENCHMARKS.md) 32 of them feed well over 20,000 images/s.
+MAX_AUTO_WORKERS = 32
+
+
+def auto_workers() -> int:
+    """DataLoader workers for ``num_workers auto``: one per core this process may run on
+    (``os.sched_getaffinity``: what ``taskset``, cpusets and container CPU sets allow), less one for the
+    main process (it runs the training step and feeds the GPU), at most :data:`MAX_AUTO_WORKERS`; 0 (load
+    in the main process) with a single core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(cores - 1, MAX_AUTO_WORKERS))
 
 
 def to_float_image(image: Any) -> torch.Tensor:
@@ -217,12 +234,16 @@ class SharedCounter:
 
 
 class FileImageDataset(ImageDataset):
-    """Images decoded lazily from files with :func:`~dmlkit.data.images.load_image` (``RGB``, or ``L`` when
-    ``channels == 1``), refusing images above ``max_pixels`` pixels (``None``: no limit).
+    """Images decoded lazily from files with :func:`~dmlkit.data.images.load_image_tensor` into ``uint8``
+    tensors (3 channels, or 1 when ``channels == 1``), refusing images above ``max_pixels`` pixels (``None``:
+    no limit); ``decoder`` (``torchvision``: libjpeg-turbo for JPEGs, the default; ``pil``) picks the decoder,
+    :attr:`cache` (a :class:`~dmlkit.data.cache.DecodedCache`, see :meth:`build_cache`) serves reduced
+    decoded images instead.
 
     A file that fails to load raises ``DataError`` naming it, unless ``skip_unreadable``: the item is then
     replaced by another image of the same class, chosen by a pure function of (``augment_seed``, ``epoch``,
-    index) (a resumed run replays the same substitutes), with a warning naming the file (once per process);
+    index) (a resumed run replays the same substitutes), with a warning naming the file (once per process,
+    DataLoader workers included: each prints it on the shared standard error);
     :attr:`substituted` counts the replacements, in the DataLoader workers too.
     """
 
@@ -237,9 +258,15 @@ class FileImageDataset(ImageDataset):
         *,
         skip_unreadable: bool = False,
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        decoder: str = "torchvision",
+        cache: DecodedCache | None = None,
     ) -> None:
         if channels not in (1, 3):
             raise DataError(f"file datasets decode to 1 or 3 channels, got channels={channels}")
+        if decoder not in DECODERS:
+            raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
+        if cache is not None and len(cache) != len(labels):
+            raise DataError(f"a cache of {len(cache)} images for {len(labels)} files")
         super().__init__(labels, class_names, ids, transform, channels=channels)
         # a numpy array of strings, not a list: DataLoader workers would touch (and copy) every list item
         self.paths = np.asarray([str(p) for p in paths], dtype=np.str_)
@@ -247,6 +274,8 @@ class FileImageDataset(ImageDataset):
             raise DataError(f"{len(self.paths)} paths for {len(self.labels)} labels")
         self.skip_unreadable = skip_unreadable
         self.max_pixels = max_pixels
+        self.decoder = decoder
+        self.cache = cache
         self._substituted = SharedCounter()
 
     @property
@@ -255,15 +284,41 @@ class FileImageDataset(ImageDataset):
         since this dataset was made, in every process (DataLoader workers included)."""
         return self._substituted.value
 
-    def load(self, index: int) -> Image.Image:
+    def build_cache(self, size: int, directory: str | Path | None = None) -> DecodedCache:
+        """Decode every image once into :attr:`cache` at shorter side ``size`` (in shared memory, or in a
+        file under ``directory``): see :class:`~dmlkit.data.cache.DecodedCache`."""
+        self.cache = DecodedCache.build(
+            self.paths.tolist(),
+            size,
+            channels=self.channels,
+            max_pixels=self.max_pixels,
+            decoder=self.decoder,
+            directory=directory,
+            skip_unreadable=self.skip_unreadable,
+        )
+        return self.cache
+
+    def _decode(self, index: int) -> torch.Tensor:
+        if self.cache is not None:
+            cached = self.cache.get(index)
+            if cached is not None:
+                return cached
+        image = load_image_tensor(
+            str(self.paths[index]), self.channels, max_pixels=self.max_pixels, decoder=self.decoder
+        )
+        if self.cache is not None:  # a file that failed while the cache was built and reads now
+            return reduce(image, self.cache.size)
+        return image
+
+    def load(self, index: int) -> torch.Tensor:
         try:
-            return load_image(str(self.paths[index]), self.channels, max_pixels=self.max_pixels)
+            return self._decode(index)
         except DataError as exc:
             if not self.skip_unreadable:
                 raise
             return self._substitute(index, exc)
 
-    def _substitute(self, index: int, failure: DataError) -> Image.Image:
+    def _substitute(self, index: int, failure: DataError) -> torch.Tensor:
         """The first loadable image of ``index``'s class in an order drawn from ``(augment_seed, epoch,
         index)``; ``DataError`` when none of them loads."""
         label = self.labels[index]
@@ -273,7 +328,7 @@ class FileImageDataset(ImageDataset):
         order = rng.permutation(others)
         for other in order:
             try:
-                image = load_image(str(self.paths[other]), self.channels, max_pixels=self.max_pixels)
+                image = self._decode(int(other))
             except DataError:
                 continue
             self._substituted.add()
@@ -296,6 +351,8 @@ class FileImageDataset(ImageDataset):
             channels=self.channels,
             skip_unreadable=self.skip_unreadable,
             max_pixels=self.max_pixels,
+            decoder=self.decoder,
+            cache=self.cache.select(indices) if self.cache is not None else None,
         )
 
 
@@ -380,12 +437,14 @@ def check_split(dataset: ImageDataset, split: str, source: str) -> None:
 
 
 __all__ = [
+    "MAX_AUTO_WORKERS",
     "REGISTRY",
     "ArrayImageDataset",
     "DatasetSplits",
     "FileImageDataset",
     "ImageDataset",
     "SharedCounter",
+    "auto_workers",
     "check_split",
     "dataset_file",
     "dataset_root",

@@ -14,23 +14,34 @@ image comes out the same way whatever its file stores:
 Images with more pixels than a limit are refused with the pixel count and the limit (a decompression-bomb
 guard, like Pillow's own). dmlkit applies its own limit, passed per call, instead of setting Pillow's
 process-wide ``Image.MAX_IMAGE_PIXELS``: no global state changes, and threads with different limits coexist.
+
+Two decoders give the same images: :func:`load_image` (Pillow, a PIL image) and :func:`load_image_tensor`
+(a ``uint8`` ``C × H × W`` tensor, what the datasets feed their pipelines). The tensor decoder reads baseline
+and progressive 8-bit JPEGs (the bulk of photo datasets) with ``torchvision.io.decode_jpeg`` (libjpeg-turbo,
+EXIF orientation applied; ≈ 1.3–2× Pillow per core, see BENCHMARKS.md) after checking their size against the
+pixel limit from the frame header; every other file (PNG, GIF, WebP, CMYK JPEGs, colour JPEGs asked for as
+gray, or a JPEG libjpeg-turbo refuses) goes through Pillow, so errors and conversions stay the ones above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import struct
 import warnings
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torchvision import io as tv_io
 
 from dmlkit.errors import ConfigError, DataError
 
@@ -200,6 +211,185 @@ def load_image(
         raise DataError(f"cannot read image '{path}': {describe_failure(exc)}") from exc
 
 
+#: The image decoders of :func:`load_image_tensor`: ``torchvision`` (libjpeg-turbo for 8-bit JPEGs, Pillow
+#: for the rest) and ``pil`` (Pillow for everything).
+DECODERS: tuple[str, ...] = ("torchvision", "pil")
+Decoder = Literal["torchvision", "pil"]
+
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): the segment
+# that holds the frame's precision, size and component count. C4 (DHT), C8 (JPG) and CC (DAC) are not.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's frame header says: ``height`` × ``width`` pixels (as stored, before any EXIF
+    orientation), ``components`` (1 gray, 3 YCbCr/RGB, 4 CMYK/YCCK), sample ``precision`` in bits, and
+    whether an EXIF segment (which may hold an orientation) precedes the frame."""
+
+    height: int
+    width: int
+    components: int
+    precision: int
+    exif: bool
+
+
+def jpeg_header(data: bytes | bytearray | memoryview) -> JpegHeader | None:
+    """The frame header of the JPEG ``data`` (ITU T.81 B.2: markers ``FF xx``, then a big-endian length
+    for every segment but SOI, RSTn and TEM), or None when ``data`` is not a JPEG or has no readable
+    frame header before the first scan (the caller then leaves the file to Pillow)."""
+    if bytes(data[:3]) != b"\xff\xd8\xff":
+        return None
+    position, size, exif = 2, len(data), False
+    while position + 4 <= size:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # TEM, SOI, RSTn: no length field
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or a scan before any frame header
+            return None
+        length = (data[position + 2] << 8) | data[position + 3]
+        if marker == 0xE1 and bytes(data[position + 4 : position + 10]) == b"Exif\x00\x00":
+            exif = True
+        if marker in _SOF_MARKERS:
+            if position + 10 > size:
+                return None
+            frame = data[position + 4 : position + 10]
+            height, width = (frame[1] << 8) | frame[2], (frame[3] << 8) | frame[4]
+            if height == 0 or width == 0:  # height given later by a DNL segment: rare, Pillow's job
+                return None
+            return JpegHeader(height, width, frame[5], frame[0], exif)
+        position += 2 + length
+    return None
+
+
+def exif_orientation(data: bytes | bytearray | memoryview, header: JpegHeader | None = None) -> int:
+    """The EXIF orientation (1–8; 1: as stored) of the JPEG ``data``: read with Pillow from the header
+    segments only, and only when the file has an EXIF segment (most photo datasets have none)."""
+    header = header if header is not None else jpeg_header(data)
+    if header is None or not header.exif:
+        return 1
+    with Image.open(io.BytesIO(data)) as image:
+        value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``image`` (``… × H × W``) turned upright for EXIF ``orientation``, as ``ImageOps.exif_transpose``
+    does (a view: flips and transposes only, on any device)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-1).flip(-2)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-1, -2)
+    if orientation == 6:
+        return image.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return image.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return image.transpose(-1, -2).flip(-2)
+    return image
+
+
+def read_bytes(path: str | Path) -> bytearray:
+    """The bytes of ``path`` in a writable buffer (``torch.frombuffer`` needs one; no extra copy);
+    ``DataError`` naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            buffer = bytearray(os.fstat(handle.fileno()).st_size)
+            handle.readinto(buffer)
+    except OSError as exc:
+        raise DataError(f"cannot read image '{path}': {describe_failure(exc)}") from exc
+    return buffer
+
+
+def gpu_decodable(header: JpegHeader | None, channels: int) -> bool:
+    """Whether libjpeg-turbo / nvJPEG give exactly the image Pillow would: an 8-bit JPEG of 1 or 3
+    components, asked for as RGB, or a gray one asked for as gray (a colour JPEG turned gray is left to
+    Pillow, whose luma rounding is the reference; CMYK / YCCK JPEGs too)."""
+    if header is None or header.precision != 8:
+        return False
+    return header.components == 1 or (header.components == 3 and channels == 3)
+
+
+def jpeg_ops_available() -> bool:
+    """Whether torchvision's compiled JPEG decoders are there (the ``image`` extension loaded)."""
+    try:
+        return hasattr(torch.ops.image, "decode_jpeg")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def decode_jpegs(
+    data: Sequence[torch.Tensor], channels: int, device: torch.device | str = "cpu", *, exif: bool = False
+) -> list[torch.Tensor]:
+    """Decode JPEG bytes (1-D ``uint8`` CPU tensors) into ``uint8`` ``channels × H × W`` images: libjpeg-turbo
+    one by one on the CPU (``exif``: EXIF orientation applied), nvJPEG as one batch on a CUDA ``device`` (no
+    orientation there: :func:`orient` does it). A ``RuntimeError`` when a file cannot be decoded.
+
+    The operators behind ``torchvision.io.decode_jpeg`` (``torch.ops.image.decode_jpeg`` /
+    ``decode_jpegs_cuda``), called directly: since torchvision 0.29 that wrapper warns on every call that
+    decoding moves to TorchCodec, and silencing it would mean changing the process-wide warning filters.
+    """
+    mode = (tv_io.ImageReadMode.GRAY if channels == 1 else tv_io.ImageReadMode.RGB).value
+    device = torch.device(device)
+    if device.type == "cuda":
+        return list(torch.ops.image.decode_jpegs_cuda(list(data), mode, device))
+    return [torch.ops.image.decode_jpeg(item, mode, exif) for item in data]
+
+
+def _check_pixels(path: str | Path, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError.of(path, (width, height), max_pixels)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A mode ``L`` / ``RGB`` PIL image as a ``uint8`` ``C × H × W`` tensor (one copy)."""
+    array = np.asarray(image)
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+def load_image_tensor(
+    path: str | Path,
+    channels: int = 3,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decoder: str = "torchvision",
+) -> torch.Tensor:
+    """:func:`load_image` as a ``uint8`` ``channels × H × W`` tensor: the same image, the same errors.
+
+    ``decoder`` (:data:`DECODERS`): ``torchvision`` decodes 8-bit JPEGs with libjpeg-turbo (after the pixel
+    limit is checked on the frame header) and falls back to Pillow for other files, and for a JPEG that
+    libjpeg-turbo refuses (Pillow then decodes it or names why not, e.g. ``image file is truncated``);
+    ``pil`` always uses Pillow.
+    """
+    if decoder not in DECODERS:
+        raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
+    if decoder == "torchvision":
+        data = read_bytes(path)
+        header = jpeg_header(data)
+        if gpu_decodable(header, channels) and jpeg_ops_available():
+            assert header is not None
+            _check_pixels(path, header.width, header.height, max_pixels)
+            try:
+                return decode_jpegs([torch.frombuffer(data, dtype=torch.uint8)], channels, exif=header.exif)[
+                    0
+                ]
+            except RuntimeError:
+                pass  # Pillow decodes it or says why it cannot, in the words of every other failure
+    return pil_to_tensor(load_image(path, channels, max_pixels=max_pixels))
+
+
 def check_image(
     path: str | Path, full: bool, channels: int = 3, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> tuple[str | None, int]:
@@ -340,21 +530,33 @@ def find_overlap(first: Sequence[str], second: Sequence[str], by: str = "path") 
 
 
 __all__ = [
+    "DECODERS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "EMBED_EXTENSIONS",
     "FULL_VERIFY_PIXEL_BUDGET",
     "IMAGE_EXTENSIONS",
     "OVERLAP_CHECKS",
     "VERIFY_MODES",
+    "Decoder",
     "ImageTooLargeError",
+    "JpegHeader",
     "OverlapCheck",
     "VerifyMode",
     "check_image",
+    "decode_jpegs",
     "describe_failure",
+    "exif_orientation",
     "find_overlap",
+    "gpu_decodable",
     "image_files",
+    "jpeg_header",
+    "jpeg_ops_available",
     "load_image",
+    "load_image_tensor",
     "open_image",
+    "orient",
+    "pil_to_tensor",
+    "read_bytes",
     "resolve_verify_mode",
     "to_channels",
     "verify_images",

@@ -1,48 +1,171 @@
-"""Backbones: networks mapping images ``B × C_in × H × W`` to feature maps ``B × C × h × w``.
+"""Backbones: networks mapping images ``B × C_in × H × W`` to features, a map ``B × C × h × w`` or tokens
+``B × N × C``.
 
 Names accepted by :func:`build` (all resolved by :data:`REGISTRY`, a :class:`BackboneRegistry`):
 
 - built-in entries (``small_cnn``);
 - ``<family>:<model>``, one entry per model *family* (a library of many models, whose names the library
-  itself knows): ``timm:<model>``, any ``timm`` model, created with ``pretrained=False, num_classes=0,
-  global_pool=""``; ``torchvision:<model>``, a ``torchvision.models`` classifier cut before its global
-  pooling / classifier.
+  itself knows): ``timm:<model>``, any ``timm`` model, run through ``forward_features`` without its
+  classifier; ``torchvision:<model>``, a ``torchvision.models`` classifier cut before its global pooling /
+  classifier.
 
-Nothing is ever downloaded: weights come only from a local file (``pretrained_weights``), loaded by
-:func:`load_local_weights`, which reports missing, unexpected and shape-mismatched keys.
-Every backbone is a :class:`Backbone`: it exposes ``out_channels`` (``C`` of its feature map) and
-``weights_report``.
+Nothing is ever downloaded: weights come only from a local file or an installed weight package
+(``pretrained_weights``), loaded by :func:`dmlkit.models.weights.load_local_weights`, which maps key names
+and reports what it did. Every backbone is a :class:`Backbone`: it exposes ``out_channels`` (``C``),
+``tokens`` (its :class:`TokenLayout`), ``weights_report`` and :meth:`Backbone.blocks` (its stages, for
+partial fine-tuning).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-import math
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dmlkit.errors import ConfigError, DataError, UnknownNameError, closest, unknown_name_message
+from dmlkit.errors import ConfigError, UnknownNameError, closest, unknown_name_message
+from dmlkit.models import weights
+from dmlkit.models.weights import (
+    WeightsReport,
+    load_local_weights,
+    map_state_dict_by_position,
+    read_state_dict,
+)
 from dmlkit.registry import Registry
-from dmlkit.train.checkpoint import load_weights_only
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a token backbone's ``B × N × C`` output is laid out: ``prefix`` leading tokens that are no image
+    patches (class, distillation and register tokens), the first of which is the class token when
+    ``class_token``. Feature-map backbones have the empty layout (no prefix, no class token)."""
+
+    prefix: int = 0
+    class_token: bool = False
+
+
+@dataclass(frozen=True)
+class Block:
+    """One stage of a backbone, for partial fine-tuning: a name for messages and the qualified names (within
+    the backbone) of its parameters."""
+
+    name: str
+    parameters: tuple[str, ...]
 
 
 class Backbone(nn.Module):
     """What :class:`~dmlkit.models.EmbeddingModel` needs of a backbone besides ``forward``.
 
-    ``out_channels``: ``C`` of the ``B × C × h × w`` feature map; ``weights_report``: the
-    :class:`WeightsReport` of the local weights loaded at build time (``None`` without).
+    ``out_channels``: ``C`` of the ``B × C × h × w`` map or ``B × N × C`` tokens it outputs; ``tokens``: the
+    :class:`TokenLayout` of token outputs (pooling reads it); ``weights_report``: the :class:`WeightsReport`
+    of the local weights loaded at build time (``None`` without).
     """
 
     out_channels: int
+    tokens: TokenLayout = TokenLayout()
     weights_report: WeightsReport | None = None
+
+    def blocks(self) -> list[Block]:
+        """The backbone's stages in order, stem first; together they hold every parameter.
+
+        By default the modules of :func:`sequential_blocks`; libraries that know their stages override it.
+        """
+        return sequential_blocks(self)
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+
+_POOLING_LAYERS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def _block_name(names: Sequence[str]) -> str:
+    """A short name for a group of parameters: the module holding them all, cut after its first index
+    (``layer1``, ``blocks.3``, ``stages.0``), else the modules they belong to (``conv1+bn1``,
+    ``cls_token+pos_embed+patch_embed``)."""
+    paths = [name.split(".")[:-1] or [name] for name in names]  # a root parameter (cls_token) names itself
+    common = paths[0]
+    for path in paths[1:]:
+        pairs = zip(common, path, strict=False)
+        common = [a for a, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], pairs)]
+    owners: dict[str, None] = {}
+    for path in [common] if common else paths:
+        index = next((i for i, part in enumerate(path) if part.isdigit()), None)
+        owners[".".join(path[: index + 1] if index is not None else path if common else path[:1])] = None
+    return "+".join(owners)
+
+
+def _merge_trailing_norms(blocks: list[Block], backbone: nn.Module) -> list[Block]:
+    """Fold a last block of normalisation layers only (Swin's and ConvNeXt's final norm, DenseNet's
+    ``norm5``) into the stage before it: a norm after the last stage is no stage of its own."""
+    if len(blocks) < 2:
+        return blocks
+    owners = [name.rpartition(".")[0] for name in blocks[-1].parameters]
+    if not all(owner and isinstance(backbone.get_submodule(owner), _NORM_LAYERS) for owner in owners):
+        return blocks
+    last, norm = blocks[-2], blocks[-1]
+    return [*blocks[:-2], Block(f"{last.name}+{norm.name}", (*last.parameters, *norm.parameters))]
+
+
+def sequential_blocks(module: nn.Module, prefix: str = "") -> list[Block]:
+    """Stages of a network whose children run in order (``nn.Sequential``-like), stem first.
+
+    A lone child holding every parameter (``SmallCNN.features``, torchvision's ``features``) is entered.
+    Each child that is a container (a residual stage, an inverted-residual block) is a stage; consecutive
+    plain layers (convolution, norm, activation: ResNet's stem, VGG's convolutions) form one stage, which a
+    pooling layer ends; parameterless layers join the stage before them. A last stage of norms only is
+    folded into the one before (:func:`_merge_trailing_norms`).
+    """
+    root = module
+    while True:
+        holders = [(name, child) for name, child in module.named_children() if _has_parameters(child)]
+        own = next(module.parameters(recurse=False), None)
+        if own is None and len(holders) == 1 and not _is_leaf(holders[0][1]):
+            prefix, module = f"{prefix}{holders[0][0]}.", holders[0][1]
+        else:
+            break
+    groups: list[list[tuple[str, nn.Module]]] = []
+    run_open = False  # the last group is a run of plain layers that the next plain layer joins
+    for name, child in module.named_children():
+        if not _has_parameters(child):
+            if groups:
+                groups[-1].append((name, child))
+            if isinstance(child, _POOLING_LAYERS):
+                run_open = False
+            continue
+        if _is_leaf(child) and run_open:
+            groups[-1].append((name, child))
+        else:
+            groups.append([(name, child)])
+            run_open = _is_leaf(child)
+    own_names = [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
+    blocks = []
+    for i, group in enumerate(groups):
+        names = [
+            *(own_names if i == 0 else []),
+            *(f"{prefix}{c}.{p}" for c, m in group for p, _ in m.named_parameters()),
+        ]
+        label = "+".join(f"{prefix}{c}" for c, m in group if _has_parameters(m))
+        blocks.append(Block(label, tuple(names)))
+    if not blocks and own_names:
+        blocks = [Block(_block_name(own_names), tuple(own_names))]
+    return _merge_trailing_norms(blocks, root)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -61,8 +184,10 @@ class BackboneFamily:
     """Models of one library, named ``<prefix>:<model>`` (the library knows the model names).
 
     ``exists(model)`` says whether the library has ``model``; ``models()`` lists its models (for the
-    closest-name suggestion only); ``create(model, in_channels, image_size, **kwargs)`` makes the library's
-    own model (random init); ``wrap(library_model, model, image_size)`` turns it into a :class:`Backbone`.
+    closest-name suggestion only); ``create(model, in_channels, image_size, classifier, **kwargs)`` makes
+    the library's own model (random init; with its classifier when ``classifier``, so that weight files
+    with a classifier map one to one); ``discarded(library_model)`` names the state-dict keys the backbone
+    drops (the classifier); ``wrap(library_model, model, image_size)`` turns it into a :class:`Backbone`.
     """
 
     prefix: str
@@ -70,6 +195,7 @@ class BackboneFamily:
     models: Callable[[], Collection[str]]
     create: Callable[..., nn.Module]
     wrap: Callable[[nn.Module, str, int | None], Backbone]
+    discarded: Callable[[nn.Module], set[str]]
 
     def build(
         self,
@@ -77,12 +203,21 @@ class BackboneFamily:
         in_channels: int,
         pretrained_weights: str | Path | None,
         image_size: int | None,
+        allow_partial_weights: bool = False,
         **kwargs: Any,
     ) -> Backbone:
         """Create ``model``, load local weights into it (with the library's own key names, so files saved
         from the library load as they are) and wrap it; the report is kept as ``weights_report``."""
-        library_model = self.create(model, in_channels, image_size, **kwargs)
-        report = _weights(library_model, pretrained_weights)
+        weighted = pretrained_weights is not None
+        library_model = self.create(model, in_channels, image_size, classifier=weighted, **kwargs)
+        report = None
+        if weighted:
+            report = load_local_weights(
+                library_model,
+                pretrained_weights,  # type: ignore[arg-type]
+                allow_partial=allow_partial_weights,
+                discard=self.discarded(library_model),
+            )
         backbone = self.wrap(library_model, model, image_size)
         backbone.weights_report = report
         return backbone
@@ -163,7 +298,7 @@ class SmallCNN(Backbone):
 
     Widths default to 32-64-128-128, so a 32×32 input gives a ``128 × 4 × 4`` feature map. Meant for small
     grayscale images (``synthetic``, ``omniglot``) and fast CPU runs, in the spirit of the 4-block ConvNets of
-    few-shot learning (Vinyals et al. 2016; Snell et al. 2017).
+    few-shot learning (Vinyals et al. 2016; Snell et al. 2017). Its blocks are the four conv blocks.
     """
 
     def __init__(self, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128, 128)) -> None:
@@ -186,39 +321,68 @@ class SmallCNN(Backbone):
 
 
 class TimmBackbone(Backbone):
-    """A ``timm`` model's ``forward_features``, always returned as ``B × C × h × w``.
+    """A ``timm`` model's ``forward_features``: a ``B × C × h × w`` map or ``B × N × C`` tokens.
 
-    Channel-last maps (``output_fmt == "NHWC"``, e.g. Swin) are permuted; token sequences (ViT-like
-    ``B × N × C``) lose their prefix (class / register) tokens and are reshaped to the patch grid, so every
-    pooling works on every backbone.
+    Channel-last maps (``output_fmt == "NHWC"``, e.g. Swin) are permuted to ``B × C × h × w`` (a view, no
+    copy). Token sequences (ViT, DeiT, DINOv2, MLP-Mixer) are returned whole; their :class:`TokenLayout`
+    comes from the model's ``num_prefix_tokens`` (class + register tokens) and ``cls_token``, so pooling
+    can take the class token or pool the patch tokens only. Blocks come from timm's own coarse
+    ``group_matcher`` (the stem, each stage or transformer block; a final norm joins the last one).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.out_channels = int(model.num_features)
+        self.out_channels = int(model.num_features)  # type: ignore[arg-type]
+        self.tokens = TokenLayout(
+            prefix=int(getattr(model, "num_prefix_tokens", 0) or 0),
+            class_token=getattr(model, "cls_token", None) is not None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.model.forward_features(x)
+        features = self.model.forward_features(x)  # type: ignore[operator]
         if features.dim() == 4:
             if str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC"):
                 features = features.permute(0, 3, 1, 2)
             return features
         if features.dim() == 3:
-            tokens = features[:, int(getattr(self.model, "num_prefix_tokens", 0)) :]
-            n = tokens.shape[1]
-            patch = getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
-            if patch is not None and (x.shape[2] // patch[0]) * (x.shape[3] // patch[1]) == n:
-                h, w = x.shape[2] // patch[0], x.shape[3] // patch[1]
-            elif math.isqrt(n) ** 2 == n:
-                h = w = math.isqrt(n)
-            else:
-                raise ConfigError(f"cannot arrange {n} tokens of the timm backbone into a grid")
-            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+            return features
         raise ConfigError(f"timm backbone returned features of unsupported shape {tuple(features.shape)}")
+
+    def blocks(self) -> list[Block]:
+        """timm's coarse parameter groups (``timm.models.group_parameters``) in order, stem first."""
+        from timm.models import group_parameters
+
+        try:
+            matcher = self.model.group_matcher(coarse=True)  # type: ignore[operator]
+        except (AttributeError, NotImplementedError, TypeError):  # a model without one: its children
+            return sequential_blocks(self.model, "model.")
+        groups = group_parameters(self.model, matcher)
+        blocks = [
+            Block(_block_name(names), tuple(f"model.{n}" for n in names))  # names as timm's
+            for _, names in sorted(groups.items())
+            if names
+        ]
+        return _merge_trailing_norms(blocks, self)
 
 
 _TORCHVISION_HEAD_NAMES = frozenset({"avgpool", "fc", "classifier", "head", "heads", "dropout", "flatten"})
+#: Auxiliary classifiers (GoogLeNet, Inception v3): created, so official files map one to one, but skipped.
+_TORCHVISION_AUX_NAMES = frozenset({"aux1", "aux2", "AuxLogits"})
+
+
+def _torchvision_kept(model: nn.Module) -> list[str]:
+    """The leading children of a torchvision classifier up to its global pooling or classifier, without
+    the auxiliary classifiers."""
+    kept = []
+    for child_name, child in model.named_children():
+        if child_name in _TORCHVISION_HEAD_NAMES or isinstance(
+            child, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d
+        ):
+            break
+        if child_name not in _TORCHVISION_AUX_NAMES:
+            kept.append(child_name)
+    return kept
 
 
 class TorchvisionBackbone(Backbone):
@@ -227,32 +391,34 @@ class TorchvisionBackbone(Backbone):
     Children keep their torchvision names, so state-dict keys equal the official checkpoints' (minus the
     classifier). Works for families whose ``forward`` runs those children in order (ResNet, ResNeXt,
     Wide-ResNet, RegNet, VGG, AlexNet, MobileNet v2/v3, EfficientNet, ConvNeXt, DenseNet, MNASNet, ShuffleNet,
-    SqueezeNet); others are rejected at build time by a trial forward.
+    SqueezeNet, GoogLeNet and Inception v3 without their auxiliary classifiers); others are rejected at build
+    time by a trial forward. GoogLeNet's and Inception's ``transform_input`` is never applied (see
+    :func:`dmlkit.models.preprocessing.of_backbone`).
     """
 
-    def __init__(self, model: nn.Module, name: str, probe_size: int = 64) -> None:
+    def __init__(self, model: nn.Module, name: str, probe_sizes: Sequence[int] = (64,)) -> None:
         super().__init__()
-        self._names: list[str] = []
-        for child_name, child in model.named_children():
-            if child_name in _TORCHVISION_HEAD_NAMES or isinstance(
-                child, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d
-            ):
-                break
-            self.add_module(child_name, child)
-            self._names.append(child_name)
+        self._names = _torchvision_kept(model)
+        for child_name in self._names:
+            self.add_module(child_name, getattr(model, child_name))
         first = _first_conv(self)
         in_channels = first.in_channels if first is not None else 3
-        try:
-            with torch.no_grad():
-                was_training = self.training
-                self.eval()
-                probe = self(torch.zeros(1, in_channels, probe_size, probe_size))
-                self.train(was_training)
-        except Exception as exc:
+        probe, error = None, None
+        was_training = self.training
+        self.eval()
+        for size in probe_sizes:  # Inception needs at least 75 px: a larger probe when no size is given
+            try:
+                with torch.no_grad():
+                    probe = self(torch.zeros(1, in_channels, size, size))
+                break
+            except Exception as exc:
+                error = exc
+        self.train(was_training)
+        if probe is None:
             raise ConfigError(
-                f"torchvision model '{name}' cannot be used as a feature extractor ({exc}); "
+                f"torchvision model '{name}' cannot be used as a feature extractor ({error}); "
                 "try the timm version of the model"
-            ) from exc
+            ) from error
         if probe.dim() != 4:
             raise ConfigError(
                 f"torchvision model '{name}' does not give a B×C×H×W feature map "
@@ -282,10 +448,10 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
                 replacement = nn.Conv2d(
                     in_channels,
                     child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
+                    child.kernel_size,  # type: ignore[arg-type]
+                    child.stride,  # type: ignore[arg-type]
+                    child.padding,  # type: ignore[arg-type]
+                    child.dilation,  # type: ignore[arg-type]
                     1,
                     child.bias is not None,
                     child.padding_mode,
@@ -295,190 +461,13 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     raise ConfigError("cannot change the input channels: the model has no Conv2d")
 
 
-# ----------------------------------------------------------------------------------------- local weights
-
-
-@dataclass
-class WeightsReport:
-    """What :func:`load_local_weights` did with each tensor of a weights file."""
-
-    path: str
-    prefix: str = ""
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    adapted: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        """True when every model tensor was loaded and every file tensor used."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        def head(keys: list[str]) -> str:
-            shown = ", ".join(keys[:5])
-            return f"{shown}, ... ({len(keys)} in all)" if len(keys) > 5 else shown
-
-        lines = [f"weights '{self.path}': loaded {len(self.loaded)} tensors"]
-        if self.prefix:
-            lines.append(f"  stripped key prefix '{self.prefix}'")
-        for label, keys in (
-            ("adapted to the input channels", self.adapted),
-            ("missing (left as initialised)", self.missing),
-            ("unexpected (ignored)", self.unexpected),
-            ("shape mismatch (ignored)", self.mismatched),
-        ):
-            if keys:
-                lines.append(f"  {label}: {head(keys)}")
-        return "\n".join(lines)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a local ``.pt/.pth/.bin/.ckpt`` (``torch.load``, weights only) or ``.safetensors`` file.
-
-    Checkpoint wrappers (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped. Raises ``DataError``
-    on one line naming the file when it is missing, unreadable, holds Python objects other than tensors
-    (never executed: :func:`dmlkit.train.checkpoint.load_weights_only`) or holds no tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"pretrained weights file not found: '{path}'")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: Any = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors' own error types, and OSError
-            message = " ".join(str(exc).split())
-            raise DataError(f"cannot read pretrained weights '{path}': {message}") from exc
-    else:
-        obj = load_weights_only(path, "pretrained weights")
-    for _ in range(3):  # checkpoint wrappers nest at most a couple of levels
-        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in ("state_dict", "model", "module", "backbone") if k in obj), None)
-            if inner is None:
-                break
-            obj = inner
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    tensors = (
-        {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
-    )
-    if not tensors:
-        raise DataError(f"pretrained weights '{path}' hold no state dict (found {type(obj).__name__})")
-    return tensors
-
-
-def _best_prefix(source: Sequence[str], target: set[str]) -> str:
-    """The key prefix whose removal makes most ``source`` keys valid ``target`` keys (e.g. ``module.``)."""
-    candidates = {""}
-    for key in source:
-        parts = key.split(".")
-        for depth in range(1, min(3, len(parts))):
-            candidates.add(".".join(parts[:depth]) + ".")
-
-    def hits(prefix: str) -> int:
-        return sum(1 for k in source if k.startswith(prefix) and k[len(prefix) :] in target)
-
-    return max(sorted(candidates), key=lambda p: (hits(p), -len(p)))
-
-
-def _is_counter(key: str, value: torch.Tensor) -> bool:
-    # BatchNorm's num_batches_tracked: an integer scalar, whatever a re-export renamed it to
-    return key.endswith("num_batches_tracked") or (value.dim() == 0 and not value.is_floating_point())
-
-
-def map_state_dict_by_position(
-    state_dict: Mapping[str, torch.Tensor], module: nn.Module, path: str = "<state dict>"
-) -> dict[str, torch.Tensor]:
-    """Rename an ordered state dict onto ``module``'s keys by position, 1:1.
-
-    For weight packages whose key names differ from the model's but whose tensors come in the same order
-    with the same shapes (e.g. a re-exported timm model). BatchNorm ``num_batches_tracked`` counters
-    (integer scalars) are ignored on both sides. Raises ``DataError`` naming the first position where
-    counts or shapes disagree.
-    """
-    source = [(k, v) for k, v in state_dict.items() if not _is_counter(k, v)]
-    target = [(k, v) for k, v in module.state_dict().items() if not _is_counter(k, v)]
-    if len(source) != len(target):
-        raise DataError(
-            f"'{path}' has {len(source)} tensors but the model has {len(target)}: cannot map by position"
-        )
-    renamed: dict[str, torch.Tensor] = {}
-    for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(source, target, strict=True)):
-        if src.shape != dst.shape:
-            raise DataError(
-                f"'{path}': tensor #{i} '{src_key}' {tuple(src.shape)} does not fit model tensor "
-                f"'{dst_key}' {tuple(dst.shape)}"
-            )
-        renamed[dst_key] = src
-    return renamed
-
-
-def load_local_weights(module: nn.Module, path: str | Path, *, by_position: bool = False) -> WeightsReport:
-    """Load a local weights file into ``module`` as far as keys and shapes match, and report the rest.
-
-    A common key prefix (``module.``, ``backbone.``, ...) is stripped automatically. A first-conv weight
-    that differs only in its input channels is adapted with ``timm.models.adapt_input_conv`` (summed to
-    one channel, or tiled and rescaled). ``by_position=True`` maps keys with
-    :func:`map_state_dict_by_position` instead of by name. Raises ``DataError`` naming the file when it
-    cannot be read or no tensor matches.
-    """
-    path = Path(path)
-    source = read_state_dict(path)
-    target = module.state_dict()
-    report = WeightsReport(path=str(path))
-    if by_position:
-        source = map_state_dict_by_position(source, module, str(path))
-    prefix = _best_prefix(list(source), set(target))
-    report.prefix = prefix
-    to_load: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        name = key[len(prefix) :] if key.startswith(prefix) else key
-        if name not in target:
-            report.unexpected.append(key)
-            continue
-        expected = target[name]
-        if value.shape != expected.shape:
-            if (
-                value.dim() == 4
-                and value.shape[0] == expected.shape[0]
-                and value.shape[2:] == expected.shape[2:]
-                and value.shape[1] != expected.shape[1]
-            ):
-                from timm.models import adapt_input_conv
-
-                try:
-                    value = adapt_input_conv(int(expected.shape[1]), value.float()).to(expected.dtype)
-                    report.adapted.append(name)
-                except (ValueError, NotImplementedError, RuntimeError):
-                    report.mismatched.append(f"{name} {tuple(value.shape)}→{tuple(expected.shape)}")
-                    continue
-            else:
-                report.mismatched.append(f"{name} {tuple(value.shape)}→{tuple(expected.shape)}")
-                continue
-        to_load[name] = value
-    if all(_is_counter(k, v) for k, v in to_load.items()):
-        raise DataError(
-            f"no tensor of pretrained weights '{path}' matches the model "
-            f"(file keys like {list(source)[:3]}, model keys like {list(target)[:3]})"
-        )
-    module.load_state_dict(to_load, strict=False)
-    report.loaded = sorted(to_load)
-    report.missing = [k for k in target if k not in to_load and not k.endswith("num_batches_tracked")]
-    if report.complete:
-        logger.info("%s", report)
-    else:
-        logger.warning("%s", report)
-    return report
-
-
 # ----------------------------------------------------------------------------------------------- families
 
 
-def _weights(module: nn.Module, path: str | Path | None) -> WeightsReport | None:
-    return None if path is None else load_local_weights(module, path)
+def _keys_under(model: nn.Module, names: Collection[str]) -> set[str]:
+    """State-dict keys of ``model`` inside the submodules ``names``."""
+    prefixes = tuple(f"{name}." for name in names)
+    return {key for key in model.state_dict() if prefixes and key.startswith(prefixes)}
 
 
 def _timm_exists(model: str) -> bool:
@@ -493,25 +482,56 @@ def _timm_models() -> list[str]:
     return list(timm.list_models())
 
 
-def _timm_create(model_name: str, in_channels: int, image_size: int | None, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(model_name, pretrained=False, num_classes=0, global_pool="", in_chans=...)``.
+def _timm_create(
+    model_name: str, in_channels: int, image_size: int | None, classifier: bool = False, **kwargs: Any
+) -> nn.Module:
+    """``timm.create_model(model_name, pretrained=False, in_chans=in_channels, num_classes=0,
+    global_pool="", img_size=image_size)``.
 
-    ``image_size`` is passed as ``img_size`` to the architectures that take it (ViTs).
+    ``classifier=True`` keeps the model's classifier (for loading a weights file that has one; the wrap
+    removes it). ``img_size`` is passed to the architectures that take it (ViTs), ``global_pool=""`` to
+    those that accept it (a distilled DeiT does not): neither changes what ``forward_features`` computes
+    for the others.
     """
     import timm
 
-    args = {"pretrained": False, "num_classes": 0, "global_pool": "", "in_chans": in_channels, **kwargs}
+    args: dict[str, Any] = {"pretrained": False, "in_chans": in_channels, **kwargs}
+    if not classifier:
+        args.setdefault("num_classes", 0)
+    optional: dict[str, Any] = {"global_pool": ""} if "global_pool" not in kwargs else {}
+    if image_size is not None and "img_size" not in kwargs:
+        optional["img_size"] = image_size
+    attempts = [optional, {k: v for k, v in optional.items() if k != "img_size"}]
+    attempts += [{k: v for k, v in optional.items() if k != "global_pool"}, {}]
+    error: Exception | None = None
+    for extra in dict.fromkeys(tuple(a.items()) for a in attempts):
+        try:
+            return timm.create_model(model_name, **args, **dict(extra))
+        except (TypeError, AssertionError) as exc:  # an architecture without img_size / this global_pool
+            error = exc
+    raise ConfigError(f"cannot build timm model '{model_name}' with {kwargs}: {error}") from error
+
+
+def _timm_discarded(model: nn.Module) -> set[str]:
+    """State-dict keys of the timm model's classifier (``get_classifier()``; two for distilled DeiTs)."""
     try:
-        if image_size is not None and "img_size" not in args:
-            try:
-                model = timm.create_model(model_name, img_size=image_size, **args)
-            except TypeError:  # the architecture has no img_size (CNNs take any size)
-                model = timm.create_model(model_name, **args)
-        else:
-            model = timm.create_model(model_name, **args)
-    except TypeError as exc:
-        raise ConfigError(f"cannot build timm model '{model_name}' with {kwargs}: {exc}") from exc
-    return model
+        heads = model.get_classifier()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError):
+        return set()
+    heads = tuple(heads) if isinstance(heads, tuple | list) else (heads,)
+    wanted = {id(head) for head in heads}
+    names = [name for name, module in model.named_modules() if name and id(module) in wanted]
+    return _keys_under(model, names)
+
+
+def _timm_wrap(model: nn.Module, _name: str, _image_size: int | None) -> Backbone:
+    """Drop the classifier a weights file was loaded with, then wrap."""
+    if _timm_discarded(model):
+        try:
+            model.reset_classifier(0, "")  # type: ignore[operator]
+        except TypeError:  # a reset_classifier without global_pool
+            model.reset_classifier(0)  # type: ignore[operator]
+    return TimmBackbone(model)
 
 
 def _torchvision_exists(model: str) -> bool:
@@ -524,15 +544,24 @@ def _torchvision_models() -> list[str]:
     return list(torchvision.models.list_models())
 
 
+#: Constructor defaults dmlkit sets: ``init_weights=True`` is what torchvision uses when it is not given,
+#: said explicitly to silence its FutureWarning.
+_TORCHVISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "googlenet": {"init_weights": True},
+    "inception_v3": {"init_weights": True},
+}
+
+
 def _torchvision_create(
-    model_name: str, in_channels: int, image_size: int | None, **kwargs: Any
+    model_name: str, in_channels: int, image_size: int | None, classifier: bool = False, **kwargs: Any
 ) -> nn.Module:
     """``torchvision.models.get_model(model_name, weights=None, **kwargs)``, the whole classifier (so local
     weights load with the official key names); ``in_channels != 3`` replaces the first convolution."""
     import torchvision
 
+    args = {**_TORCHVISION_DEFAULTS.get(model_name, {}), **kwargs}
     try:
-        model = torchvision.models.get_model(model_name, weights=None, **kwargs)
+        model = torchvision.models.get_model(model_name, weights=None, **args)
     except TypeError as exc:
         raise ConfigError(f"cannot build torchvision model '{model_name}' with {kwargs}: {exc}") from exc
     if in_channels != 3:
@@ -540,19 +569,29 @@ def _torchvision_create(
     return model
 
 
+def _torchvision_discarded(model: nn.Module) -> set[str]:
+    kept = set(_torchvision_kept(model))
+    return _keys_under(model, [name for name, _ in model.named_children() if name not in kept])
+
+
 def _torchvision_wrap(model: nn.Module, model_name: str, image_size: int | None) -> Backbone:
-    """The classifier cut before its pooling; ``image_size`` (at least 32, default 64) sizes the probe."""
-    return TorchvisionBackbone(model, model_name, probe_size=max(image_size or 64, 32))
+    """The classifier cut before its pooling; ``image_size`` (at least 32) sizes the trial forward (64,
+    then 224, without one)."""
+    sizes = (max(image_size, 32),) if image_size else (64, 224)
+    return TorchvisionBackbone(model, model_name, probe_sizes=sizes)
 
 
 REGISTRY.register_family(
-    BackboneFamily(
-        "timm", _timm_exists, _timm_models, _timm_create, lambda model, _name, _size: TimmBackbone(model)
-    )
+    BackboneFamily("timm", _timm_exists, _timm_models, _timm_create, _timm_wrap, _timm_discarded)
 )
 REGISTRY.register_family(
     BackboneFamily(
-        "torchvision", _torchvision_exists, _torchvision_models, _torchvision_create, _torchvision_wrap
+        "torchvision",
+        _torchvision_exists,
+        _torchvision_models,
+        _torchvision_create,
+        _torchvision_wrap,
+        _torchvision_discarded,
     )
 )
 
@@ -566,22 +605,33 @@ def build(
     in_channels: int = 3,
     pretrained_weights: str | Path | None = None,
     image_size: int | None = None,
+    allow_partial_weights: bool = False,
     **kwargs: Any,
 ) -> Backbone:
     """Build backbone ``name`` (see the module docstring) and optionally load local weights into it.
 
-    ``image_size`` is passed to timm models that take ``img_size`` (ViTs) and sizes the trial forward of
-    torchvision models; built-ins ignore it. The :class:`WeightsReport` of loaded weights is kept as
-    ``backbone.weights_report``. Unknown names and keywords raise ``UnknownNameError`` naming the closest.
+    ``pretrained_weights``: a file or a ``package:`` shortcut (:mod:`dmlkit.models.weights`), which must fit
+    ``name``; a partial load is refused unless ``allow_partial_weights``. ``image_size`` is passed to timm
+    models that take ``img_size`` (ViTs) and sizes the trial forward of torchvision models; built-ins ignore
+    it. The :class:`WeightsReport` is kept as ``backbone.weights_report``. Unknown names and keywords raise
+    ``UnknownNameError`` naming the closest.
     """
+    weights.check_fits(pretrained_weights, name)
     factory = REGISTRY.get(name)
     if REGISTRY.family_of(name) is not None:  # a family loads the weights into the library's own model
         return factory(
-            in_channels=in_channels, pretrained_weights=pretrained_weights, image_size=image_size, **kwargs
+            in_channels=in_channels,
+            pretrained_weights=pretrained_weights,
+            image_size=image_size,
+            allow_partial_weights=allow_partial_weights,
+            **kwargs,
         )
     REGISTRY.check_kwargs(name, kwargs)
     backbone = factory(in_channels=in_channels, **kwargs)
-    backbone.weights_report = _weights(backbone, pretrained_weights)
+    if pretrained_weights is not None:
+        backbone.weights_report = load_local_weights(
+            backbone, pretrained_weights, allow_partial=allow_partial_weights
+        )
     return backbone
 
 
@@ -600,8 +650,10 @@ __all__ = [
     "Backbone",
     "BackboneFamily",
     "BackboneRegistry",
+    "Block",
     "SmallCNN",
     "TimmBackbone",
+    "TokenLayout",
     "TorchvisionBackbone",
     "WeightsReport",
     "available",
@@ -610,4 +662,5 @@ __all__ = [
     "load_local_weights",
     "map_state_dict_by_position",
     "read_state_dict",
+    "sequential_blocks",
 ]

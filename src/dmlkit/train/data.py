@@ -1,16 +1,38 @@
-"""The datasets of a run, built once from its configuration: shared by training and ``dmlkit eval``."""
+"""The datasets of a run, built once from its configuration (shared by training and ``dmlkit eval``), and
+the loader of its training batches (the CPU pipeline in DataLoader workers, or the GPU pipeline).
+
+The data spec (what a checkpoint records to rebuild the evaluation pipeline) resolves every preprocessing
+field of a photo recipe with one precedence: a ``data`` flag (``--image-size``, ``--mean``, ``--std``,
+``--interpolation``, ``--crop-pct``; ``image_size`` in ``--dataset-args`` counts as the flag) > what the
+recipe fixes itself (``big``: 256 px, crop ratio 1) > the backbone's preprocessing
+(:func:`dmlkit.models.preprocessing.of_backbone`: timm's ``pretrained_cfg``, torchvision's weights
+metadata) > the dataset's (its ``image_size`` default, its measured statistics) > the recipe's defaults
+(ImageNet statistics, bilinear, crop ratio 0.875 or ``photo``'s 1/1.14). The ``glyph`` recipe keeps its
+dataset's statistics and size: the backbone's preprocessing does not apply to it.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from dmlkit import data as data_lib
 from dmlkit.config import DataSection, TrainConfig
-from dmlkit.data import ImageDataset
+from dmlkit.data import DatasetSplits, FileImageDataset, ImageDataset, transforms
+from dmlkit.data.gpu_pipeline import GpuBatchPipeline, GpuLoader
 from dmlkit.errors import ConfigError
+from dmlkit.models import preprocessing
+
+log = logging.getLogger(__name__)
+
+#: The data-spec fields a flag, the backbone or the dataset may set (see the module docstring).
+PREPROCESSING_FIELDS: tuple[str, ...] = ("mean", "std", "interpolation", "crop_pct")
 
 
 @dataclass
@@ -37,6 +59,10 @@ class RunData:
             raise ConfigError(f"split must be train, val or test, got '{name}'")
         return parts[name]  # type: ignore[return-value]
 
+    def parts(self) -> list[ImageDataset]:
+        """The train, validation (when there is one) and test datasets."""
+        return [part for part in (self.train, self.val, self.test) if part is not None]
+
     def describe(self, dataset: str) -> str:
         val = self.val
         val_text = f"{len(val)} images / {len(np.unique(val.labels))} classes" if val is not None else "none"
@@ -46,23 +72,179 @@ class RunData:
         )
 
 
-def build_data(section: DataSection, seed: int) -> RunData:
+def pipeline_spec(
+    section: DataSection,
+    splits: DatasetSplits,
+    backbone: str | None = None,
+    pretrained_weights: str | None = None,
+) -> dict[str, Any]:
+    """The run's data spec: the dataset's (``splits.spec()``) with the augmentation recipe of
+    ``section.augment`` and the preprocessing fields resolved as the module docstring says; plain data
+    for ``transforms.build(kind, **spec)``. Only fields that are set are recorded, so a run without flags
+    or backbone preprocessing records what the dataset gives."""
+    spec = splits.spec()
+    if section.augment is not None:
+        spec["recipe"] = section.augment.name
+        spec.pop("recipe_args", None)
+        if section.augment.args:
+            spec["recipe_args"] = dict(section.augment.args)
+    recipe = transforms.recipe_of(spec.get("recipe", "photo"), spec.get("recipe_args"))
+    if recipe.family == "glyph":
+        for key in ("interpolation", "crop_pct"):
+            if getattr(section, key) is not None:
+                raise ConfigError(
+                    f"{key}: the '{spec['recipe']}' recipe resizes glyphs bilinearly and crops nothing; "
+                    "it applies to photo recipes (--augment base, ...)"
+                )
+        backbone_fields: dict[str, Any] = {}
+    else:
+        found = (
+            preprocessing.of_backbone(backbone, pretrained_weights=pretrained_weights) if backbone else None
+        )
+        backbone_fields = found.given() if found is not None else {}
+    if recipe.default_size is not None:  # the recipe's own choices rank above the backbone's
+        backbone_fields.pop("input_size", None)
+        backbone_fields.pop("crop_pct", None)
+    explicit_size = section.image_size is not None or "image_size" in section.dataset.args
+    if not explicit_size:
+        size = recipe.default_size or backbone_fields.get("input_size")
+        if size is not None:
+            spec["image_size"] = int(size)
+    for key in PREPROCESSING_FIELDS:
+        value = getattr(section, key)
+        value = value if value is not None else backbone_fields.get(key, spec.get(key))
+        if value is not None:
+            spec[key] = [float(v) for v in value] if key in ("mean", "std") else value
+    transforms.build("eval", **spec)  # a bad combination (3 means for 1 channel, ...) fails here, named
+    return spec
+
+
+def build_data(
+    section: DataSection,
+    seed: int,
+    backbone: str | None = None,
+    pretrained_weights: str | None = None,
+    *,
+    spec: dict[str, Any] | None = None,
+) -> RunData:
     """Load the dataset, split off the validation classes (seeded) and attach the transforms: training
     augmentation (a pure function of ``seed``, epoch and item) on the training part, evaluation
-    preprocessing on the others."""
+    preprocessing on the others, both from :func:`pipeline_spec` (``backbone``: whose preprocessing the
+    photo recipes take), or from a recorded ``spec`` (a checkpoint's ``data_spec``: ``dmlkit eval``)."""
     splits = data_lib.build(section.dataset.name, section.data_root, **section.dataset_kwargs())
+    if spec is None:
+        spec = pipeline_spec(section, splits, backbone, pretrained_weights)
     if section.val_fraction > 0:
         train, val = data_lib.class_disjoint_split(splits.train, section.val_fraction, seed)
     else:
         train, val = splits.train, None
-    train.transform = splits.transform("train")
+    train.transform = transforms.build("train", **spec)
     train.augment_seed = seed
+    evaluation = transforms.build("eval", **spec)
     for part in (val, splits.test):
         if part is not None:
-            part.transform = splits.transform("eval")
-    return RunData(train, val, splits.test, data_lib.data_spec(splits))
+            part.transform = evaluation
+    return RunData(train, val, splits.test, spec)
+
+
+def build_caches(data: RunData, section: DataSection) -> None:
+    """Decode every image of every part once into a cache at ``section.cache_size`` (in shared memory, or
+    under ``section.cache_dir``): :class:`~dmlkit.data.cache.DecodedCache`."""
+    if section.cache_size is None:
+        return
+    parts = data.parts()
+    if not all(isinstance(part, FileImageDataset) for part in parts):
+        raise ConfigError(
+            f"cache_size: dataset '{section.dataset.name}' holds its images in memory already (the cache is "
+            "for datasets of image files)"
+        )
+    for part in parts:
+        assert isinstance(part, FileImageDataset)
+        part.build_cache(section.cache_size, section.cache_dir)
 
 
 def run_data(config: TrainConfig) -> RunData:
-    """:func:`build_data` of a configuration."""
-    return build_data(config.data, config.run.seed)
+    """:func:`build_data` of a configuration (with its backbone's preprocessing), its caches built."""
+    model = config.model
+    data = build_data(config.data, config.run.seed, model.backbone, model.pretrained_weights)
+    build_caches(data, config.data)
+    return data
+
+
+def gpu_decode_obstacles(section: DataSection, data: RunData, device: torch.device) -> list[str]:
+    """Why the GPU pipeline cannot make this run's training batches (empty: it can)."""
+    obstacles = []
+    if device.type != "cuda":
+        obstacles.append(f"the device is {device}, not CUDA")
+    if not isinstance(data.train, FileImageDataset):
+        obstacles.append(f"dataset '{section.dataset.name}' holds decoded images, not image files")
+    recipe = transforms.recipe_of(data.spec.get("recipe", "photo"), data.spec.get("recipe_args"))
+    if recipe.crop_plan() is None:
+        name = data.spec.get("recipe", "photo")
+        obstacles.append(f"the '{name}' recipe is not RandomResizedCrop + flip (photo, base, big)")
+    if section.interpolation not in (None, "bilinear"):
+        obstacles.append(f"interpolation {section.interpolation}: the GPU crop samples bilinearly")
+    return obstacles
+
+
+def uses_gpu_pipeline(section: DataSection, data: RunData, device: torch.device) -> bool:
+    """Whether ``--gpu-decode`` (``auto``/``on``/``off``) takes the GPU pipeline for this run; ``on`` when it
+    cannot raises ``ConfigError`` saying why, ``auto`` logs it on a CUDA device."""
+    if section.gpu_decode == "off":
+        return False
+    obstacles = gpu_decode_obstacles(section, data, device)
+    if obstacles and section.gpu_decode == "on":
+        raise ConfigError(f"gpu_decode on: {'; '.join(obstacles)}")
+    if obstacles:
+        if device.type == "cuda":
+            log.info("training batches decoded on the CPU (gpu_decode auto): %s", "; ".join(obstacles))
+        return False
+    return True
+
+
+def train_loader(
+    data: RunData, batch_sampler: Any, config: TrainConfig, device: torch.device
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The training batches ``(images, labels, indices)`` in ``batch_sampler``'s order, with
+    ``config.data.workers`` workers: a DataLoader over the CPU pipeline (images on the CPU, pinned for a
+    CUDA device), or the GPU pipeline's :class:`~dmlkit.data.gpu_pipeline.GpuLoader` (images already on
+    ``device``) when :func:`uses_gpu_pipeline`. Either way a batch is a pure function of the seed, the
+    epoch (``data.train.set_epoch``) and its indices."""
+    section = config.data
+    generator = torch.Generator().manual_seed(config.run.seed)
+    workers = section.workers
+    if uses_gpu_pipeline(section, data, device):
+        train = data.train
+        assert isinstance(train, FileImageDataset)
+        spec = data.spec
+        recipe = transforms.recipe_of(spec.get("recipe", "photo"), spec.get("recipe_args"))
+        plan = recipe.crop_plan()
+        assert plan is not None
+        mean, std = transforms.normalisation(recipe.family, train.channels, spec.get("mean"), spec.get("std"))
+        if spec.get("interpolation", "bilinear") != "bilinear":
+            log.info(
+                "the GPU pipeline resamples bilinearly (the backbone asks for %s)", spec["interpolation"]
+            )
+        pipeline = GpuBatchPipeline(train, plan, int(spec["image_size"]), mean, std, device)
+        log.info("training batches: GPU pipeline (nvJPEG decode, roi_align crops), %d worker(s)", workers)
+        return GpuLoader(train, batch_sampler, pipeline, num_workers=workers, generator=generator)
+    return DataLoader(
+        data.train,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
+
+
+__all__ = [
+    "PREPROCESSING_FIELDS",
+    "RunData",
+    "build_caches",
+    "build_data",
+    "gpu_decode_obstacles",
+    "pipeline_spec",
+    "run_data",
+    "train_loader",
+    "uses_gpu_pipeline",
+]

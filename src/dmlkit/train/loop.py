@@ -4,6 +4,11 @@ Everything a feature changes lives elsewhere: the data (:mod:`dmlkit.train.data`
 (:mod:`dmlkit.train.run_dir`), what a batch contributes to the loss (:mod:`dmlkit.train.step`, replaceable
 with ``Trainer(step=...)``), the objective (:mod:`dmlkit.train.objective`), the optimizer and schedule
 (:mod:`dmlkit.train.optim`). This loop only orders them.
+
+An optimizer *update* follows every ``accumulate`` batches (an accumulation *window*; windows never cross an
+epoch's end, so the last one of an epoch may be shorter): each batch's loss is computed on that batch alone
+(miner and loss included) and back-propagated divided by the window's size, so the update uses the mean of
+the window's gradients. ``global_step`` counts updates; the schedule steps once per update.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dmlkit import metrics, models, samplers
@@ -32,10 +36,10 @@ from dmlkit.data import FileImageDataset
 from dmlkit.errors import ConfigError, NonFiniteLossError
 from dmlkit.inference import evaluate_model, resolve_device
 from dmlkit.train import checkpoint as ckpt
-from dmlkit.train.data import RunData, run_data
+from dmlkit.train.data import RunData, run_data, train_loader
 from dmlkit.train.logging import LOGGER_NAME, RunLogFile, RunLogger, setup_run_logging
 from dmlkit.train.objective import build_objective
-from dmlkit.train.optim import build_optimizer, build_scheduler
+from dmlkit.train.optim import build_optimizer, build_scheduler, group_lrs, split_model_parameters
 from dmlkit.train.run_dir import RunDirectory
 from dmlkit.train.stats import EpochStats
 from dmlkit.train.step import Batch, EmbeddingStep, StepFactory, StepOutput, TrainingStep
@@ -53,7 +57,9 @@ class TrainResult:
     loading the resumed state): nothing was written then. ``selection`` says how ``best.pt`` was chosen
     (also in ``results.json``): ``{"method": "validation", "metric", "epoch", "value"}`` or
     ``{"method": "last_epoch", "epoch", "reason"}``, with ``"unselectable_epochs"`` listing validated epochs
-    whose selection value was not finite.
+    whose selection value was not finite. ``early_stop`` (also in ``results.json``), when training stopped
+    before ``epochs`` because validation had not improved for ``early_stop_patience`` validations:
+    ``{"epoch", "patience", "best_epoch", "metric"}`` (``epoch``: the last trained epoch).
     """
 
     run_dir: Path
@@ -64,6 +70,7 @@ class TrainResult:
     wall_time: float = 0.0
     started: bool = True
     selection: dict[str, Any] = field(default_factory=dict)
+    early_stop: dict[str, Any] | None = None
 
     def table(self) -> str:
         """Test metrics before and after training, one metric per row."""
@@ -180,6 +187,9 @@ class Trainer:
         self.selection: dict[str, Any] = {}
         self.before: dict[str, float] = {}
         self.nonfinite_in_row = 0
+        self.window_skipped = 0  # batches of the current accumulation window left out (non-finite)
+        self.validations_since_best = 0  # validations without a new best (early stopping)
+        self.early_stop: dict[str, Any] | None = None  # set when training stops early
         self.epoch_stats = EpochStats()
         self.saved_at: tuple[int, int] | None = None  # (epoch, batch) of the state in last.pt
         self.stop_event: threading.Event | None = None
@@ -216,20 +226,23 @@ class Trainer:
 
         model_config = config.model
         self.model = models.build_model(
-            backbone=model_config.backbone,
-            embedding_size=model_config.embedding_size,
-            pooling=model_config.pooling,
-            normalize=model_config.normalize,
-            pretrained_weights=model_config.pretrained_weights,
+            **model_config.model_kwargs(),
             in_channels=self.data.spec["channels"],
             image_size=self.data.spec["image_size"],
         ).to(self.device)
         if model_config.freeze_bn:
             models.freeze_batchnorm(self.model)  # before the optimizer sees the parameters
+        if config.run.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.objective = build_objective(
             config, self.data.num_classes, self.model.embedding_size, len(self.train_set), self.device
         ).to(self.device)
-        self.step: TrainingStep = self.step_factory(self.model, self.objective, self.device, config.optim.amp)
+        # The step trains through the compiled module; ``self.model`` stays the plain one, which shares its
+        # parameters: checkpoints hold its state dict (no ``_orig_mod.`` prefix) and evaluation runs it.
+        train_model = torch.compile(self.model) if config.run.compile else self.model
+        self.step: TrainingStep = self.step_factory(
+            train_model, self.objective, self.device, config.optim.amp
+        )
         if isinstance(self.step, torch.nn.Module):
             self.step.to(self.device)
 
@@ -240,17 +253,21 @@ class Trainer:
                 f"the training split has {len(self.train_set)} images: too few for one batch of "
                 f"{config.data.batch_size}"
             )
-        self.loader = DataLoader(
-            self.train_set,
-            batch_sampler=self.sampler,
-            num_workers=config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(config.run.seed),
-        )
+        # the CPU pipeline in DataLoader workers, or the GPU pipeline (``gpu_decode``): see train.data
+        self.loader = train_loader(self.data, self.sampler, config, self.device)
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / config.optim.accumulate)
         self.optimizer = build_optimizer(
             config.optim, self.model, self.objective, self.step.extra_parameters()
         )
-        self.scheduler = build_scheduler(config.optim, self.optimizer, self.steps_per_epoch)
+        # The backbone parameters that train once unfrozen: those trainable now (frozen BatchNorm and layers
+        # the model leaves out stay frozen), read after the optimizer has taken them in.
+        self.frozen_backbone: list[torch.nn.Parameter] = []
+        if config.optim.freeze_backbone_epochs > 0:
+            backbone, _ = split_model_parameters(self.model)
+            self.frozen_backbone = [p for p in backbone if p.requires_grad]
+        self.scheduler = build_scheduler(
+            config.optim, self.optimizer, self.updates_per_epoch, self.higher_is_better
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.optim.amp == "fp16")
 
     def _check_validation(self) -> None:
@@ -270,10 +287,21 @@ class Trainer:
         self.val_set = None
         log.warning(
             "%s; validation is skipped and best.pt will be the last epoch (a larger --val-fraction holds "
-            "out more of the %d training classes)",
+            "out more of the %d training classes)%s",
             self.no_selection,
             self.data.num_classes + classes,
+            self._unused_validation_options(),
         )
+
+    def _unused_validation_options(self) -> str:
+        """What a run without validation cannot do of what was asked (for the warning)."""
+        config = self.config
+        unused = []
+        if config.eval.early_stop_patience is not None:
+            unused.append("training never stops early (--early-stop-patience)")
+        if config.optim.scheduler == "plateau":
+            unused.append("the plateau schedule never lowers the lr")
+        return "".join(f"; {text}" for text in unused)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -297,10 +325,30 @@ class Trainer:
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
             "unselectable_epochs": list(self.unselectable_epochs),
+            "validations_since_best": self.validations_since_best,
+            "accumulation": self._accumulation_state(),
             "before": dict(self.before),
             "epoch_totals": self.epoch_stats.state_dict(),
             "rng": ckpt.rng_state(),
         }
+
+    def _window_open(self) -> bool:
+        """Whether the batches done so far end inside an accumulation window (its update is yet to come)."""
+        return (
+            self.batches_done % self.config.optim.accumulate != 0 and self.batches_done < self.steps_per_epoch
+        )
+
+    def _optimized_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _accumulation_state(self) -> dict[str, Any]:
+        """Mid-window (an interruption between two updates): the gradients accumulated so far, in the
+        optimizer's parameter order, and how many of the window's batches were skipped; so a resumed run
+        finishes the window exactly. At a window's end: nothing."""
+        if not self._window_open():
+            return {}
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in self._optimized_parameters()]
+        return {"grads": grads, "skipped": self.window_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -317,19 +365,19 @@ class Trainer:
         self.best_value = float(state["best_value"])
         self.best_epoch = state["best_epoch"]
         self.unselectable_epochs = list(state.get("unselectable_epochs", []))
+        self.validations_since_best = int(state.get("validations_since_best", 0))
+        self._load_accumulation(state.get("accumulation") or {})
         self.before = dict(state["before"])
         self.epoch_stats = EpochStats.from_state(state["epoch_totals"])
         ckpt.set_rng_state(state["rng"])
-        self._follow_schedule()
 
-    def _follow_schedule(self) -> None:
-        """Set the current lr from the schedule built for this configuration: the saved optimizer restored
-        the lr of the saved run's schedule, which differs when ``epochs`` changed on resume (unchanged, this
-        writes the same value: ``LambdaLR`` computes it the same way)."""
-        scheduler = self.scheduler
-        groups = self.optimizer.param_groups
-        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-            group["lr"] = base * factor(scheduler.last_epoch)
+    def _load_accumulation(self, state: dict[str, Any]) -> None:
+        self.window_skipped = int(state.get("skipped", 0))
+        grads = state.get("grads")
+        if grads is None:
+            return
+        for parameter, grad in zip(self._optimized_parameters(), grads, strict=True):
+            parameter.grad = None if grad is None else grad.to(parameter.device)
 
     def save(self, name: str = RunDirectory.LAST) -> Path:
         path = self.directory.save(self.state_dict(), name)
@@ -347,7 +395,7 @@ class Trainer:
             batch_size=config.eval.eval_batch_size,
             device=self.device,
             amp=config.optim.amp,
-            num_workers=config.data.num_workers,
+            num_workers=config.data.workers,
             progress=config.run.progress,
             seed=config.run.seed,
             description=description,
@@ -427,6 +475,7 @@ class Trainer:
             after=after,
             wall_time=wall_time,
             selection=dict(self.selection),
+            early_stop=dict(self.early_stop) if self.early_stop is not None else None,
         )
         self.directory.write_results(
             {
@@ -434,6 +483,7 @@ class Trainer:
                 "test_after": after,
                 "best_epoch": self.best_epoch,
                 "selection": self.selection,
+                "early_stop": self.early_stop,
                 "wall_time_s": wall_time,
             }
         )
@@ -458,9 +508,10 @@ class Trainer:
             handler.close()
 
     def _train_epochs(self) -> bool:
-        """Run the remaining epochs; True when stopped by a signal."""
+        """Run the remaining epochs (or until early stopping); True when stopped by a signal."""
         resuming_mid_epoch = self.resume and self.batches_done > 0
-        while self.epoch < self.config.optim.epochs:
+        self.early_stop = None  # decided from the saved count and this run's patience (a resumed stop again)
+        while self.epoch < self.config.optim.epochs and not self._stops_early():
             if not resuming_mid_epoch:
                 self.sampler.set_epoch(self.epoch)
                 self.batches_done = 0
@@ -470,6 +521,7 @@ class Trainer:
             self.model.train()
             if self.config.model.freeze_bn:
                 models.freeze_batchnorm(self.model)
+            self._freeze_backbone(self.epoch < self.config.optim.freeze_backbone_epochs)
             if self._train_one_epoch():
                 return True
             row = self._end_of_epoch()
@@ -479,6 +531,52 @@ class Trainer:
             self.logger.log_epoch(row)
             self.save()
         return False
+
+    def _freeze_backbone(self, frozen: bool) -> None:
+        """``freeze_backbone_epochs``: while ``frozen``, the backbone is a fixed feature extractor (no
+        gradients, so no optimizer update or weight decay, and eval mode, so BatchNorm statistics and dropout
+        do not change either); afterwards the parameters that trained before freezing train again. Derived
+        from the epoch alone, so resuming needs no state."""
+        if not self.frozen_backbone:
+            return
+        if self.frozen_backbone[0].requires_grad == frozen:
+            log.info(
+                "epoch %d: %s",
+                self.epoch + 1,
+                f"backbone frozen for the first {self.config.optim.freeze_backbone_epochs} epoch(s)"
+                if frozen
+                else "the backbone trains from now on",
+            )
+        for parameter in self.frozen_backbone:
+            parameter.requires_grad_(not frozen)
+        backbone = getattr(self.model, "backbone", None)
+        if frozen and isinstance(backbone, torch.nn.Module):
+            backbone.eval()
+
+    def _stops_early(self) -> bool:
+        """Whether validation has not improved for ``early_stop_patience`` validations (the patience given
+        now: a resumed run with a larger one, or none, continues); records and logs the stop."""
+        patience = self.config.eval.early_stop_patience
+        if patience is None or self.validations_since_best < patience:
+            return False
+        metric = self.config.eval.select_metric
+        self.early_stop = {
+            "epoch": self.epoch,
+            "patience": patience,
+            "best_epoch": self.best_epoch,
+            "metric": metric,
+        }
+        log.info(
+            "early stop after epoch %d of %d: validation %s has not improved for %d validation(s) "
+            "(--early-stop-patience %d); the best was epoch %s",
+            self.epoch,
+            self.config.optim.epochs,
+            metric,
+            self.validations_since_best,
+            patience,
+            self.best_epoch,
+        )
+        return True
 
     def _train_one_epoch(self) -> bool:
         """Train on the rest of the current epoch; True when stopped by a signal."""
@@ -511,9 +609,12 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
+        memory_format = torch.channels_last if self.config.run.channels_last else torch.preserve_format
         for images, labels, indices in bar:
+            if images.dim() != 4:  # channels-last is a layout of image batches (B × C × H × W) only
+                memory_format = torch.preserve_format
             batch = Batch(
-                images.to(self.device, non_blocking=True),
+                images.to(self.device, non_blocking=True, memory_format=memory_format),
                 torch.as_tensor(labels, dtype=torch.int64).to(self.device),
                 torch.as_tensor(indices, dtype=torch.int64).to(self.device),
             )
@@ -536,31 +637,64 @@ class Trainer:
         bar.close()
         return False
 
+    def _window(self) -> tuple[int, int]:
+        """The current batch's position in its accumulation window and the window's size (``accumulate``
+        batches; the last window of an epoch holds what is left)."""
+        accumulate = self.config.optim.accumulate
+        start = self.batches_done // accumulate * accumulate
+        return self.batches_done - start, min(accumulate, self.steps_per_epoch - start)
+
     def _step(self, batch: Batch) -> tuple[float | None, dict[str, float]]:
-        """One optimisation step; ``(None, stats)`` when it was skipped: non-finite embeddings, loss or
-        gradient (a loss can be finite on non-finite embeddings: several losses mask NaN similarities
-        away, so the embeddings are checked as well)."""
+        """One batch: forward, checks, backward of ``loss / window size``; after the window's last batch, the
+        optimizer update. ``(None, stats)`` when the batch was skipped: non-finite embeddings or loss (a loss
+        can be finite on non-finite embeddings: several losses mask NaN similarities away, so the embeddings
+        are checked as well; the batch's gradient is left out and the window's update averages the others),
+        or a non-finite gradient at the update (the whole window is skipped)."""
         optim = self.config.optim
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step.set_progress(self.global_step / max(1, optim.epochs * self.steps_per_epoch))
+        position, size = self._window()
+        if position == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.window_skipped = 0
+        self.step.set_progress(self.global_step / max(1, optim.epochs * self.updates_per_epoch))
         out = self.step(batch)
         value, bad_rows = _loss_and_bad_rows(out)
+        reason = None
         if bad_rows:
-            return self._skip_step(f"non-finite embeddings ({bad_rows} of {len(out.embeddings)})"), out.stats
-        if self.sampler.needs_embeddings:  # samplers that choose batches from the embeddings get them
-            self.sampler.update_embeddings(out.indices.cpu(), out.embeddings.float().cpu())
-        if not math.isfinite(value):
-            return self._skip_step(f"non-finite loss ({value})"), out.stats
-        self.scaler.scale(out.loss).backward()
+            reason = f"non-finite embeddings ({bad_rows} of {len(out.embeddings)})"
+        else:
+            if self.sampler.needs_embeddings:  # samplers that choose batches from the embeddings get them
+                self.sampler.update_embeddings(out.indices.cpu(), out.embeddings.float().cpu())
+            if not math.isfinite(value):
+                reason = f"non-finite loss ({value})"
+        if reason is None:
+            self.scaler.scale(out.loss / size if size > 1 else out.loss).backward()
+        else:
+            self.window_skipped += 1
+            self._skip_step(reason, "step" if size == 1 else "batch")
+        # the window's last batch updates, unless every batch of the window was skipped
+        update_skipped = position + 1 == size and self.window_skipped < size and not self._update(size)
+        return (value if reason is None and not update_skipped else None), out.stats
+
+    def _update(self, size: int) -> bool:
+        """The optimizer update at the end of a window of ``size`` batches; False when skipped (non-finite
+        gradient)."""
+        kept = size - self.window_skipped
+        if kept < size:  # each kept batch was divided by ``size``: make it the mean over the kept ones
+            for parameter in self._optimized_parameters():
+                if parameter.grad is not None:
+                    parameter.grad.mul_(size / kept)
         norm = self._gradient_norm()
         if norm is not None and not math.isfinite(norm):
-            return self._skip_step(f"non-finite gradient norm ({norm})"), out.stats
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip_step(f"non-finite gradient norm ({norm})", "step" if size == 1 else "update")
+            return False
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
         self.nonfinite_in_row = 0
-        return value, out.stats
+        self.optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next window's backward
+        return True
 
     def _gradient_norm(self) -> float | None:
         """The total gradient norm (clipped to ``grad_clip`` if set); None under fp16, where the grad scaler
@@ -578,15 +712,17 @@ class Trainer:
             return None
         return None if self.scaler.is_enabled() else float(norm)
 
-    def _skip_step(self, reason: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _skip_step(self, reason: str, what: str = "step") -> None:
+        """Account a skipped ``what`` (a step; with accumulation, a batch or a window's update): warn, and
+        abort when the model state is broken or after ``max_nonfinite_steps`` skips in a row."""
         self.nonfinite_in_row += 1
         log.warning(
-            "step %d (epoch %d, batch %d): %s — step skipped (%d in a row)",
+            "step %d (epoch %d, batch %d): %s — %s skipped (%d in a row)",
             self.global_step,
             self.epoch + 1,
             self.batches_done + 1,
             reason,
+            what,
             self.nonfinite_in_row,
         )
         where = f"step {self.global_step} (epoch {self.epoch + 1}, batch {self.batches_done + 1})"
@@ -650,11 +786,11 @@ class Trainer:
         row: dict[str, Any] = {
             "epoch": epoch_number,
             "step": self.global_step,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            **group_lrs(self.optimizer),
             **self.epoch_stats.summary(),
         }
-        if len(self.optimizer.param_groups) > 1:
-            row["loss_lr"] = self.optimizer.param_groups[1]["lr"]
+        if self.frozen_backbone:
+            row["backbone_frozen"] = self.epoch < config.optim.freeze_backbone_epochs
         is_last = epoch_number == config.optim.epochs
         loss = row.get("train_loss", float("nan"))
         message = f"epoch {epoch_number}: loss {loss:.4f}, {row['images_per_s']:.0f} img/s"
@@ -670,8 +806,28 @@ class Trainer:
             self._select(epoch_number, val[config.eval.select_metric])
             best = " (best)" if self.best_epoch == epoch_number else ""
             message = f"{message}, val {_fmt(val)}{best}"
+            self._after_validation(epoch_number, val[config.eval.select_metric])
+        row.update(group_lrs(self.optimizer))  # after validation: the lr the next epoch starts with
         log.info("%s", message)
         return row
+
+    def _after_validation(self, epoch_number: int, value: float) -> None:
+        """Count validations without a new best (early stopping) and step the schedule on the value."""
+        self.validations_since_best = (
+            0 if self.best_epoch == epoch_number else self.validations_since_best + 1
+        )
+        before = [group["lr"] for group in self.optimizer.param_groups]
+        self.scheduler.on_validation(value)
+        after = [group["lr"] for group in self.optimizer.param_groups]
+        if after != before:
+            log.info(
+                "epoch %d: validation %s = %.4f; learning rate %.3g → %.3g",
+                epoch_number,
+                self.config.eval.select_metric,
+                value,
+                before[0],
+                after[0],
+            )
 
     def _select(self, epoch_number: int, value: float) -> None:
         """Keep ``best.pt`` at the best finite validation value (in the metric's own direction); an epoch

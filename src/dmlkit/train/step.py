@@ -3,7 +3,8 @@
 The loop hands a :class:`Batch` to the step and gets a :class:`StepOutput` back (a scalar loss, float
 statistics for the logs, and the batch's embeddings); the loop then does everything every step shares:
 the non-finite checks (embeddings, loss, gradient: a step failing one is skipped), ``backward`` with
-gradient scaling, clipping, the optimizer and the schedule.
+gradient scaling, clipping, the optimizer and the schedule. With ``accumulate`` N the step still sees one
+batch at a time; the loop back-propagates each loss divided by N and updates after every N batches.
 
 The default :class:`EmbeddingStep` is embed → gather → objective (memory, miner, loss). A feature that
 needs a different step subclasses it or writes a new one and passes its factory to
@@ -122,5 +123,6 @@ class EmbeddingStep(nn.Module):
         return (p for p in self.parameters() if p.requires_grad)
 
 
-#: Builds a step from the trainer's model, objective, device and mixed-precision mode.
+#: Builds a step from the trainer's model, objective, device and mixed-precision mode. With ``compile`` the
+#: model is the ``torch.compile`` wrapper of the trainer's model (same parameters), which the step trains.
 StepFactory = Callable[[nn.Module, Objective, torch.device, str], TrainingStep]
