@@ -198,7 +198,7 @@ def test_real_sigint_during_a_command(run_dir: Path, tmp_path: Path) -> None:
     """A real Ctrl-C (SIGINT) to ``dmlkit eval`` embedding a large synthetic split: exit 130, one line."""
     before = snapshot(run_dir)
     argv = ["eval", "--checkpoint", run_dir, "--no-progress", "--dataset-args",
-            "{num_classes: 600, samples_per_class: 40, image_size: 32}"]  # fmt: skip
+            "{num_classes: 600, samples_per_class: 40, image_size: 64}"]  # fmt: skip
     process = subprocess.Popen(
         process_command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=quiet_env()
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
     except KeyboardInterrupt:
+        # Exiting now: a further (or pending) Ctrl-C must not turn the clean exit into a kill by SIGINT.
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         command = argv[0] if argv and argv[0] in COMMANDS else None
         print(f"dmlkit{f' {command}' if command else ''}: interrupted", file=sys.stderr)
         return 130
