@@ -199,9 +199,11 @@ def test_real_sigint_during_a_command(run_dir: Path, tmp_path: Path) -> None:
     before = snapshot(run_dir)
     argv = ["eval", "--checkpoint", run_dir, "--no-progress", "--dataset-args",
             "{num_classes: 600, samples_per_class: 40, image_size: 64}"]  # fmt: skip
+    # A job started in the background inherits SIGINT ignored (and Python then keeps it so): restore it.
     process = subprocess.Popen(
-        process_command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=quiet_env()
-    )
+        process_command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=quiet_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     time.sleep(3.0)  # past the imports (also covered by main), inside the command's work
     assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGINT)
