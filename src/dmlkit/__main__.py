@@ -1,5 +1,3 @@
-import sys
+from dmlkit.cli import console_main
 
-from dmlkit.cli import main
-
-sys.exit(main())
+console_main()

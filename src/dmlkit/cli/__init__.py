@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from dmlkit import __version__
 from dmlkit.cli.parser import SuggestingParser
 from dmlkit.errors import ConfigError, DmlkitError
+
+#: The exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 #: The subcommands (``dmlkit <command>``), named before the parser is built (an interrupt while the
 #: subcommands' modules import still names its command).
@@ -43,7 +48,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         command = argv[0] if argv and argv[0] in COMMANDS else None
         print(f"dmlkit{f' {command}' if command else ''}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def console_main() -> NoReturn:
+    """The process entry point (``dmlkit`` and ``python -m dmlkit``): :func:`main`, then exit with its status.
+
+    After an interrupt the process leaves through ``os._exit(130)``: CPython re-raises SIGINT after
+    finalisation (exit status -2, not 130) when the KeyboardInterrupt passed through code a C extension ran
+    with ``PyRun_*``, even though :func:`main` handled it. Everything worth keeping is already written."""
+    code = main()
+    if code == INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(INTERRUPTED)
+    sys.exit(code)
 
 
 def _run(argv: list[str]) -> int:
