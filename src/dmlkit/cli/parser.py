@@ -71,6 +71,7 @@ class SuggestingParser(argparse.ArgumentParser):
         self.long_options: list[str] = []
         self.commands: dict[str, SuggestingParser] = {}
         self._command_action: Any = None
+        self._command_dest = "command"
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
@@ -84,11 +85,14 @@ class SuggestingParser(argparse.ArgumentParser):
     def add_mutually_exclusive_group(self, **kwargs: Any) -> Any:
         return _RecordingGroup(super().add_mutually_exclusive_group(**kwargs), self.long_options)
 
-    def add_parser(self, name: str, **kwargs: Any) -> SuggestingParser:
-        """A subcommand ``name`` (its handler is set with ``set_defaults(handler=...)``)."""
+    def add_parser(self, name: str, *, dest: str = "command", **kwargs: Any) -> SuggestingParser:
+        """A subcommand ``name`` (its handler is set with ``set_defaults(handler=...)``); ``dest``: the
+        attribute naming the chosen subcommand (a subcommand's own subcommands use another one, so
+        ``args.command`` keeps naming the top-level command)."""
         if self._command_action is None:
+            self._command_dest = dest
             self._command_action = self.add_subparsers(
-                dest="command", metavar="COMMAND", parser_class=SuggestingParser
+                dest=dest, metavar="COMMAND", parser_class=SuggestingParser, required=dest != "command"
             )
         parser: SuggestingParser = self._command_action.add_parser(name, **kwargs)
         self.commands[name] = parser
@@ -97,9 +101,14 @@ class SuggestingParser(argparse.ArgumentParser):
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            # Options a subcommand does not know come back here; the subcommand reports them.
-            self.commands.get(getattr(parsed, "command", None) or "", self).reject(extras)
+            # Options a subcommand does not know come back here; the innermost subcommand reports them.
+            self._chosen(parsed).reject(extras)
         return parsed
+
+    def _chosen(self, parsed: Any) -> SuggestingParser:
+        """The innermost (sub)command parser that ``parsed`` went through."""
+        chosen = self.commands.get(getattr(parsed, self._command_dest, None) or "")
+        return self if chosen is None else chosen._chosen(parsed)
 
     def error(self, message: str) -> NoReturn:
         """Exit with status 2: ``<prog>: error: <message>`` first (the culprit), then the usage (or, when

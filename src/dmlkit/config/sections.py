@@ -147,6 +147,13 @@ class DataSection(Section):
     val_fraction: float = _field(
         0.2, "fraction of training classes held out (class-disjoint) for validation", ge=0.0, lt=1.0
     )
+    train_classes: float = _field(
+        1.0,
+        "fraction of the training classes (after the validation split) that training uses: the first "
+        "round(fraction × C) in class order (the extended-class model upgrade trains the old model on 0.5)",
+        gt=0.0,
+        le=1.0,
+    )
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = _field(
         0,
         "DataLoader worker processes; auto: one per core this process may use (os.sched_getaffinity) "
@@ -325,6 +332,11 @@ class ModelSection(Section):
     key: ClassVar[str] = "model"
 
     backbone: str = _field("small_cnn", "'small_cnn', 'timm:<name>' or 'torchvision:<name>'")
+    backbone_args: dict[str, Any] = _field(
+        dict,
+        "keyword arguments of the backbone's constructor, e.g. '{widths: [16, 32, 64, 64]}' (small_cnn) or "
+        "'{drop_path_rate: 0.1}' (timm); recorded in the checkpoint's model config",
+    )
     pretrained_weights: str | None = _field(
         None,
         "backbone weights: a local state-dict file (stored absolute) or 'package:<name>', the file of an "
@@ -396,8 +408,20 @@ class ModelSection(Section):
                 f"not {self.backbone}"
             )
         models.heads.check(self.head.name, self.embedding_size, self.head.args)
+        self._check_backbone_args()
         if models.weights.is_shortcut(self.pretrained_weights):
             models.weights.resolve(self.pretrained_weights)  # type: ignore[arg-type]  # installed?
+
+    def _check_backbone_args(self) -> None:
+        """Keys the model builder sets itself are refused; a built-in backbone checks the others by name
+        and type now (a timm or torchvision model checks them when it is built)."""
+        fields = type(self).model_fields
+        own = {"in_channels", "image_size", *(key for key in fields if key != "backbone_args")}
+        taken = sorted(own & set(self.backbone_args))
+        if taken:
+            raise ConfigError(f"backbone_args may not set {', '.join(taken)}: use their own options")
+        if models.backbones.REGISTRY.family_of(self.backbone) is None:
+            models.backbones.REGISTRY.check_kwargs(self.backbone, self.backbone_args)
 
     def model_kwargs(self) -> dict[str, Any]:
         """The :func:`dmlkit.models.build_model` keywords this section sets (the caller adds
@@ -412,6 +436,7 @@ class ModelSection(Section):
             "pretrained_weights": self.pretrained_weights,
             "allow_partial_weights": self.allow_partial_weights,
             "trainable_blocks": self.trainable_blocks,
+            **self.backbone_args,
         }
 
 

@@ -138,6 +138,8 @@ def build_data(
         train, val = data_lib.class_disjoint_split(splits.train, section.val_fraction, seed)
     else:
         train, val = splits.train, None
+    if section.train_classes < 1.0:
+        train = _first_classes(train, section.train_classes)
     train.transform = transforms.build("train", **spec)
     train.augment_seed = seed
     evaluation = transforms.build("eval", **spec)
@@ -145,6 +147,19 @@ def build_data(
         if part is not None:
             part.transform = evaluation
     return RunData(train, val, splits.test, spec)
+
+
+def _first_classes(train: ImageDataset, fraction: float) -> ImageDataset:
+    """The items of the first ``round(fraction × C)`` training classes (in class-code order, which is the
+    dataset's class order): the same classes for every seed, so an old model trained on them and a new one
+    trained on all share their validation and test splits."""
+    keep = round(fraction * train.num_classes)
+    if keep < 2:
+        raise ConfigError(
+            f"train_classes {fraction} keeps {keep} of the {train.num_classes} training classes; metric "
+            "learning needs at least 2"
+        )
+    return train.subset(np.flatnonzero(train.labels < keep))
 
 
 def build_caches(data: RunData, section: DataSection) -> None:
