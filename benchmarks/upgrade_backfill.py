@@ -15,9 +15,11 @@ Settings (every model is trained with ``dmlkit train`` / ``dmlkit upgrade``, no 
   offline ImageNet weights and fine-tuned (pooled 1280-d features, no head), 9 classes trained, the other 9
   evaluated.
 
-Per seed: ``upgrade simulate`` with 20 steps (the fractions 0, 0.05, ..., 1 include 0.25 and 0.75); the AUC
-is the trapezoid over t ∈ {0, 0.1, ..., 1} (every other step), as the paper defines it. Prints markdown
-tables (mean ± std over seeds) and writes ``summary.json`` into ``--out``.
+``compatible`` is trained jointly with the new model (``train-compatible``); ``compatible (after)`` is the
+same loss on heads trained after it (``train-compatible --mode after``), simulated apart with the same
+order. Per seed: ``upgrade simulate`` with 20 steps (the fractions 0, 0.05, ..., 1 include 0.25 and
+0.75); the AUC is the trapezoid over t ∈ {0, 0.1, ..., 1} (every other step), as the paper defines it.
+Prints markdown tables (mean ± std over seeds) and writes ``summary.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import itertools
 import json
 import math
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -36,40 +39,28 @@ from dmlkit.upgrade.simulate import auc
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "omniglot": {
-        "data": ["--dataset", "omniglot"],
-        "common": ["--embedding-size", "128", "--epochs", "4", "--batch-size", "128", "--lr", "1e-3"],
-        "old": ["--backbone", "small_cnn", "--backbone-args", "{widths: [16, 32, 32, 32]}"],
-        "new": ["--backbone", "small_cnn", "--backbone-args", "{widths: [32, 64, 128, 128]}"],
+        "data": shlex.split("--dataset omniglot"),
+        "common": shlex.split("--embedding-size 128 --epochs 4 --batch-size 128 --lr 1e-3"),
+        "old": shlex.split("--backbone small_cnn --backbone-args '{widths: [16, 32, 32, 32]}'"),
+        "new": shlex.split("--backbone small_cnn --backbone-args '{widths: [32, 64, 128, 128]}'"),
         "old_extra": [],
+        "metrics": "map@100,recall@1,map@r",
     },
     "clothing": {
-        "data": [
-            "--dataset",
-            "csv",
-            "--dataset-args",
-            "{exclude_labels: [Not sure, Skip], test_classes: 0.5, image_size: 224}",
-        ],
-        "common": [
-            "--embedding-size",
-            "0",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "32",
-            "--lr",
-            "3e-5",
-            "--freeze-bn",
-            "--eval-batch-size",
-            "64",
-        ],
-        "old": ["--backbone", "torchvision:mobilenet_v2", "--pretrained-weights", "package:mobilenet_v2"],
-        "new": [
-            "--backbone",
-            "timm:tf_efficientnet_lite0",
-            "--pretrained-weights",
-            "package:efficientnet-lite0",
-        ],
+        "data": shlex.split(
+            "--dataset csv --dataset-args "
+            "'{exclude_labels: [Not sure, Skip], test_classes: 0.5, image_size: 224}'"
+        ),
+        "common": shlex.split(
+            "--embedding-size 0 --epochs 2 --batch-size 32 --lr 1e-4 --freeze-bn --trainable-blocks 2 "
+            "--eval-batch-size 64"
+        ),
+        "old": shlex.split("--backbone torchvision:mobilenet_v2 --pretrained-weights package:mobilenet_v2"),
+        "new": shlex.split(
+            "--backbone timm:tf_efficientnet_lite0 --pretrained-weights package:efficientnet-lite0"
+        ),
         "old_extra": [],
+        "metrics": "map@1000,recall@1,map@r",
     },
 }
 SETTINGS["omniglot-extended"] = {**SETTINGS["omniglot"], "old_extra": ["--train-classes", "0.5"]}
@@ -82,76 +73,46 @@ def run(argv: list[str]) -> None:
     code = dmlkit([str(a) for a in argv])
     if code != 0:
         raise SystemExit(f"dmlkit {' '.join(map(str, argv))}: exit {code}")
-    print(f"  {' '.join(map(str, argv[:2]))}: {time.perf_counter() - started:.0f} s", flush=True)
+    words = [str(a) for a in argv]
+    label = " ".join(words[:2] if words[0] == "upgrade" else words[:1])
+    if "--name" in words:
+        label += f" {words[words.index('--name') + 1]}"
+    print(f"  {label}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def one_seed(setting: dict[str, Any], root: str | None, seed: int, out: Path) -> dict[str, Any]:
     folder = out / f"seed{seed}"
     data = setting["data"] + (["--data-root", root] if root else [])
-    common = [
-        *data,
-        *setting["common"],
-        "--seed",
-        seed,
-        "--val-fraction",
-        "0",
-        "--no-progress",
-        "--output-dir",
-        folder,
-        "--overwrite",
-    ]
+    common = [*data, *setting["common"], *f"--seed {seed} --val-fraction 0 --no-progress --overwrite".split()]
+    common += ["--output-dir", folder]
     old, new, bct, comp = (folder / name for name in ("old", "new", "bct", "compatible"))
+    transform, report = folder / "transform.pt", folder / "backfill.json"
     run(["train", *common, *setting["old"], *setting["old_extra"], "--name", "old"])
     run(["train", *common, *setting["new"], "--name", "new"])
     run(["upgrade", "train-bct", "--old", old, *common, *setting["new"], "--name", "bct"])
     run(["upgrade", "train-compatible", "--old", old, *common, *setting["new"], "--name", "compatible"])
-    transform = folder / "transform.pt"
-    run(
-        [
-            "upgrade",
-            "train-transform",
-            "--old",
-            old,
-            "--new",
-            new,
-            "--out",
-            transform,
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--seed",
-            seed,
-        ]
-    )
-    report = folder / "backfill.json"
-    run(
-        [
-            "upgrade",
-            "simulate",
-            "--old",
-            old,
-            "--new",
-            new,
-            "--transform",
-            transform,
-            "--bct",
-            bct,
-            "--compatible",
-            comp,
-            "--steps",
-            STEPS,
-            "--seed",
-            seed,
-            "--json",
-            report,
-            "--plot",
-            folder / "backfill.png",
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-    )
+    quiet = ["--no-progress", "--device", "cpu", "--seed", seed]
+    run(["upgrade", "train-transform", "--old", old, "--new", new, "--out", transform, *quiet])
+    models = ["--old", old, "--new", new, "--transform", transform, "--bct", bct, "--compatible", comp]
+    outputs = ["--json", report, "--plot", folder / "backfill.png", "--metrics", setting["metrics"]]
+    run(["upgrade", "simulate", *models, "--steps", STEPS, *outputs, *quiet])
     return json.loads(report.read_text())
+
+
+def compatible_after(setting: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+    """The curve of metric-compatible heads trained *after* the new model (``--mode after``), simulated
+    with the same order and steps; merged into the seed's report as ``compatible (after)``."""
+    folder = out / f"seed{seed}"
+    report = folder / "backfill_after.json"
+    if not report.exists():
+        old, new, heads = folder / "old", folder / "new", folder / "heads_after.pt"
+        run(["upgrade", "train-compatible", "--mode", "after", "--old", old, "--new", new, "--out", heads,
+             "--seed", seed])  # fmt: skip
+        models = ["--old", old, "--new", new, "--compatible", new, "--compatible-heads", heads]
+        outputs = ["--json", report, "--metrics", setting["metrics"], "--methods", "compatible"]
+        quiet = ["--no-progress", "--device", "cpu", "--seed", seed]
+        run(["upgrade", "simulate", *models, "--steps", STEPS, *outputs, *quiet])
+    return json.loads(report.read_text())["curves"]["compatible"]
 
 
 def per_method(report: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -214,9 +175,18 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="the dataset folder or file (clothing: its folder)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/upgrade"))
+    parser.add_argument("--reuse", action="store_true", help="keep the seeds whose backfill.json exists")
     args = parser.parse_args()
     out = args.out / args.setting
-    reports = [one_seed(SETTINGS[args.setting], args.root, seed, out) for seed in args.seeds]
+    reports = []
+    for seed in args.seeds:
+        done = out / f"seed{seed}" / "backfill.json"
+        if args.reuse and done.exists():
+            print(f"seed {seed}: reusing {done}")
+            reports.append(json.loads(done.read_text()))
+        else:
+            reports.append(one_seed(SETTINGS[args.setting], args.root, seed, out))
+        reports[-1]["curves"]["compatible (after)"] = compatible_after(SETTINGS[args.setting], seed, out)
     rows = [per_method(report) for report in reports]
     text = table(rows, reports[0]["metrics"][0])
     print(text)

@@ -23,7 +23,7 @@ from dmlkit.upgrade import simulate
 
 
 def synthetic(
-    gallery: int, queries: int, classes: int, dim: int, seed: int
+    gallery: int, queries: int, classes: int, dim: int, seed: int, noise: tuple[float, float]
 ) -> tuple[simulate.BackfillInputs, float]:
     """Old and new embeddings of a clustered gallery and query set, generated in chunks (float32)."""
     generator = torch.Generator().manual_seed(seed)
@@ -38,9 +38,11 @@ def synthetic(
         for start in range(0, n, 100_000):
             end = min(n, start + 100_000)
             x = centres[labels[start:end]]
-            old[start:end] = F.normalize(x + 0.09 * torch.randn(end - start, dim, generator=generator), dim=1)
+            old[start:end] = F.normalize(
+                x + noise[0] * torch.randn(end - start, dim, generator=generator), dim=1
+            )
             new[start:end] = F.normalize(
-                x @ rotation.T + 0.06 * torch.randn(end - start, dim, generator=generator), dim=1
+                x @ rotation.T + noise[1] * torch.randn(end - start, dim, generator=generator), dim=1
             )
         return old, new, labels
 
@@ -57,18 +59,21 @@ def synthetic(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gallery", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--classes", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--noise", type=float, nargs=2, default=(0.16, 0.12), help="per-dimension σ, old new")
     parser.add_argument("--backend", default="faiss-flat")
     parser.add_argument("--methods", nargs="+", default=["old", "rank-merge", "new-naive"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    inputs, made = synthetic(args.gallery, args.queries, args.classes, args.dim, seed=0)
+    inputs, made = synthetic(args.gallery, args.queries, args.classes, args.dim, 0, tuple(args.noise))
     print(f"data: {args.gallery:,} gallery × {args.dim} per model, {args.queries:,} queries ({made:.1f} s)")
     started = time.perf_counter()
     report = simulate.simulate(
@@ -81,8 +86,10 @@ def main() -> None:
     for name, curve in report.curves.items():
         seconds = curve.search_seconds
         print(f"| {name} | {sum(seconds) / len(seconds):.2f} | {max(seconds):.2f} |")
-    print(f"\nsimulation: {total:.0f} s for {args.steps + 1} steps × {len(args.methods)} methods "
-          f"(metrics included); peak resident memory {peak_gib:.2f} GiB")  # fmt: skip
+    print(
+        f"\nsimulation: {total:.0f} s for {args.steps + 1} steps × {len(args.methods)} methods "
+        f"(metrics included); peak resident memory {peak_gib:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ def test_train_transform_and_compatible_after(
         "2",
         "--hidden",
         "32",
+        "--seed",
+        "3",  # a training flag: parsed as text, used as an integer
     ]
     assert main(argv) == 0
     heads, _ = compatible.load_heads(heads_file)

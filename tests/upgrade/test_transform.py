@@ -148,3 +148,27 @@ def test_meta_must_be_plain_values(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"meta\.when \(object\) cannot be saved"):
         save_transform(tmp_path / "x.pt", ReverseTransform(2, 2, depth=1), {"when": object()})
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_fit_features_class_balanced_batches() -> None:
+    """With samples_per_class K every batch holds K items of each of its classes (the m_per_class sampler),
+    and an epoch still trains the module."""
+    from dmlkit.upgrade.transform import fit_features
+
+    labels = torch.arange(12).repeat_interleave(6)
+    features = torch.randn(72, 4)
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        seen.append(y.clone())
+        return module(x).pow(2).mean(), {}
+
+    module = torch.nn.Linear(4, 2)
+    history = fit_features(
+        module, loss_fn, [features, labels], epochs=2, batch_size=12, lr=0.1, class_labels=labels,
+        samples_per_class=3,
+    )  # fmt: skip
+    assert len(history) == 2 and history[1]["loss"] < history[0]["loss"]
+    for batch in seen:
+        _, counts = torch.unique(batch, return_counts=True)
+        assert len(batch) == 12 and counts.tolist() == [3, 3, 3, 3]

@@ -108,6 +108,13 @@ def _add_feature_training(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed of the heads' initialisation and batches (0)"
     )
     group.add_argument("--out", required=True, metavar="FILE", help="where to save the trained module (.pt)")
+    group.add_argument(
+        "--feature-samples-per-class",
+        type=positive_int,
+        default=None,
+        help="P×K batches of the features, K items per class (default: a seeded shuffle, which trained "
+        "better heads in BENCHMARKS.md)",
+    )
 
 
 # --------------------------------------------------------------------------------------------- train-bct
@@ -310,6 +317,7 @@ def _train_transform(args: argparse.Namespace) -> int:
         lr=args.lr,
         contrastive_weight=args.contrastive_weight,
         temperature=args.temperature,
+        samples_per_class=args.feature_samples_per_class,
         seed=args.seed,
     )
     meta = {"old": str(args.old), "new": str(args.new), "split": args.split, "history": history}
@@ -374,7 +382,10 @@ def _add_train_compatible(parser: SuggestingParser) -> None:
         help="keep only the K hardest negatives per anchor",
     )
     sub.add_argument(
-        "--no-new-head", action="store_true", help="no learnable ψ: the new side is φ_new itself"
+        "--new-head",
+        action="store_true",
+        help="learn a new-side head ψ (a residual MLP starting as the identity); default: the new side is "
+        "φ_new itself, which served best in BENCHMARKS.md",
     )
     _add_head_options(sub)
     group = sub.add_argument_group("mode after: training on the frozen models' features")
@@ -382,6 +393,13 @@ def _add_train_compatible(parser: SuggestingParser) -> None:
         "--feature-epochs", type=positive_int, default=30, help="passes over the features (30)"
     )
     group.add_argument("--train-batch-size", type=positive_int, default=256, help="features per batch (256)")
+    group.add_argument(
+        "--feature-samples-per-class",
+        type=positive_int,
+        default=None,
+        help="P×K batches of the features, K items per class (default: a seeded shuffle, which trained "
+        "better heads in BENCHMARKS.md)",
+    )
     group.add_argument(
         "--feature-lr", type=_float(strict=True), default=1e-3, help="Adam learning rate (1e-3)"
     )
@@ -421,7 +439,7 @@ def _train_compatible(args: argparse.Namespace) -> int:
             old_dim,
             hidden=args.hidden,
             depth=args.depth,
-            new_head=not args.no_new_head,
+            new_head=args.new_head,
         )
         factory = compatible.compatible_step(
             old,
@@ -443,6 +461,15 @@ def _train_compatible(args: argparse.Namespace) -> int:
     return _finish(args, result, {"method": "compatible-joint", "old": str(args.old), "heads": HEADS_FILE})
 
 
+def _seed(args: argparse.Namespace) -> int:
+    """``--seed`` of a command that also takes the training flags (which keep their values as text)."""
+    value = getattr(args, "seed", 0)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--seed must be an integer, got {value!r}") from None
+
+
 def _compatible_after(args: argparse.Namespace) -> int:
     if args.new is None or args.out is None:
         raise ConfigError("--mode after needs --new (the trained new model) and --out (where the heads go)")
@@ -459,7 +486,7 @@ def _compatible_after(args: argparse.Namespace) -> int:
         train.new,
         train.old,
         train.labels,
-        new_head=not args.no_new_head,
+        new_head=args.new_head,
         hidden=args.hidden,
         depth=args.depth,
         temperature=args.temperature,
@@ -468,11 +495,12 @@ def _compatible_after(args: argparse.Namespace) -> int:
         epochs=args.feature_epochs,
         batch_size=args.train_batch_size,
         lr=args.feature_lr,
-        seed=getattr(args, "seed", 0),
+        seed=_seed(args),
+        samples_per_class=args.feature_samples_per_class,
     )
     compatible.save_heads(args.out, heads, {"old": str(args.old), "new": str(args.new), "history": history})
     with torch.no_grad():
-        mapped = heads.eval().rho(test.new)
+        mapped = heads.eval().old_space(test.new)
     _report_cross(history, mapped, test, args.out)
     return 0
 

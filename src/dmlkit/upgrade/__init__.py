@@ -10,7 +10,8 @@
   arXiv 2301.03767), joint with the new model or after it;
 - :mod:`~dmlkit.upgrade.frozen`: the old model inside the new model's training step.
 
-docs/upgrades.md explains the workflow and every formula.
+docs/upgrades.md explains the workflow and every formula. The simulator's entry point is
+:func:`dmlkit.upgrade.simulate.simulate` (not re-exported here: the name is its module's).
 """
 
 from dmlkit.upgrade.bct import BCTStep, bct_step, class_prototypes, influence_loss
@@ -34,7 +35,6 @@ from dmlkit.upgrade.simulate import (
     backfill_order,
     negative_flip_rate,
     relative_gain,
-    simulate,
 )
 from dmlkit.upgrade.transform import ReverseTransform, load_transform, save_transform, train_transform
 
@@ -66,7 +66,6 @@ __all__ = [
     "relative_gain",
     "save_heads",
     "save_transform",
-    "simulate",
     "train_compatible_after",
     "train_transform",
 ]

@@ -331,7 +331,7 @@ def train_compatible_after(
     old_features: torch.Tensor,
     labels: torch.Tensor,
     *,
-    new_head: bool = True,
+    new_head: bool = False,
     hidden: int = 512,
     depth: int = 2,
     layer_norm: bool = False,
@@ -343,10 +343,13 @@ def train_compatible_after(
     hard_negatives: int | None = None,
     regression_weight: float = 1.0,
     seed: int = 0,
+    samples_per_class: int | None = None,
 ) -> tuple[CompatibleHeads, list[dict[str, float]]]:
     """After mode: both models frozen; train ρ (and ψ with ``new_head``) on precomputed ``new_features``
     ``[N, d_new]``, ``old_features`` ``[N, d_old]`` and ``labels`` ``[N]`` with :func:`compatible_loss`.
-    Returns the heads (eval mode, on the features' device) and the per-epoch history."""
+    Batches: a seeded shuffle, or P×K with ``samples_per_class`` K (every anchor then has positives besides
+    its own old embedding; on Omniglot it trained worse heads than the shuffle, BENCHMARKS.md). Returns the
+    heads (eval mode, on the features' device) and the per-epoch history."""
     check_features("new_features", new_features, "old_features", old_features, labels)
     _check_options(temperature, hard_negatives, regression_weight)
     heads = seeded_module(
@@ -382,6 +385,8 @@ def train_compatible_after(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        class_labels=labels,
+        samples_per_class=samples_per_class,
         weight_decay=weight_decay,
         seed=seed,
     )

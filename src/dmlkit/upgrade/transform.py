@@ -30,7 +30,7 @@ Files (:func:`save_transform` / :func:`load_transform`) hold tensors and plain v
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +172,18 @@ def fit_features(
     lr: float,
     weight_decay: float = 0.0,
     seed: int = 0,
+    class_labels: torch.Tensor | None = None,
+    samples_per_class: int | None = None,
 ) -> list[dict[str, float]]:
     """Adam on ``module`` over precomputed feature tensors; returns one row per epoch.
 
     Every epoch visits all N items once in a seeded random order (``seed``; the global RNG is untouched),
-    in batches of ``batch_size`` (the last one smaller); each batch is ``loss_fn(module, *(t[batch] for t
-    in tensors))``. Rows: ``epoch``, ``loss`` and each stat, as means weighted by batch size. The module is
-    moved to the tensors' device, trained in train mode and left in eval mode. A non-finite loss raises
-    ``NonFiniteLossError`` naming the epoch.
+    in batches of ``batch_size`` (the last one smaller) — or, with ``samples_per_class`` K and the items'
+    ``class_labels``, in the P×K batches of dmlkit's ``m_per_class`` sampler (``batch_size`` / K classes,
+    K items each, seeded per epoch), so that a contrastive loss sees positives of other items in every
+    batch; each batch is ``loss_fn(module, *(t[batch] for t in tensors))``. Rows: ``epoch``, ``loss`` and
+    each stat, as means weighted by batch size. The module is moved to the tensors' device, trained in
+    train mode and left in eval mode. A non-finite loss raises ``NonFiniteLossError`` naming the epoch.
     """
     if not tensors:
         raise ConfigError("fit_features needs at least one tensor")
@@ -194,13 +198,14 @@ def fit_features(
     device = tensors[0].device
     module.to(device).train()
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(size, batch_size, seed, class_labels, samples_per_class)
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(size, generator=generator).to(device)
         totals: dict[str, float] = {}
-        for start in range(0, size, batch_size):
-            chosen = order[start : start + batch_size]
+        seen = 0
+        for chosen in batches(epoch):
+            chosen = chosen.to(device)
+            seen += len(chosen)
             loss, stats = loss_fn(module, *(t[chosen] for t in tensors))
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -211,9 +216,40 @@ def fit_features(
             optimizer.step()
             for key, value in {"loss": float(loss.detach()), **stats}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(chosen)
-        history.append({"epoch": float(epoch), **{k: v / size for k, v in totals.items()}})
+        history.append({"epoch": float(epoch), **{k: v / max(seen, 1) for k, v in totals.items()}})
     module.eval()
     return history
+
+
+def _batches(
+    size: int, batch_size: int, seed: int, class_labels: torch.Tensor | None, samples_per_class: int | None
+) -> Callable[[int], Iterator[torch.Tensor]]:
+    """The batches of an epoch (1-based): a seeded shuffle, or P×K batches of the m_per_class sampler."""
+    if samples_per_class is None:
+        generator = torch.Generator().manual_seed(seed)
+
+        def shuffled(epoch: int) -> Iterator[torch.Tensor]:
+            order = torch.randperm(size, generator=generator)
+            return iter(order.split(batch_size))
+
+        return shuffled
+    from dmlkit import samplers
+
+    if class_labels is None or len(class_labels) != size:
+        raise ConfigError("samples_per_class needs class_labels, one per feature row")
+    sampler = samplers.build(
+        "m_per_class",
+        labels=class_labels.cpu().numpy(),
+        batch_size=batch_size,
+        samples_per_class=samples_per_class,
+        seed=seed,
+    )
+
+    def balanced(epoch: int) -> Iterator[torch.Tensor]:
+        sampler.set_epoch(epoch - 1)
+        return (torch.as_tensor(batch, dtype=torch.int64) for batch in sampler)
+
+    return balanced
 
 
 def seeded_module(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -238,6 +274,7 @@ def train_transform(
     contrastive_weight: float = 1.0,
     temperature: float = 0.1,
     seed: int = 0,
+    samples_per_class: int | None = None,
 ) -> tuple[ReverseTransform, list[dict[str, float]]]:
     """Train ρ: ``new_features`` ``[N, d_new]`` → ``old_features`` ``[N, d_old]`` with :func:`transform_loss`
     (``labels``: N class codes), by :func:`fit_features`. Returns the module (eval mode, on the features'
@@ -264,6 +301,8 @@ def train_transform(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        class_labels=labels,
+        samples_per_class=samples_per_class,
         weight_decay=weight_decay,
         seed=seed,
     )
