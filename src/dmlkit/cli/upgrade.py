@@ -25,9 +25,9 @@ from dmlkit import distances
 from dmlkit import metrics as metrics_lib
 from dmlkit import search as search_lib
 from dmlkit.cli.common import add_embedding_arguments, embed, load_model
+from dmlkit.cli.evaluate import _data_section
 from dmlkit.cli.parser import SuggestingParser, positive_int
 from dmlkit.config import (
-    ComponentSpec,
     DataSection,
     add_config_arguments,
     config_from_args,
@@ -274,20 +274,8 @@ def _shared_data(
                 f"the old model ({args.old}) was trained on {_describe(a)} and the new one ({args.new}) on "
                 f"{_describe(b)}; pass --dataset/--data-root/--dataset-args to compare them on one dataset"
             )
-    trained = base.data
-    if args.dataset is None or args.dataset == trained.dataset.name:
-        dataset = trained.dataset
-        if args.dataset_args is not None:
-            dataset = ComponentSpec(name=dataset.name, args=args.dataset_args)
-        section = trained.model_copy(
-            update={"dataset": dataset, "data_root": args.data_root or trained.data_root}
-        )
-    else:
-        section = DataSection(
-            dataset=ComponentSpec(name=args.dataset, args=args.dataset_args or {}),
-            data_root=args.data_root,
-            val_fraction=trained.val_fraction,
-        )
+    # the same rule as ``dmlkit eval``: the flags over the checkpoint's data section
+    section = _data_section(args, base.data)
     return section, base.run.seed
 
 
