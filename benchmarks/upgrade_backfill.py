@@ -80,23 +80,36 @@ def run(argv: list[str]) -> None:
     print(f"  {label}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def one_seed(setting: dict[str, Any], root: str | None, seed: int, out: Path) -> dict[str, Any]:
+def one_seed(
+    setting: dict[str, Any], root: str | None, seed: int, out: Path, reuse: bool = False
+) -> dict[str, Any]:
+    """Train every model of one seed and simulate; with ``reuse``, a run whose ``results.json`` exists (it
+    finished, test evaluation included) is kept, so a killed benchmark resumes at the step it stopped in."""
     folder = out / f"seed{seed}"
     data = setting["data"] + (["--data-root", root] if root else [])
     common = [*data, *setting["common"], *f"--seed {seed} --val-fraction 0 --no-progress --overwrite".split()]
     common += ["--output-dir", folder]
     old, new, bct, comp = (folder / name for name in ("old", "new", "bct", "compatible"))
     transform, report = folder / "transform.pt", folder / "backfill.json"
-    run(["train", *common, *setting["old"], *setting["old_extra"], "--name", "old"])
-    run(["train", *common, *setting["new"], "--name", "new"])
-    run(["upgrade", "train-bct", "--old", old, *common, *setting["new"], "--name", "bct"])
-    run(["upgrade", "train-compatible", "--old", old, *common, *setting["new"], "--name", "compatible"])
+    if not _finished(old, reuse):
+        run(["train", *common, *setting["old"], *setting["old_extra"], "--name", "old"])
+    if not _finished(new, reuse):
+        run(["train", *common, *setting["new"], "--name", "new"])
+    if not _finished(bct, reuse):
+        run(["upgrade", "train-bct", "--old", old, *common, *setting["new"], "--name", "bct"])
+    if not _finished(comp, reuse):
+        run(["upgrade", "train-compatible", "--old", old, *common, *setting["new"], "--name", "compatible"])
     quiet = ["--no-progress", "--device", "cpu", "--seed", seed]
-    run(["upgrade", "train-transform", "--old", old, "--new", new, "--out", transform, *quiet])
+    if not (reuse and transform.exists()):
+        run(["upgrade", "train-transform", "--old", old, "--new", new, "--out", transform, *quiet])
     models = ["--old", old, "--new", new, "--transform", transform, "--bct", bct, "--compatible", comp]
     outputs = ["--json", report, "--plot", folder / "backfill.png", "--metrics", setting["metrics"]]
     run(["upgrade", "simulate", *models, "--steps", STEPS, *outputs, *quiet])
     return json.loads(report.read_text())
+
+
+def _finished(run_dir: Path, reuse: bool) -> bool:
+    return reuse and (run_dir / "results.json").exists()
 
 
 def compatible_after(setting: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
@@ -175,7 +188,11 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="the dataset folder or file (clothing: its folder)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/upgrade"))
-    parser.add_argument("--reuse", action="store_true", help="keep the seeds whose backfill.json exists")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep every finished step (trained runs, ρ, backfill.json) of an earlier call",
+    )
     args = parser.parse_args()
     out = args.out / args.setting
     reports = []
@@ -185,7 +202,7 @@ def main() -> None:
             print(f"seed {seed}: reusing {done}")
             reports.append(json.loads(done.read_text()))
         else:
-            reports.append(one_seed(SETTINGS[args.setting], args.root, seed, out))
+            reports.append(one_seed(SETTINGS[args.setting], args.root, seed, out, args.reuse))
         reports[-1]["curves"]["compatible (after)"] = compatible_after(SETTINGS[args.setting], seed, out)
     rows = [per_method(report) for report in reports]
     text = table(rows, reports[0]["metrics"][0])

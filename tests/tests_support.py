@@ -90,3 +90,19 @@ def documented_hyperparameters(rows: list[str], shared: tuple[str, ...]) -> dict
             first.setdefault(key, value)
         out[name] = [(key, value) for key, value in first.items() if key not in shared]
     return out
+
+
+#: ``dmlkit train`` flags of a seconds-long run on a dataset fixture (small CNN, 16 px, one epoch).
+FAST_TRAIN = ["--epochs", "1", "--backbone", "small_cnn", "--embedding-size", "8", "--batch-size", "8",
+              "--samples-per-class", "2", "--image-size", "16", "--val-fraction", "0", "--no-progress",
+              "--device", "cpu", "--metrics", "recall@1,map@r"]  # fmt: skip
+
+
+def edit_line(path: Any, line: int, text: str | None) -> None:
+    """Replace 1-based ``line`` of the text file ``path`` by ``text`` (``None``: delete it)."""
+    lines = path.read_text().splitlines()
+    if text is None:
+        del lines[line - 1]
+    else:
+        lines[line - 1] = text
+    path.write_text("\n".join(lines) + "\n")

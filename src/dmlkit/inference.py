@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dmlkit import metrics as metrics_lib
+from dmlkit.data.base import LEAVE_ONE_OUT, ImageDataset, ItemAnnotations
 from dmlkit.distances import DistanceLike
 from dmlkit.errors import ConfigError
 
@@ -83,9 +85,65 @@ def compute_embeddings(
     return torch.cat(chunks), torch.cat(labels)
 
 
+def evaluate_embeddings(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    annotations: ItemAnnotations | None,
+    metric_names: Sequence[str],
+    *,
+    k: int | None = None,
+    seed: int = 0,
+    distance: DistanceLike = "cosine",
+    backend: str = "torch",
+) -> metrics_lib.RetrievalResults:
+    """Retrieval metrics of a split's embeddings under its protocol (``annotations``, from the dataset):
+
+    - leave-one-out (no query/gallery flags): every item is a query against all the others;
+    - query/gallery: the items flagged ``is_query`` against those flagged ``is_gallery``; an item that is
+      both never retrieves itself. ``results.query_ids`` / ``gallery_ids`` are the items' positions in the
+      split.
+
+    Items of one ``sequence`` never retrieve each other, under either protocol."""
+    sequences = None if annotations is None else annotations.sequences
+    groups = None if sequences is None else torch.as_tensor(sequences)
+    names = tuple(metric_names)
+    if annotations is None or annotations.protocol == LEAVE_ONE_OUT:
+        return metrics_lib.evaluate(
+            embeddings,
+            labels,
+            metrics=names,
+            k=k,
+            seed=seed,
+            distance=distance,
+            backend=backend,
+            ignore=groups,
+        )
+    assert annotations.is_query is not None and annotations.is_gallery is not None
+    queries = torch.from_numpy(np.flatnonzero(annotations.is_query))
+    gallery = torch.from_numpy(np.flatnonzero(annotations.is_gallery))
+    if not len(queries) or not len(gallery):
+        raise ConfigError(
+            f"a query/gallery split needs both: {len(queries)} queries, {len(gallery)} gallery items"
+        )
+    return metrics_lib.evaluate(
+        embeddings[queries],
+        labels[queries],
+        embeddings[gallery],
+        labels[gallery],
+        metrics=names,
+        k=k,
+        seed=seed,
+        distance=distance,
+        backend=backend,
+        query_ids=queries,
+        gallery_ids=gallery,
+        ignore=None if groups is None else (groups[queries], groups[gallery]),
+    )
+
+
 def evaluate_model(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: ImageDataset,
     metric_names: Sequence[str],
     *,
     batch_size: int = 256,
@@ -98,8 +156,9 @@ def evaluate_model(
     distance: DistanceLike = "cosine",
     backend: str = "torch",
 ) -> metrics_lib.RetrievalResults:
-    """Leave-one-out retrieval metrics of ``model`` on ``dataset`` (every item is a query), with
-    :func:`dmlkit.metrics.evaluate` (``distance`` and ``backend`` as there)."""
+    """Retrieval metrics of ``model`` on ``dataset`` under the dataset's protocol (leave-one-out, or its
+    query/gallery flags: :func:`evaluate_embeddings`), with ``distance`` and ``backend`` as in
+    :func:`dmlkit.metrics.evaluate`."""
     embeddings, labels = compute_embeddings(
         model,
         dataset,
@@ -110,6 +169,12 @@ def evaluate_model(
         progress=progress,
         description=description,
     )
-    return metrics_lib.evaluate(
-        embeddings, labels, metrics=tuple(metric_names), seed=seed, distance=distance, backend=backend
+    return evaluate_embeddings(
+        embeddings,
+        labels,
+        dataset.annotations,
+        metric_names,
+        seed=seed,
+        distance=distance,
+        backend=backend,
     )

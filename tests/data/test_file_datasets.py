@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bad_images import truncated_jpeg
 from PIL import Image
 
+from bad_images import truncated_jpeg
 from dmlkit import data
 from dmlkit.errors import ConfigError, DataError, UnknownNameError
 
@@ -163,8 +163,12 @@ def test_csv_columns_and_paths(tmp_path: Path, table: Path) -> None:
 def test_csv_missing_and_unreadable_images(table: Path) -> None:
     (table / "images" / "hat-1.jpg").unlink()
     (table / "images" / "coat-0.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(DataError, match=r"images\.csv' line 5 names a missing image '.*hat-1\.jpg' \(1 of 8"):
+        data.build("csv", str(table), exclude_labels=["Skip"])
+    (table / "images" / "hat-1.jpg").write_bytes(b"not an image either")
     with pytest.raises(DataError, match=r"2 of 8 image\(s\) in .* cannot be used: .*(hat-1|coat-0)\.jpg"):
         data.build("csv", str(table), exclude_labels=["Skip"])
+    (table / "images" / "hat-1.jpg").unlink()
     with pytest.warns(UserWarning, match="skipped 2 "):
         splits = data.build("csv", str(table), exclude_labels=["Skip"], skip_unreadable=True)
     assert "hat-1" not in splits.test.ids and "coat-0" not in splits.train.ids

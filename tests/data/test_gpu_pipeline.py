@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from bad_images import truncated_jpeg
 from dmlkit.config import make_config
 from dmlkit.data import FileImageDataset, augment, item_seed, transforms
+from dmlkit.data.base import ItemAnnotations
 from dmlkit.data.gpu_pipeline import (
     EncodedImages,
     GpuBatchPipeline,
@@ -243,3 +244,6 @@ def test_gpu_decode_auto_falls_back_without_cuda(clothing_paths: list[str]) -> N
     assert "bilinearly" in gpu_decode_obstacles(bicubic, _run_data(dataset, base), cuda)[0]
     loader = train_loader(_run_data(dataset, base), [[0, 1, 2, 3]], config, cpu)
     assert isinstance(loader, torch.utils.data.DataLoader)  # the CPU pipeline
+    boxed = _dataset(clothing_paths[:8])
+    boxed.annotate(ItemAnnotations(boxes=np.tile([0.1, 0.1, 0.9, 0.9], (8, 1))))
+    assert "has crop boxes" in gpu_decode_obstacles(section, _run_data(boxed, base), cuda)[0]

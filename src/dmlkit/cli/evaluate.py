@@ -1,5 +1,6 @@
-"""dmlkit eval: leave-one-out retrieval metrics of a checkpoint on a split (default: the dataset and
-metrics the checkpoint was trained with, test split), or a landmark benchmark (--revisited, --gldv2)."""
+"""dmlkit eval: retrieval metrics of a checkpoint on a split under the dataset's protocol (leave-one-out,
+or query/gallery: In-shop, an OML CSV; default: the dataset and metrics the checkpoint was trained with, test
+split), or a landmark benchmark (--revisited, --gldv2)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from dmlkit import data as data_lib
 from dmlkit import distances
@@ -19,7 +23,7 @@ from dmlkit.config import ComponentSpec, DataSection, config_from_checkpoint
 from dmlkit.config import parse_list as _parse_list
 from dmlkit.config import parse_mapping as _parse_mapping
 from dmlkit.errors import ConfigError
-from dmlkit.inference import resolve_device
+from dmlkit.inference import evaluate_embeddings, resolve_device
 from dmlkit.train.data import build_data
 
 
@@ -66,6 +70,12 @@ def add_parser(cli: SuggestingParser) -> None:
         help="also report every retrieval metric per class (JSON: 'per_class'; table: the 5 worst classes)",
     )
     parser.add_argument(
+        "--per-category",
+        action="store_true",
+        help="also report every retrieval metric per category of the queries (datasets with categories: "
+        "sop, a csv with a category column)",
+    )
+    parser.add_argument(
         "--examples",
         default=None,
         metavar="IMAGE",
@@ -108,18 +118,26 @@ def run(args: argparse.Namespace) -> int:
     section = _data_section(args, trained.data)
     dataset = build_data(section, trained.run.seed, spec=checkpoint["data_spec"]).split(args.split)
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
+    if args.per_category and dataset.annotations.categories is None:
+        raise ConfigError(f"--per-category: the {args.split} split of '{dataset_name}' has no categories")
     embeddings, labels = embed(model, dataset, args, device, "eval")
+    annotations = dataset.annotations
+    queries, gallery = _query_gallery(dataset)
     # One search serves the metrics and the pictures: it keeps as many neighbours as either needs.
     k = None
     if args.examples:
-        k = max(metrics_lib.choose_k(metric_names, labels), _examples_top(args, len(labels))) or None
-    results = metrics_lib.evaluate(
-        embeddings, labels, metrics=tuple(metric_names), k=k, seed=trained.run.seed, distance=args.distance,
+        gallery_labels = None if gallery is None else labels[torch.from_numpy(gallery)]
+        needed = metrics_lib.choose_k(metric_names, labels[torch.from_numpy(queries)], gallery_labels)
+        k = max(needed, _examples_top(args, dataset)) or None
+    results = evaluate_embeddings(
+        embeddings, labels, annotations, metric_names, k=k, seed=trained.run.seed, distance=args.distance,
         backend=args.backend,
     )  # fmt: skip
     values = {name: float(results.metrics[name]) for name in metric_names}
     without = results.num_queries_without_relevant
+    per_category = _per_category(results, dataset, metric_names) if args.per_category else None
     examples = _draw_examples(args, results, dataset) if args.examples else None
+    num_gallery = len(dataset) if gallery is None else len(gallery)
     if args.json:
         print(
             json.dumps(
@@ -127,20 +145,28 @@ def run(args: argparse.Namespace) -> int:
                     "checkpoint": str(args.checkpoint),
                     "dataset": dataset_name,
                     "split": args.split,
-                    "num_queries": len(dataset),
+                    "protocol": annotations.protocol,
+                    "num_queries": results.num_queries,
+                    "num_gallery": num_gallery,
                     "num_queries_without_relevant": without,
                     "distance": args.distance,
                     "backend": args.backend,
                     "metrics": values,
                     **({"per_class": _per_class(results, dataset.class_names)} if args.per_class else {}),
+                    **({"per_category": per_category} if per_category is not None else {}),
                     **({"examples": examples} if examples else {}),
                 },
                 indent=2,
             )
         )
     else:
+        searched = (
+            "leave-one-out"
+            if gallery is None
+            else f"query/gallery: {num_gallery} gallery items, an item never retrieves itself"
+        )
         print(
-            f"{dataset_name} / {args.split}: {len(dataset)} queries (leave-one-out, {args.distance}, "
+            f"{dataset_name} / {args.split}: {results.num_queries} queries ({searched}, {args.distance}, "
             f"{args.backend}); {without} without a relevant item, left out of the retrieval means"
         )
         width = max(len(n) for n in values)
@@ -151,9 +177,32 @@ def run(args: argparse.Namespace) -> int:
                 worst = sorted(by_class.items(), key=lambda item: item[1])[:5]
                 shown = ", ".join(f"{dataset.class_names[int(c)]} {v:.4f}" for c, v in worst)
                 print(f"{name} per class ({len(by_class)} classes), worst: {shown}")
+        if per_category is not None:
+            for name, by_category in per_category.items():
+                shown = ", ".join(f"{c} {v:.4f}" for c, v in by_category.items())
+                print(f"{name} per category: {shown}")
         if examples:
             print(f"examples: {examples['queries']} queries drawn into {examples['path']}")
     return 0
+
+
+def _query_gallery(dataset: data_lib.ImageDataset) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions of the split's queries and of its gallery (``None``: leave-one-out, the queries)."""
+    flags = dataset.annotations
+    if flags.is_query is None or flags.is_gallery is None:
+        return np.arange(len(dataset)), None
+    return np.flatnonzero(flags.is_query), np.flatnonzero(flags.is_gallery)
+
+
+def _per_category(
+    results: metrics_lib.RetrievalResults, dataset: data_lib.ImageDataset, metric_names: list[str]
+) -> dict[str, dict[str, float]]:
+    """Every retrieval metric per category of the queries (``results.query_ids`` are split positions)."""
+    categories = dataset.annotations.categories
+    assert categories is not None
+    codes = categories[results.query_ids.numpy()]
+    found = metrics_lib.per_group(results, codes, metric_names, dataset.annotations.category_names)
+    return {name: {str(c): v for c, v in by_category.items()} for name, by_category in found.items()}
 
 
 def _data_section(args: argparse.Namespace, trained: DataSection) -> DataSection:
@@ -192,22 +241,32 @@ def _check_examples(args: argparse.Namespace) -> None:
         raise ConfigError(f"--examples must name a .png or .jpg file, got '{args.examples}'")
 
 
-def _examples_top(args: argparse.Namespace, num_items: int) -> int:
-    """Results drawn per query: ``--examples-top``, at most the other items of the split."""
-    return min(args.examples_top, num_items - 1)
+def _examples_top(args: argparse.Namespace, dataset: data_lib.ImageDataset) -> int:
+    """Results drawn per query: ``--examples-top``, at most what a query can retrieve (the other items of a
+    leave-one-out split, the gallery of a query/gallery one)."""
+    _, gallery = _query_gallery(dataset)
+    return min(args.examples_top, len(dataset) - 1 if gallery is None else len(gallery))
 
 
 def _draw_examples(
-    args: argparse.Namespace, results: metrics_lib.RetrievalResults, dataset: data_lib.base.ImageDataset
+    args: argparse.Namespace, results: metrics_lib.RetrievalResults, dataset: data_lib.ImageDataset
 ) -> dict[str, Any]:
     """Draw ``--num-examples`` queries with their ``--examples-top`` results into ``--examples``, from the
     evaluation's own results (searched with k ≥ ``--examples-top``)."""
     queries = metrics_lib.pick_queries(results, args.num_examples, args.examples_mode, seed=0)
     if not queries:
         raise ConfigError("--examples: no query has a relevant item in this split; nothing to draw")
-    top = _examples_top(args, results.num_queries)
+    top = _examples_top(args, dataset)
+    query_positions, gallery_positions = _query_gallery(dataset)
+    query_images = dataset if gallery_positions is None else dataset.subset(query_positions)
+    gallery_images = None if gallery_positions is None else dataset.subset(gallery_positions)
     picture = metrics_lib.retrieval_grid(
-        results, dataset, queries=queries, top=top, label_text=lambda code: dataset.class_names[int(code)]
+        results,
+        query_images,
+        gallery_images,
+        queries=queries,
+        top=top,
+        label_text=lambda code: dataset.class_names[int(code)],
     )
     path = Path(args.examples)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -145,7 +145,11 @@ class DataSection(Section):
         None, "dataset folder or file (not needed by 'synthetic'; stored absolute)"
     )
     val_fraction: float = _field(
-        0.2, "fraction of training classes held out (class-disjoint) for validation", ge=0.0, lt=1.0
+        0.2,
+        "fraction of training classes held out (class-disjoint) for validation; a dataset with a validation "
+        "split of its own (an OML CSV with validation and test rows) uses that instead; 0: no validation",
+        ge=0.0,
+        lt=1.0,
     )
     train_classes: float = _field(
         1.0,
@@ -275,7 +279,7 @@ class DataSection(Section):
         name = self.sampler.name
         return name in registry and "samples_per_class" in registry.parameters(name)
 
-    #: Fields that are keyword arguments of the datasets that read image files (``folder``, ``csv``).
+    #: Fields that are keyword arguments of the datasets that read image files (``file_dataset_options``).
     FILE_OPTIONS: ClassVar[tuple[str, ...]] = ("skip_unreadable", "verify_images", "max_image_pixels")
     #: Fields passed to the dataset builder when set: the file options and ``image_size``.
     DATASET_OPTIONS: ClassVar[tuple[str, ...]] = (*FILE_OPTIONS, "image_size")

@@ -70,11 +70,91 @@ def to_float_image(image: Any) -> torch.Tensor:
     return tensor.float()
 
 
+#: The evaluation protocols a split can follow (the run records which one its metrics come from).
+LEAVE_ONE_OUT = "leave-one-out"
+QUERY_GALLERY = "query/gallery"
+
+
+@dataclass
+class ItemAnnotations:
+    """What a dataset may say about its items besides image and label, one entry per item (all optional).
+
+    - ``is_query`` / ``is_gallery`` (bool): the query/gallery protocol (In-shop, an OML CSV): queries are
+      searched against the gallery items, an item that is both never retrieves itself. ``None``: every item
+      is a query against all others (leave-one-out).
+    - ``categories`` (int64 codes into ``category_names``): a super-label (SOP's super-classes, an OML
+      ``category``): the hierarchical sampler's super-classes and the per-category metrics.
+    - ``sequences`` (int64): items with equal codes never retrieve each other (an OML ``sequence``: frames of
+      one video, photos of one listing); an item in no sequence has a code of its own.
+    - ``boxes`` (float64 ``n × 4``): crop box ``x1, y1, x2, y2`` as fractions of the image's width and
+      height (so it holds at any decoded size, a reduced cache included); a row of NaN: the whole image.
+    """
+
+    is_query: np.ndarray | None = None
+    is_gallery: np.ndarray | None = None
+    categories: np.ndarray | None = None
+    category_names: list[str] = field(default_factory=list)
+    sequences: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+
+    def check(self, size: int) -> None:
+        """``DataError`` when an array does not hold one entry per item, or only one of the flags is set."""
+        if (self.is_query is None) != (self.is_gallery is None):
+            raise DataError("is_query and is_gallery go together: give both or neither")
+        for name in ("is_query", "is_gallery", "categories", "sequences", "boxes"):
+            value = getattr(self, name)
+            if value is not None and len(value) != size:
+                raise DataError(f"annotations: {len(value)} {name} for {size} items")
+        if (
+            self.categories is not None
+            and len(self.categories)
+            and (self.categories.min() < 0 or self.categories.max() >= len(self.category_names))
+        ):
+            raise DataError(f"categories must be codes in [0, {len(self.category_names)})")
+
+    @property
+    def protocol(self) -> str:
+        """:data:`QUERY_GALLERY` when the items carry query/gallery flags, else :data:`LEAVE_ONE_OUT`."""
+        return LEAVE_ONE_OUT if self.is_query is None else QUERY_GALLERY
+
+    def select(self, indices: np.ndarray) -> ItemAnnotations:
+        """The annotations of items ``indices`` (in that order)."""
+
+        def pick(value: np.ndarray | None) -> np.ndarray | None:
+            return None if value is None else value[indices]
+
+        return ItemAnnotations(
+            pick(self.is_query),
+            pick(self.is_gallery),
+            pick(self.categories),
+            list(self.category_names),
+            pick(self.sequences),
+            pick(self.boxes),
+        )
+
+
+def crop_to_box(image: torch.Tensor, box: np.ndarray) -> torch.Tensor:
+    """The part of a ``C × H × W`` image inside ``box`` (fractions ``x1, y1, x2, y2``; NaN: the whole
+    image), rounded outwards to whole pixels and at least one pixel wide and high."""
+    if np.isnan(box).any():
+        return image
+    height, width = image.shape[-2:]
+    # a tolerance far below a pixel, so a box recorded on whole pixels maps back to them exactly
+    x1 = min(int(np.floor(box[0] * width + 1e-6)), width - 1)
+    y1 = min(int(np.floor(box[1] * height + 1e-6)), height - 1)
+    x2 = max(int(np.ceil(box[2] * width - 1e-6)), x1 + 1)
+    y2 = max(int(np.ceil(box[3] * height - 1e-6)), y1 + 1)
+    return image[..., y1:y2, x1:x2]
+
+
 class ImageDataset(Dataset):
     """A labelled image dataset: ``dataset[i] == (image, label, i)``.
 
     - ``labels``: ``int64`` array of contiguous class codes ``0 .. C-1``; ``class_names[code]`` names them;
     - ``ids``: stable item ids (relative file paths, ``class/sample`` names), preserved by :meth:`subset`;
+    - ``annotations``: query/gallery flags, categories, sequences and crop boxes
+      (:class:`ItemAnnotations`), preserved by :meth:`subset`; a crop box is applied to the stored image
+      before the transform;
     - ``transform``: applied to the stored image (``uint8`` ``C × H × W`` tensor or PIL image); without one
       the image is returned as a float tensor in [0, 1];
     - ``augment_seed`` / ``epoch``: when ``augment_seed`` is set, the transform of item ``i`` runs under a
@@ -106,6 +186,13 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.augment_seed: int | None = None
         self.epoch = 0
+        self.annotations = ItemAnnotations()
+
+    def annotate(self, annotations: ItemAnnotations) -> ImageDataset:
+        """Attach ``annotations`` (checked: one entry per item); returns ``self``."""
+        annotations.check(len(self))
+        self.annotations = annotations
+        return self
 
     # -- to be provided by subclasses ---------------------------------------------------------------------
     def load(self, index: int) -> Any:
@@ -124,6 +211,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def item_categories(self) -> np.ndarray | None:
+        """Per-item category codes (``annotations.categories``; None without categories): the hierarchical
+        sampler's super-labels."""
+        return self.annotations.categories
+
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch that (with ``augment_seed``) determines the augmentation of every item."""
         self.epoch = int(epoch)
@@ -135,6 +228,9 @@ class ImageDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         image = self.load(index)
+        boxes = self.annotations.boxes
+        if boxes is not None:
+            image = crop_to_box(image, boxes[index])
         if self.transform is not None:
             if self.augment_seed is not None:
                 # Seed only the CPU generator and restore it after: torch.random.fork_rng costs ~20× more
@@ -164,6 +260,7 @@ class ImageDataset(Dataset):
         part.transform = self.transform
         part.augment_seed = self.augment_seed
         part.epoch = self.epoch
+        part.annotations = self.annotations.select(idx)
         return part
 
     def __repr__(self) -> str:
@@ -358,7 +455,8 @@ class FileImageDataset(ImageDataset):
 
 @dataclass
 class DatasetSplits:
-    """What a dataset builder returns: class-disjoint ``train`` and ``test`` (zero-shot) datasets.
+    """What a dataset builder returns: class-disjoint ``train`` and ``test`` (zero-shot) datasets, and the
+    dataset's own ``val`` split when it has one (an OML CSV's ``validation`` rows next to ``test`` ones).
 
     ``transform_args`` are the keyword arguments of :func:`dmlkit.data.transforms.build` besides the kind,
     size and channels (``recipe``, ``mean``, ``std``, ``native_size``), as plain data. :meth:`spec` gathers
@@ -373,6 +471,7 @@ class DatasetSplits:
     channels: int
     name: str
     transform_args: dict[str, Any] = field(default_factory=dict)
+    val: ImageDataset | None = None
 
     def spec(self) -> dict[str, Any]:
         """``{"image_size", "channels", **transform_args}``: plain data for ``transforms.build``."""
@@ -392,14 +491,19 @@ class DatasetSplits:
         name: str,
         transform_args: dict[str, Any],
         source: str,
+        val: ImageDataset | None = None,
     ) -> DatasetSplits:
         """What every builder returns: the splits, each checked by :func:`check_split` (``source`` names the
         data in the error), with ``train.transform = transform("train")`` and ``test.transform =
-        transform("eval")``."""
+        transform("eval")`` (and ``val``'s, when given)."""
         check_split(train, "train", source)
         check_split(test, "test", source)
-        splits = cls(train, test, image_size, channels, name, transform_args)
+        if val is not None:
+            check_split(val, "validation", source)
+        splits = cls(train, test, image_size, channels, name, transform_args, val)
         train.transform, test.transform = splits.transform("train"), splits.transform("eval")
+        if val is not None:
+            val.transform = splits.transform("eval")
         return splits
 
 
@@ -437,15 +541,19 @@ def check_split(dataset: ImageDataset, split: str, source: str) -> None:
 
 
 __all__ = [
+    "LEAVE_ONE_OUT",
     "MAX_AUTO_WORKERS",
+    "QUERY_GALLERY",
     "REGISTRY",
     "ArrayImageDataset",
     "DatasetSplits",
     "FileImageDataset",
     "ImageDataset",
+    "ItemAnnotations",
     "SharedCounter",
     "auto_workers",
     "check_split",
+    "crop_to_box",
     "dataset_file",
     "dataset_root",
     "item_seed",

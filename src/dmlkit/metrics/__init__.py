@@ -24,7 +24,7 @@ from dmlkit.metrics.embedding_space import (
 )
 from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
 from dmlkit.metrics.retrieval import DEFAULT_METRICS, available, check_options, higher_is_better, parse_metric
-from dmlkit.metrics.scoring import choose_k, compute, evaluate
+from dmlkit.metrics.scoring import choose_k, compute, evaluate, per_group
 from dmlkit.metrics.visualize import pick_queries, relevance, retrieval_grid
 from dmlkit.search import RetrievalResults, knn
 
@@ -57,6 +57,7 @@ __all__ = [
     "knn",
     "nmi",
     "parse_metric",
+    "per_group",
     "pick_queries",
     "relevance",
     "retrieval_grid",

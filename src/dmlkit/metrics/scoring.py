@@ -137,6 +137,33 @@ def compute(results: RetrievalResults, metrics: Sequence[str] | str, *, seed: in
     return replace(results, metrics=ordered, per_class=per_class, cluster_assignments=assignments)
 
 
+def per_group(
+    results: RetrievalResults,
+    groups: torch.Tensor | np.ndarray,
+    metrics: Sequence[str] | str,
+    group_names: Sequence[str] | None = None,
+) -> dict[str, dict[Label, float]]:
+    """Every retrieval metric of ``metrics`` averaged over the queries of each group: metric → {group →
+    value} (group codes ``groups[q]`` per query, named by ``group_names`` when given), e.g. per category
+    (SOP's super-classes, an OML ``category``). Each group's value is what :func:`compute` gives for its
+    queries alone against the whole gallery (queries without a relevant item left out, as always)."""
+    names = [
+        n
+        for n in check_options(metrics, results.distance, results.backend)
+        if is_retrieval(parse_metric(n)[0])
+    ]
+    codes = torch.as_tensor(np.asarray(groups), dtype=torch.int64).reshape(-1)
+    if len(codes) != results.num_queries:
+        raise ConfigError(f"per_group: {len(codes)} group codes for {results.num_queries} queries")
+    found: dict[str, dict[Label, float]] = {name: {} for name in names}
+    for code in torch.unique(codes).tolist():
+        part = compute(results.select_queries(codes == code), names)
+        key: Label = group_names[code] if group_names is not None else int(code)
+        for name in names:
+            found[name][key] = float(part.metrics[name])
+    return found
+
+
 def _check_depth(results: RetrievalResults, retrieval: Parsed, class_size: torch.Tensor) -> None:
     """Raise when ``results`` kept too few neighbours (or no first relevant rank) for ``retrieval``."""
     n_gallery = len(results.gallery_labels) if results.gallery_labels is not None else 0

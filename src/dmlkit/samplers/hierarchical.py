@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -89,10 +89,19 @@ class NamedClasses(Protocol):
     labels: np.ndarray
 
 
+@runtime_checkable
+class Categorised(Protocol):
+    """A dataset whose items may carry a category (a super-label): :class:`dmlkit.data.ImageDataset`."""
+
+    @property
+    def item_categories(self) -> np.ndarray | None: ...
+
+
 def super_labels_of(dataset: NamedClasses, spec: Mapping[str, Any] | None) -> np.ndarray:
     """Per-item super-class codes of ``dataset`` for :class:`HierarchicalSampler` (its ``super_labels``).
 
-    ``spec`` maps class names to super-class names; without it, class names of the form ``"super/class"``
+    ``spec`` maps class names to super-class names; without it, the items' categories when the dataset has
+    them (SOP's super-classes, an OML ``category`` column), else class names of the form ``"super/class"``
     (Omniglot's ``alphabet/character``, nested folders) give the part before the first ``/``. Super-class
     names are coded ``0 .. S-1`` in sorted order. Raises ``ConfigError`` naming the classes the mapping
     misses, or when neither a mapping nor ``/``-names are available.
@@ -103,6 +112,8 @@ def super_labels_of(dataset: NamedClasses, spec: Mapping[str, Any] | None) -> np
         if missing:
             raise ConfigError(f"sampler_args.super_labels has no super-class for class(es) {missing[:5]}")
         supers = [str(spec[n]) for n in names]
+    elif isinstance(dataset, Categorised) and dataset.item_categories is not None:
+        return np.asarray(dataset.item_categories, dtype=np.int64)
     elif all("/" in n for n in names):
         supers = [n.split("/", 1)[0] for n in names]
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -161,6 +161,27 @@ class RetrievalResults:
                 "gallery_ids": [self.id_of(i) for i in self.gallery_ids.tolist()],
             }
         return out
+
+    def select_queries(self, rows: torch.Tensor) -> RetrievalResults:
+        """The results of the queries ``rows`` (indices or a boolean mask) against the same gallery, their
+        metrics empty (:func:`dmlkit.metrics.compute` fills them): e.g. the queries of one category."""
+
+        def pick(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value[rows]
+
+        return replace(
+            self,
+            topk_indices=self.topk_indices[rows],
+            topk_distances=self.topk_distances[rows],
+            query_ids=self.query_ids[rows],
+            query_labels=pick(self.query_labels),
+            num_relevant=pick(self.num_relevant),
+            first_relevant_rank=pick(self.first_relevant_rank),
+            query_embeddings=pick(self.query_embeddings),
+            metrics={},
+            per_class={},
+            cluster_assignments=None,
+        )
 
     def to_json(self, neighbors: bool = False, indent: int | None = 2) -> str:
         """:meth:`to_dict` as strict JSON: non-finite numbers (NaN metrics, ±inf empty slots) become null."""

@@ -63,12 +63,26 @@ class RunData:
         """The train, validation (when there is one) and test datasets."""
         return [part for part in (self.train, self.val, self.test) if part is not None]
 
+    def protocols(self) -> dict[str, str]:
+        """How each evaluation split is evaluated: ``{"val": ..., "test": ...}``, each ``leave-one-out`` or
+        ``query/gallery`` (the dataset's flags; see :func:`dmlkit.inference.evaluate_embeddings`)."""
+        found = {"test": self.test.annotations.protocol}
+        if self.val is not None:
+            found = {"val": self.val.annotations.protocol, **found}
+        return found
+
     def describe(self, dataset: str) -> str:
-        val = self.val
-        val_text = f"{len(val)} images / {len(np.unique(val.labels))} classes" if val is not None else "none"
+        def part(split: ImageDataset) -> str:
+            text = f"{len(split)} images / {len(np.unique(split.labels))} classes"
+            flags = split.annotations
+            if flags.is_query is not None and flags.is_gallery is not None:
+                text += f" ({int(flags.is_query.sum())} queries, {int(flags.is_gallery.sum())} gallery)"
+            return text
+
+        val_text = part(self.val) if self.val is not None else "none"
         return (
             f"data: {dataset} — train {len(self.train)} images / {self.num_classes} classes, val {val_text}, "
-            f"test {len(self.test)} images / {len(np.unique(self.test.labels))} classes"
+            f"test {part(self.test)}; protocol {', '.join(f'{k} {v}' for k, v in self.protocols().items())}"
         )
 
 
@@ -127,14 +141,18 @@ def build_data(
     *,
     spec: dict[str, Any] | None = None,
 ) -> RunData:
-    """Load the dataset, split off the validation classes (seeded) and attach the transforms: training
+    """Load the dataset, take its own validation split or split off validation classes (seeded;
+    ``val_fraction`` 0: no validation either way) and attach the transforms: training
     augmentation (a pure function of ``seed``, epoch and item) on the training part, evaluation
     preprocessing on the others, both from :func:`pipeline_spec` (``backbone``: whose preprocessing the
     photo recipes take), or from a recorded ``spec`` (a checkpoint's ``data_spec``: ``dmlkit eval``)."""
     splits = data_lib.build(section.dataset.name, section.data_root, **section.dataset_kwargs())
     if spec is None:
         spec = pipeline_spec(section, splits, backbone, pretrained_weights)
-    if section.val_fraction > 0:
+    if section.val_fraction > 0 and splits.val is not None:
+        train, val = splits.train, splits.val
+        log.info("validation: the dataset's own split (%d images); val_fraction is not used", len(val))
+    elif section.val_fraction > 0:
         train, val = data_lib.class_disjoint_split(splits.train, section.val_fraction, seed)
     else:
         train, val = splits.train, None
@@ -197,6 +215,8 @@ def gpu_decode_obstacles(section: DataSection, data: RunData, device: torch.devi
     if recipe.crop_plan() is None:
         name = data.spec.get("recipe", "photo")
         obstacles.append(f"the '{name}' recipe is not RandomResizedCrop + flip (photo, base, big)")
+    if data.train.annotations.boxes is not None:
+        obstacles.append(f"dataset '{section.dataset.name}' has crop boxes (the CPU pipeline crops them)")
     if section.interpolation not in (None, "bilinear"):
         obstacles.append(f"interpolation {section.interpolation}: the GPU crop samples bilinearly")
     return obstacles

@@ -481,6 +481,7 @@ class Trainer:
             {
                 "test_before": self.before,
                 "test_after": after,
+                "protocol": self.data.protocols(),
                 "best_epoch": self.best_epoch,
                 "selection": self.selection,
                 "early_stop": self.early_stop,

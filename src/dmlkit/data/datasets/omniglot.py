@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dmlkit.data.base import REGISTRY, ArrayImageDataset, DatasetSplits, dataset_file
+from dmlkit.data.catalog import CATALOG, DatasetInfo
 from dmlkit.errors import DataError
 
 DEFAULT_FILE_NAME = "omniglot28.npz"
@@ -96,5 +97,24 @@ def omniglot(root: str | None = None, invert: bool = True, image_size: int = 28)
     glyph = {"recipe": "glyph", "mean": [mean], "std": [std], "native_size": native}
     return DatasetSplits.checked(train, test, image_size, 1, "omniglot", glyph, source=str(path))
 
+
+CATALOG.add(
+    DatasetInfo(
+        name="omniglot",
+        title="Omniglot (omniglot28.npz, 28 × 28)",
+        protocol="background alphabets train (964 characters), evaluation alphabets test (659 characters); "
+        "leave-one-out",
+        citation="B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum. Human-level concept learning through "
+        "probabilistic program induction. Science 350(6266), 2015.",
+        licence="MIT (github.com/brendenlake/omniglot)",
+        homepage="https://github.com/brendenlake/omniglot",
+        layout="root = omniglot28.npz or its folder (arrays images, label, alphabet, character, filename, "
+        "split)",
+        expected={"": {"train": (19280, 964), "test": (13180, 659)}},
+        manual="omniglot28.npz is in ../shared/data/omniglot; the original PNGs are images_background.zip "
+        "and images_evaluation.zip of github.com/brendenlake/omniglot (load those with --dataset folder "
+        "--dataset-args '{class_depth: 2}')",
+    )
+)
 
 __all__ = ["omniglot"]

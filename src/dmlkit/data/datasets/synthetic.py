@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dmlkit.data.base import REGISTRY, ArrayImageDataset, DatasetSplits
+from dmlkit.data.catalog import CATALOG, DatasetInfo
 from dmlkit.errors import ConfigError
 
 MAX_STROKES = 4
@@ -170,5 +171,14 @@ def synthetic(
     glyph = {"recipe": "glyph", "mean": [mean], "std": [std]}
     return DatasetSplits.checked(train, test, image_size, 1, "synthetic", glyph, source="synthetic")
 
+
+CATALOG.add(
+    DatasetInfo(
+        name="synthetic",
+        title="Synthetic glyphs (built in, no files)",
+        protocol="num_classes glyph classes, the last test_fraction of them test (zero-shot); leave-one-out",
+        layout="nothing: generated from num_classes, samples_per_class and seed",
+    )
+)
 
 __all__ = ["render_glyphs", "synthetic"]
