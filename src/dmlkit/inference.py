@@ -8,13 +8,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist_lib
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from dmlkit import metrics as metrics_lib
 from dmlkit.data.base import LEAVE_ONE_OUT, ImageDataset, ItemAnnotations
 from dmlkit.distances import DistanceLike
+from dmlkit.distributed import Distributed, gather_rows
 from dmlkit.errors import ConfigError
 
 
@@ -52,12 +54,26 @@ def compute_embeddings(
     num_workers: int = 0,
     progress: bool = False,
     description: str = "embed",
+    distributed: Distributed | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (float32, on CPU) and int64 labels of every item of ``dataset``, in order.
 
-    The dataset yields ``(image, label, index)``; the model is put in eval mode and restored after.
+    The dataset yields ``(image, label, index)``; the model is put in eval mode and restored after. With
+    several processes (``distributed``), each rank embeds a contiguous part of the dataset and every rank
+    receives all of them (gathered as tensors, in dataset order).
     """
     device = torch.device(device)
+    if distributed is not None and distributed.enabled:
+        part = np.array_split(np.arange(len(dataset)), distributed.world_size)[distributed.rank]  # type: ignore[arg-type]
+        mine, labels = compute_embeddings(
+            model, Subset(dataset, part.tolist()), batch_size=batch_size, device=device, amp=amp,
+            num_workers=num_workers, progress=progress, description=description,
+        )  # fmt: skip
+        width = torch.tensor([mine.shape[1] if len(mine) else 0], device=device)
+        dist_lib.all_reduce(width, op=dist_lib.ReduceOp.MAX)  # a rank without items has no width
+        mine = mine.reshape(len(mine), int(width.item())).to(device)
+        gathered, labels = gather_rows(mine, labels.to(device))
+        return gathered.cpu(), labels.cpu()
     was_training = model.training
     model.eval()
     loader = DataLoader(
@@ -155,10 +171,12 @@ def evaluate_model(
     description: str = "eval",
     distance: DistanceLike = "cosine",
     backend: str = "torch",
+    distributed: Distributed | None = None,
 ) -> metrics_lib.RetrievalResults:
     """Retrieval metrics of ``model`` on ``dataset`` under the dataset's protocol (leave-one-out, or its
     query/gallery flags: :func:`evaluate_embeddings`), with ``distance`` and ``backend`` as in
-    :func:`dmlkit.metrics.evaluate`."""
+    :func:`dmlkit.metrics.evaluate`. With several processes each embeds its part of the dataset, and every
+    rank computes the metrics on all the embeddings (so every rank selects the same ``best.pt``)."""
     embeddings, labels = compute_embeddings(
         model,
         dataset,
@@ -168,6 +186,7 @@ def evaluate_model(
         num_workers=num_workers,
         progress=progress,
         description=description,
+        distributed=distributed,
     )
     return evaluate_embeddings(
         embeddings,

@@ -69,6 +69,7 @@ def console_main() -> NoReturn:
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # what a command that launches itself again passes on (train --nproc-per-node)
     if args.command is None:
         parser.print_help()
         return 2
@@ -77,7 +78,9 @@ def _run(argv: list[str]) -> int:
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
-        print(f"dmlkit {args.command}: error: {exc}", file=sys.stderr)
+        # every process of a torchrun launch reads the same options: one of them says what is wrong
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dmlkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except DmlkitError as exc:
         print(f"dmlkit {args.command}: error: {exc}", file=sys.stderr)

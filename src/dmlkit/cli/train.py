@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from dmlkit.cli.parser import SuggestingParser
+from dmlkit.cli.parser import SuggestingParser, positive_int
 from dmlkit.config import add_config_arguments, config_from_args
 from dmlkit.errors import ConfigError
 
@@ -35,6 +37,16 @@ def add_parser(cli: SuggestingParser) -> None:
         help="replace the run already in <output-dir>/<name>: its files are removed when the new run starts "
         "(not saved in config.yaml)",
     )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU, or CPU processes with gloo): launches "
+        "torchrun --standalone --nproc-per-node N -m dmlkit train with the other arguments; for several "
+        "machines run torchrun yourself (docs/distributed.md). --batch-size is the global batch (not saved "
+        "in config.yaml)",
+    )
     add_config_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -42,6 +54,8 @@ def add_parser(cli: SuggestingParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dmlkit.train.loop import Trainer
 
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args)
     trainer = _resumed(args) if args.resume else Trainer(config_from_args(args), overwrite=args.overwrite)
     result = trainer.run()
     if not result.started:
@@ -53,6 +67,37 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted; resume with: dmlkit train --resume {result.run_dir}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc-per-node N``: check the options here (a typo fails before any process starts), then run
+    ``torchrun --standalone --nproc-per-node N -m dmlkit train`` with the other arguments; its exit status."""
+    nproc = args.nproc_per_node
+    if not args.resume:
+        batch_size = config_from_args(args).data.batch_size
+        if batch_size % nproc:
+            raise ConfigError(
+                f"--batch-size {batch_size} is the global batch: it must be divisible by --nproc-per-node "
+                f"{nproc}"
+            )
+    rest = _without_nproc(list(args.argv))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "dmlkit", *rest]  # fmt: skip
+    logging.getLogger(__name__).info("launching %s", " ".join(command))
+    return subprocess.run(command, check=False).returncode
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc-per-node N`` / ``--nproc-per-node=N``."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--nproc-per-node":
+            skip = True
+        elif not word.startswith("--nproc-per-node="):
+            out.append(word)
+    return out
 
 
 def _resumed(args: argparse.Namespace) -> Trainer:

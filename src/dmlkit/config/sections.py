@@ -131,6 +131,11 @@ class RunSection(Section):
         "torch.compile the model for training (validation and test run it uncompiled; checkpoints hold the "
         "plain model's weights)",
     )
+    sync_bn: bool = _field(
+        False,
+        "with several processes (torchrun, --nproc-per-node): BatchNorm statistics over the global batch "
+        "(SyncBatchNorm) instead of each process's part",
+    )
 
 
 class DataSection(Section):

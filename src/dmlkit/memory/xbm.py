@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from dmlkit.distributed import gather_rows
 from dmlkit.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -218,30 +218,15 @@ class CrossBatchMemory(nn.Module):
     def enqueue_all_ranks(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> None:
-        """Gather the batch of every rank and enqueue them in rank order, so all ranks hold the same memory.
+        """Gather the batch of every rank and enqueue them in rank order, so all ranks hold the same memory
+        (for a loop that does not gather the batch itself; dmlkit's training step does, and enqueues the
+        global batch with :meth:`enqueue`).
 
         Batches may differ in length across ranks. Without an initialised process group this is
         :meth:`enqueue`.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            self.enqueue(embeddings, labels, indices)
-            return
-        world = dist.get_world_size()
-        length = torch.tensor([len(embeddings)], device=embeddings.device)
-        lengths = [torch.zeros_like(length) for _ in range(world)]
-        dist.all_gather(lengths, length)
-        longest = int(max(int(x) for x in lengths))
-
-        def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
-            padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-            padded[: len(tensor)] = tensor
-            out = [torch.zeros_like(padded) for _ in range(world)]
-            dist.all_gather(out, padded.contiguous())
-            return [chunk[: int(n)] for chunk, n in zip(out, lengths, strict=True)]
-
-        parts = zip(gather(embeddings.detach()), gather(labels), gather(indices), strict=True)
-        for emb, lab, idx in parts:
-            self.enqueue(emb, lab, idx)
+        gathered = gather_rows(embeddings.detach(), labels, indices)  # in rank order; itself in one process
+        self.enqueue(*gathered)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The filled entries (embeddings, labels, indices), in slot order (not FIFO order)."""

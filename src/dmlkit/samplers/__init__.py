@@ -24,6 +24,7 @@ from dmlkit.samplers.coreset import (
 )
 from dmlkit.samplers.hierarchical import HierarchicalSampler, super_labels_of
 from dmlkit.samplers.intra_class import IntraClassUniformSampler
+from dmlkit.samplers.sharded import ShardedBatchSampler
 
 __all__ = [
     "REGISTRY",
@@ -38,6 +39,7 @@ __all__ = [
     "MPerClassSampler",
     "PKBatchSampler",
     "RandomBatchSampler",
+    "ShardedBatchSampler",
     "available",
     "build",
     "super_labels_of",

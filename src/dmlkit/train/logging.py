@@ -81,12 +81,15 @@ def setup_run_logging() -> RunLogFile:
 class RunLogger:
     """Appends one JSON line per epoch to ``history.jsonl`` and mirrors scalars to optional loggers."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path) -> None:
+    def __init__(self, config: TrainConfig, run_dir: Path, *, enabled: bool = True) -> None:
         self.history_path = run_dir / "history.jsonl"
+        self.enabled = enabled  # False on the ranks of a multi-process run other than rank 0: nothing written
         log = config.log
-        self.per_step = log.tensorboard or log.wandb  # per-iteration scalars go to these only
+        self.per_step = enabled and (log.tensorboard or log.wandb)  # per-iteration scalars go to these only
         self.tb = None
         self.wandb_run = None
+        if not enabled:
+            return
         if log.tensorboard:
             self.tb = _import_logger("tensorboard").SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if log.wandb:
@@ -106,6 +109,8 @@ class RunLogger:
                 _import_logger(name)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.history_path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
@@ -121,7 +126,7 @@ class RunLogger:
 
     def truncate_after(self, epoch: int) -> None:
         """On resume, drop history rows of epochs that the resumed run will redo."""
-        if not self.history_path.exists():
+        if not self.enabled or not self.history_path.exists():
             return
         rows = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
         kept = [r for r in rows if r.get("epoch", 0) <= epoch]

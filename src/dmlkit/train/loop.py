@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dmlkit import metrics, models, samplers
+from dmlkit import distributed, metrics, models, samplers
 from dmlkit.config import TrainConfig
 from dmlkit.data import FileImageDataset
 from dmlkit.errors import ConfigError, NonFiniteLossError
@@ -193,6 +193,7 @@ class Trainer:
         self.epoch_stats = EpochStats()
         self.saved_at: tuple[int, int] | None = None  # (epoch, batch) of the state in last.pt
         self.stop_event: threading.Event | None = None
+        self.dist = distributed.Distributed()  # this process among the ranks of a torchrun launch (in _setup)
         self.logger: RunLogger | None = None  # set up when the run starts; torn down even after a failure
         self._log_file: RunLogFile | None = None
 
@@ -215,6 +216,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
         config = self.config
+        # a torchrun launch: the process group, this rank's device; only rank 0 logs below warnings
+        self.dist = distributed.setup(self.device)
+        self.device = self.dist.device(self.device)
+        if not self.dist.is_main:
+            log.setLevel(logging.WARNING)
         seed_everything(config.run.seed, config.run.deterministic)
         RunLogger.check_available(config)  # before data loading: a missing logger package fails fast
         log.info("run directory: %s", self.run_dir)
@@ -237,16 +243,23 @@ class Trainer:
         self.objective = build_objective(
             config, self.data.num_classes, self.model.embedding_size, len(self.train_set), self.device
         ).to(self.device)
-        # The step trains through the compiled module; ``self.model`` stays the plain one, which shares its
-        # parameters: checkpoints hold its state dict (no ``_orig_mod.`` prefix) and evaluation runs it.
-        train_model = torch.compile(self.model) if config.run.compile else self.model
+        # The step trains through the DDP wrapper (several processes) and the compiled module; ``self.model``
+        # stays the plain one, which shares their parameters: checkpoints hold its state dict (no
+        # ``module.`` / ``_orig_mod.`` prefix) and evaluation runs it.
+        train_model = self.dist.wrap(self.model, self.device, sync_bn=config.run.sync_bn)
+        train_model = torch.compile(train_model) if config.run.compile else train_model
         self.step: TrainingStep = self.step_factory(
             train_model, self.objective, self.device, config.optim.amp
         )
         if isinstance(self.step, torch.nn.Module):
             self.step.to(self.device)
+        # parameters DDP does not own start equal everywhere; their gradients are averaged at each update
+        outside = [self.objective, *([self.step] if isinstance(self.step, torch.nn.Module) else [])]
+        distributed.broadcast_parameters(outside)
 
         self.sampler = build_sampler(config, self.train_set)
+        if self.dist.enabled:  # the global batch, formed once, each rank embedding its part
+            self.sampler = samplers.ShardedBatchSampler(self.sampler, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -268,6 +281,8 @@ class Trainer:
         self.scheduler = build_scheduler(
             config.optim, self.optimizer, self.updates_per_epoch, self.higher_is_better
         )
+        model_parameters = {id(p) for p in self.model.parameters()}
+        self.outside_model = [p for p in self._optimized_parameters() if id(p) not in model_parameters]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.optim.amp == "fp16")
 
     def _check_validation(self) -> None:
@@ -380,7 +395,10 @@ class Trainer:
             parameter.grad = None if grad is None else grad.to(parameter.device)
 
     def save(self, name: str = RunDirectory.LAST) -> Path:
-        path = self.directory.save(self.state_dict(), name)
+        """Write the state to ``name`` (rank 0 only: the other ranks hold the same state)."""
+        path = (
+            self.directory.save(self.state_dict(), name) if self.dist.is_main else self.directory.file(name)
+        )
         if name == RunDirectory.LAST:
             self.saved_at = (self.epoch, self.batches_done)
         return path
@@ -392,11 +410,12 @@ class Trainer:
             self.model,
             dataset,
             config.eval.metrics,
+            distributed=self.dist,
             batch_size=config.eval.eval_batch_size,
             device=self.device,
             amp=config.optim.amp,
             num_workers=config.data.workers,
-            progress=config.run.progress,
+            progress=config.run.progress and self.dist.is_main,
             seed=config.run.seed,
             description=description,
             distance=config.eval.eval_distance,
@@ -455,10 +474,12 @@ class Trainer:
             self.before = self.evaluate(self.test_set, "test (before)")
             log.info("test before training: %s", _fmt(self.before))
         stop.graceful = True
-        self.directory.start(self.config, resumed=self.resume)
-        assert self._log_file is not None
-        self._log_file.open(self.directory.file(RunDirectory.LOG))
-        self.logger = RunLogger(self.config, self.run_dir)
+        main = self.dist.is_main
+        if main:
+            self.directory.start(self.config, resumed=self.resume)
+            assert self._log_file is not None
+            self._log_file.open(self.directory.file(RunDirectory.LOG))
+        self.logger = RunLogger(self.config, self.run_dir, enabled=main)
         if self.resume:
             self.logger.truncate_after(self.epoch)
 
@@ -477,17 +498,18 @@ class Trainer:
             selection=dict(self.selection),
             early_stop=dict(self.early_stop) if self.early_stop is not None else None,
         )
-        self.directory.write_results(
-            {
-                "test_before": self.before,
-                "test_after": after,
-                "protocol": self.data.protocols(),
-                "best_epoch": self.best_epoch,
-                "selection": self.selection,
-                "early_stop": self.early_stop,
-                "wall_time_s": wall_time,
-            }
-        )
+        results = {
+            "test_before": self.before,
+            "test_after": after,
+            "protocol": self.data.protocols(),
+            "best_epoch": self.best_epoch,
+            "selection": self.selection,
+            "early_stop": self.early_stop,
+            "wall_time_s": wall_time,
+            "processes": self.dist.world_size,
+        }
+        if self.dist.is_main:
+            self.directory.write_results(results)
         log.info(
             "\ntest split of '%s' (%d images, classes unseen in training), before training and with "
             "best.pt (%s); wall time %.1f s; run directory %s\n%s",
@@ -605,7 +627,7 @@ class Trainer:
             iter(self.loader),
             total=self.steps_per_epoch - self.batches_done,
             desc=f"epoch {self.epoch + 1}/{self.config.optim.epochs}",
-            disable=not self.config.run.progress,
+            disable=not (self.config.run.progress and self.dist.is_main),
             unit="batch",
             dynamic_ncols=True,
             leave=False,
@@ -632,7 +654,8 @@ class Trainer:
             )
             for hook in self.step_hooks:
                 hook(self, self.global_step)
-            if self.stop_event is not None and self.stop_event.is_set():
+            stop = self.stop_event is not None and self.stop_event.is_set()
+            if self.dist.any(stop, self.device):  # every rank stops after the same step
                 bar.close()
                 return True
         bar.close()
@@ -684,6 +707,7 @@ class Trainer:
             for parameter in self._optimized_parameters():
                 if parameter.grad is not None:
                     parameter.grad.mul_(size / kept)
+        distributed.average_gradients(self.outside_model)  # DDP averaged the model's already
         norm = self._gradient_norm()
         if norm is not None and not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -849,6 +873,7 @@ class Trainer:
             self.save(RunDirectory.BEST)
 
     def _final_test(self) -> dict[str, float]:
+        self.dist.barrier()  # rank 0 has written best.pt before any rank reads it
         best = self.directory.file(RunDirectory.BEST)
         if self.best_epoch is not None and best.exists():
             self.model.load_state_dict(ckpt.load(best, map_location=self.device)["model"])

@@ -31,7 +31,8 @@ class Objective(nn.Module):
     the memory contents through the loss's ``ref_emb/ref_labels`` path (with the miner, if any, mining
     against the memory); then the batch is enqueued. Enqueuing *after* use means a batch is never its
     own reference set; stored copies of the same dataset items from earlier iterations are excluded by
-    dataset index (``ref_exclude``, or by filtering mined tuples).
+    dataset index (``ref_exclude``, or by filtering mined tuples). With several processes the embeddings
+    are the global batch (the training step gathers them), so every rank's memory holds the same entries.
     """
 
     def __init__(
@@ -121,7 +122,9 @@ class Objective(nn.Module):
             )
         stats["xbm/fill"] = float(len(memory))
         if torch.isfinite(embeddings).all():  # a non-finite batch (to be skipped) must not poison the memory
-            memory.enqueue_all_ranks(embeddings.detach(), labels, indices)
+            # the step gathered every rank's batch already (dmlkit.distributed): every rank enqueues the
+            # same global batch, so the memories stay identical
+            memory.enqueue(embeddings.detach(), labels, indices)
         return self.memory_weight * term
 
     def _collect(self, prefix: str) -> dict[str, float]:

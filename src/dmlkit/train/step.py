@@ -10,7 +10,8 @@ The default :class:`EmbeddingStep` is embed → gather → objective (memory, mi
 needs a different step subclasses it or writes a new one and passes its factory to
 :class:`~dmlkit.train.loop.Trainer` (``step=``):
 
-- gathering the embeddings of every process (multi-GPU) overrides :meth:`EmbeddingStep.gather`;
+- gathering the embeddings of every process (multi-GPU, ``torchrun``) is :meth:`EmbeddingStep.gather`,
+  which every step derived from it inherits;
 - backward-compatible training adds a frozen old model's term in :meth:`EmbeddingStep.loss`;
 - transformation training embeds with a frozen model and trains a head (:meth:`EmbeddingStep.embed`).
 
@@ -28,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from dmlkit import distributed
 from dmlkit.inference import autocast
 from dmlkit.train.objective import Objective
 
@@ -107,8 +109,10 @@ class EmbeddingStep(nn.Module):
     def gather(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The embeddings the loss sees: this process's batch (multi-process steps gather every rank's)."""
-        return embeddings, labels, indices
+        """The embeddings the loss sees: the global batch. With several processes every rank's rows are
+        gathered in rank order, with autograd (:func:`dmlkit.distributed.gather_rows`); in one process the
+        batch itself."""
+        return distributed.gather_rows(embeddings, labels, indices)  # type: ignore[return-value]
 
     def loss(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, batch: Batch
