@@ -216,3 +216,18 @@ def test_a_rank_that_raises_stops_the_run(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
     assert time.perf_counter() - started < 200
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_every_sampler_shards_its_global_batch(name: str) -> None:
+    labels = np.repeat(np.arange(12), 6)
+    extra = {"super_labels": labels // 4} if name == "hierarchical" else {}
+
+    def build() -> samplers.BatchSampler:
+        return samplers.build(name, labels=labels, batch_size=16, seed=0, **extra)
+
+    whole = next(iter(build()))
+    parts = [next(iter(samplers.ShardedBatchSampler(build(), r, WORLD))) for r in range(WORLD)]
+    assert parts[0] + parts[1] == whole and len(parts[0]) == len(parts[1]) == 8
+    wrapped = samplers.ShardedBatchSampler(build(), 0, WORLD)
+    assert wrapped.needs_embeddings == build().needs_embeddings

@@ -523,6 +523,8 @@ class Trainer:
         return result
 
     def _teardown(self) -> None:
+        if self.dist.enabled:
+            distributed.shutdown()
         if self.logger is not None:
             self.logger.close()
         handler = self._log_file
@@ -643,7 +645,7 @@ class Trainer:
             )
             loss_value, step_stats = self._step(batch)
             self.batches_done += 1
-            stats.add_step(loss_value, step_stats, len(batch.images))
+            stats.add_step(loss_value, step_stats, len(batch.images) * self.dist.world_size)  # global images
             stats.seconds = seconds_before + time.perf_counter() - started
             if loss_value is not None and logger.per_step:
                 logger.log_scalars({"train/loss": loss_value, **step_stats}, step=self.global_step)
