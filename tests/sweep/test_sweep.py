@@ -1,0 +1,116 @@
+"""``dmlkit sweep``: spec validation, a 2-factor × 2-seed study on ``synthetic`` with 2 local workers that is
+killed mid-way and continued, a failing configuration reported while the others complete, and the report's
+mean ± std checked against ``trials.csv``."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmlkit.cli import main
+from dmlkit.errors import ConfigError
+from dmlkit.sweep import load_spec
+
+pytest.importorskip("optuna")
+
+BASE = {
+    "data": {
+        "dataset": {"name": "synthetic",
+                    "args": {"num_classes": 12, "samples_per_class": 8, "image_size": 16}},
+        "batch_size": 16, "samples_per_class": 4, "val_fraction": 0.25, "num_workers": 0,
+    },
+    "model": {"backbone": "small_cnn", "embedding_size": 8},
+    "optim": {"epochs": 1},
+    "eval": {"metrics": ["recall@1", "map@r"]},
+    "run": {"device": "cpu"},
+}  # fmt: skip
+
+
+def _spec(tmp_path: Path, **changes: object) -> Path:
+    spec = {
+        "name": "tiny",
+        "base": BASE,
+        # batch_size 64 needs 16 classes per batch: more than the training split has, so its runs fail
+        "factors": {"loss": ["contrastive", "multisimilarity"], "batch_size": [16, 64]},
+        "seeds": [0, 1],
+        "objective": {"metric": "map@r", "split": "val"},
+        **changes,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_every_configuration_is_validated_before_anything_runs(tmp_path: Path) -> None:
+    spec = load_spec(_spec(tmp_path))
+    assert spec.sampler == "grid" and spec.max_trials == 4 and spec.validate_all() == 4
+    with pytest.raises(ConfigError, match=r"configuration loss=contrastiv.*unknown loss 'contrastiv'"):
+        load_spec(_spec(tmp_path, factors={"loss": ["contrastiv"]})).validate_all()
+    with pytest.raises(ConfigError, match=r"lr=-1"):
+        load_spec(_spec(tmp_path, factors={"lr": [1e-3, -1]})).validate_all()
+    with pytest.raises(ConfigError, match="unknown"):
+        load_spec(_spec(tmp_path, factors={"learning_rate": [1e-3]})).validate_all()
+    with pytest.raises(ConfigError, match="max_trials is needed"):
+        load_spec(_spec(tmp_path, factors={"lr": {"log_uniform": [1e-4, 1e-2]}}))
+    with pytest.raises(ConfigError, match="grid sampler needs every factor as a list"):
+        load_spec(
+            _spec(tmp_path, factors={"lr": {"log_uniform": [1e-4, 1e-2]}}, sampler="grid", max_trials=2)
+        )
+    ranged = load_spec(_spec(tmp_path, factors={"lr": {"log_uniform": [1e-4, 1e-2]}}, max_trials=3))
+    assert ranged.sampler == "tpe" and ranged.validate_all() == 2  # the range's two ends
+
+
+def _finished_runs(study: Path) -> list[Path]:
+    return sorted(study.glob("runs/*/seed*/results.json"))
+
+
+def test_a_killed_sweep_continues_reports_failures_and_means(tmp_path: Path) -> None:
+    spec, study = _spec(tmp_path), tmp_path / "study"
+    command = [sys.executable, "-m", "dmlkit", "sweep", str(spec), "--out", str(study), "--workers", "2"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not _finished_runs(study) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep and the runs it started
+    process.wait()
+    before = {path: path.stat().st_mtime_ns for path in _finished_runs(study)}
+    assert before, "no run finished before the sweep was killed"
+
+    assert main(["sweep", str(spec), "--out", str(study), "--workers", "2"]) == 0
+    after = _finished_runs(study)
+    assert len(after) == 4  # 2 losses × 2 seeds at batch_size 16; batch_size 64 fails
+    for path, mtime in before.items():
+        assert path.stat().st_mtime_ns == mtime  # a finished run is never trained again
+
+    assert main(["sweep", "report", str(study)]) == 0
+    report = study / "report"
+    expected_files = {
+        "trials.csv",
+        "summary.md",
+        "summary.tex",
+        "influence_loss.png",
+        "influence_batch_size.png",
+    }
+    assert {p.name for p in report.iterdir()} >= expected_files
+    text = (report / "summary.md").read_text()
+    assert text.count("Failed trials") == 1 and "batch_size=64" in text and "exit 2" in text
+    with (report / "trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["batch_size"] for r in rows} == {"16"}
+    for loss in ("contrastive", "multisimilarity"):
+        values = [float(r["test map@r"]) for r in rows if r["loss"] == loss]
+        expected = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+        line = next(line for line in text.splitlines() if line.startswith(f"| {loss} | 16 |"))
+        assert expected in line, (line, expected)
+    assert "\\pm" in (report / "summary.tex").read_text()
