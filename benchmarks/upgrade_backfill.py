@@ -189,6 +189,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/upgrade"))
     parser.add_argument(
+        "--no-after",
+        action="store_true",
+        help="skip 'compatible (after)' (heads trained after the new model)",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="keep every finished step (trained runs, ρ, backfill.json) of an earlier call",
@@ -203,7 +208,10 @@ def main() -> None:
             reports.append(json.loads(done.read_text()))
         else:
             reports.append(one_seed(SETTINGS[args.setting], args.root, seed, out, args.reuse))
-        reports[-1]["curves"]["compatible (after)"] = compatible_after(SETTINGS[args.setting], seed, out)
+        if args.no_after:
+            reports[-1]["curves"].pop("compatible (after)", None)
+        else:
+            reports[-1]["curves"]["compatible (after)"] = compatible_after(SETTINGS[args.setting], seed, out)
     rows = [per_method(report) for report in reports]
     text = table(rows, reports[0]["metrics"][0])
     print(text)

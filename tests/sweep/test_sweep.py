@@ -114,3 +114,12 @@ def test_a_killed_sweep_continues_reports_failures_and_means(tmp_path: Path) -> 
         line = next(line for line in text.splitlines() if line.startswith(f"| {loss} | 16 |"))
         assert expected in line, (line, expected)
     assert "\\pm" in (report / "summary.tex").read_text()
+
+
+def test_runs_go_through_submitit_where_asked(tmp_path: Path) -> None:
+    """``executor: submitit``: the AutoExecutor (a local job here, where Slurm is absent) runs the trial."""
+    pytest.importorskip("submitit")
+    spec = _spec(tmp_path, factors={"loss": ["contrastive"]}, seeds=[0], executor="submitit")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "study")]) == 0
+    assert len(_finished_runs(tmp_path / "study")) == 1
+    assert list((tmp_path / "study" / "runs").glob("*/submitit/*_submitted.pkl"))  # submitit's own files

@@ -121,13 +121,35 @@ def run_one(spec: SweepSpec, study_dir: Path, values: Mapping[str, Any], seed: i
         if spec.nproc_per_node > 1:
             argv += ["--nproc-per-node", str(spec.nproc_per_node)]
         output = folder / f"seed{seed}.log"
-        with output.open("a") as handle:
-            done = subprocess.run(
-                [sys.executable, "-m", "dmlkit", *argv], stdout=handle, stderr=subprocess.STDOUT, check=False
-            )
-        if done.returncode != 0 or not (run_dir / "results.json").is_file():
-            raise DmlkitError(f"{run_dir}: exit {done.returncode}: {last_error_line(output)}")
+        command = [sys.executable, "-m", "dmlkit", *argv]
+        code = (
+            submit(spec, folder, command, output)
+            if spec.executor == "submitit"
+            else run_command(command, output)
+        )
+        if code != 0 or not (run_dir / "results.json").is_file():
+            raise DmlkitError(f"{run_dir}: exit {code}: {last_error_line(output)}")
     return record(run_dir)
+
+
+def run_command(command: list[str], output: Path) -> int:
+    """Run ``command`` with its output appended to ``output``; its exit status."""
+    with output.open("a") as handle:
+        return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def submit(spec: SweepSpec, folder: Path, command: list[str], output: Path) -> int:
+    """Run ``command`` as a job of ``submitit``'s AutoExecutor (a Slurm job where Slurm is available, else a
+    local process; ``executor_args`` are its parameters, e.g. ``{slurm_partition: gpu, gpus_per_node: 4,
+    timeout_min: 600}``) and wait for it; without submitit installed, locally, with a warning."""
+    try:
+        import submitit
+    except ImportError:
+        log.warning("executor submitit: submitit is not installed (pip install submitit); running locally")
+        return run_command(command, output)
+    executor = submitit.AutoExecutor(folder=str(folder / "submitit"))
+    executor.update_parameters(**spec.executor_args)
+    return int(executor.submit(run_command, command, output).result())
 
 
 def last_error_line(output: Path) -> str:
@@ -266,8 +288,10 @@ __all__ = [
     "optuna_module",
     "record",
     "requeue_interrupted",
+    "run_command",
     "run_one",
     "run_sweep",
     "storage_of",
+    "submit",
     "suggest",
 ]

@@ -14,6 +14,7 @@ objective: {metric: map@r, split: val}   # what the search optimises: the mean o
 sampler: grid                      # grid (every factor a list), random or tpe
 max_trials: 20                     # configurations (default: the grid's size)
 nproc_per_node: 1                  # > 1: every run is a torchrun job
+executor: local                    # or submitit: each run a Slurm job (executor_args: its parameters)
 ```
 """
 
@@ -119,6 +120,8 @@ class SweepSpec(BaseModel):
     max_trials: int | None = Field(default=None, gt=0)
     nproc_per_node: int = Field(default=1, ge=1)
     storage: str | None = None
+    executor: Literal["local", "submitit"] = "local"
+    executor_args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("factors", mode="before")
     @classmethod
