@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -111,6 +112,8 @@ def evaluate_embeddings(
     seed: int = 0,
     distance: DistanceLike = "cosine",
     backend: str = "torch",
+    steps: Sequence[Any] | None = None,
+    fit_embeddings: torch.Tensor | None = None,
 ) -> metrics_lib.RetrievalResults:
     """Retrieval metrics of a split's embeddings under its protocol (``annotations``, from the dataset):
 
@@ -119,12 +122,18 @@ def evaluate_embeddings(
       both never retrieves itself. ``results.query_ids`` / ``gallery_ids`` are the items' positions in the
       split.
 
-    Items of one ``sequence`` never retrieve each other, under either protocol."""
+    Items of one ``sequence`` never retrieve each other, under either protocol. ``steps``: re-ranking and
+    post-processing steps (:mod:`dmlkit.search.rerank`), unfitted ones fitted on ``fit_embeddings``."""
+    evaluate: Any = metrics_lib.evaluate
+    if steps:
+        from dmlkit.search import rerank
+
+        evaluate = functools.partial(rerank.evaluate, steps=steps, fit_embeddings=fit_embeddings)
     sequences = None if annotations is None else annotations.sequences
     groups = None if sequences is None else torch.as_tensor(sequences)
     names = tuple(metric_names)
     if annotations is None or annotations.protocol == LEAVE_ONE_OUT:
-        return metrics_lib.evaluate(
+        return evaluate(
             embeddings,
             labels,
             metrics=names,
@@ -141,7 +150,7 @@ def evaluate_embeddings(
         raise ConfigError(
             f"a query/gallery split needs both: {len(queries)} queries, {len(gallery)} gallery items"
         )
-    return metrics_lib.evaluate(
+    return evaluate(
         embeddings[queries],
         labels[queries],
         embeddings[gallery],

@@ -24,6 +24,7 @@ from dmlkit.config import parse_list as _parse_list
 from dmlkit.config import parse_mapping as _parse_mapping
 from dmlkit.errors import ConfigError
 from dmlkit.inference import evaluate_embeddings, resolve_device
+from dmlkit.search import rerank
 from dmlkit.train.data import build_data
 
 
@@ -62,6 +63,15 @@ def add_parser(cli: SuggestingParser) -> None:
         help="k-NN search: torch (exact), faiss-flat (exact), faiss-ivf / faiss-hnsw (approximate, need "
         "faiss); default: the checkpoint's eval_backend, else torch; see docs/metrics.md",
     )
+    parser.add_argument(
+        "--rerank",
+        action="append",
+        type=rerank.parse_spec,
+        default=None,
+        metavar="STEP[:KEY=VALUE,...]",
+        help=f"post-process the search (repeatable, applied in order): {', '.join(rerank.available())}, "
+        "e.g. aqe:alpha=3,k=2; pcaw is fitted on the training split unless state=FILE; see docs/metrics.md",
+    )
     add_embedding_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument(
@@ -98,6 +108,10 @@ def add_parser(cli: SuggestingParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Built before anything is loaded: a bad option value or order fails at once.
+    args.rerank_steps = rerank.build_steps(
+        [rerank.build(name, **options) for name, options in args.rerank or ()]
+    )
     code = landmarks.dispatch(args)  # --revisited / --gldv2: a landmark benchmark instead of a split
     if code is not None:
         return code
@@ -116,11 +130,18 @@ def run(args: argparse.Namespace) -> int:
     dataset_name = args.dataset or trained.data.dataset.name
     # The checkpoint's recorded preprocessing, not one resolved again from the flags of today's defaults.
     section = _data_section(args, trained.data)
-    dataset = build_data(section, trained.run.seed, spec=checkpoint["data_spec"]).split(args.split)
+    splits = build_data(section, trained.run.seed, spec=checkpoint["data_spec"])
+    dataset = splits.split(args.split)
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
     if args.per_category and dataset.annotations.categories is None:
         raise ConfigError(f"--per-category: the {args.split} split of '{dataset_name}' has no categories")
     embeddings, labels = embed(model, dataset, args, device, "eval")
+    steps = args.rerank_steps
+    fit_embeddings = None
+    if any(not step.fitted for step in steps):  # pcaw without state=: fitted on the training split
+        train = splits.split("train")
+        train.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
+        fit_embeddings, _ = embed(model, train, args, device, "rerank fit")
     annotations = dataset.annotations
     queries, gallery = _query_gallery(dataset)
     # One search serves the metrics and the pictures: it keeps as many neighbours as either needs.
@@ -131,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         k = max(needed, _examples_top(args, dataset)) or None
     results = evaluate_embeddings(
         embeddings, labels, annotations, metric_names, k=k, seed=trained.run.seed, distance=args.distance,
-        backend=args.backend,
+        backend=args.backend, steps=steps, fit_embeddings=fit_embeddings,
     )  # fmt: skip
     values = {name: float(results.metrics[name]) for name in metric_names}
     without = results.num_queries_without_relevant
@@ -151,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                     "num_queries_without_relevant": without,
                     "distance": args.distance,
                     "backend": args.backend,
+                    "rerank": [step.spec() for step in steps],
                     "metrics": values,
                     **({"per_class": _per_class(results, dataset.class_names)} if args.per_class else {}),
                     **({"per_category": per_category} if per_category is not None else {}),
@@ -169,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
             f"{dataset_name} / {args.split}: {results.num_queries} queries ({searched}, {args.distance}, "
             f"{args.backend}); {without} without a relevant item, left out of the retrieval means"
         )
+        if steps:
+            print(f"re-ranked: {', '.join(step.spec() for step in steps)}")
         width = max(len(n) for n in values)
         for name, value in values.items():
             print(f"{name:<{width}}  {value:.4f}")

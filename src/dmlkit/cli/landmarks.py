@@ -27,6 +27,7 @@ from dmlkit.data import landmarks as files
 from dmlkit.errors import ConfigError, DataError
 from dmlkit.inference import resolve_device
 from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
+from dmlkit.search import rerank
 
 USAGES: tuple[str, ...] = ("private", "public", "all")
 #: Options (argparse destinations) of the ordinary ``dmlkit eval`` that a landmark benchmark replaces.
@@ -155,6 +156,12 @@ def run_revisited(args: argparse.Namespace) -> int:
         )
     if args.distance is not None:
         search.check_searchable(args.distance)
+    steps = getattr(args, "rerank_steps", [])
+    unfitted = [step.who for step in steps if not step.fitted]
+    if unfitted:
+        raise ConfigError(
+            f"--rerank {unfitted[0]} needs state=FILE with --revisited (no training split to fit on)"
+        )
     ground_truth = files.load_revisited_gnd(args.revisited)
     images = Path(args.images)
     if not images.is_dir():
@@ -182,7 +189,13 @@ def run_revisited(args: argparse.Namespace) -> int:
     boxes = ground_truth.bbx if crop else None
     queries = FilesDataset.for_checkpoint(query_paths, checkpoint, boxes)
     query, _ = embed(model, queries, args, device, "queries")
-    results = revisited_map(ground_truth.gnd, query=query, gallery=gallery, distance=distance, device=device)
+    if steps:  # the whole gallery, ranked after the steps (k_reciprocal re-ranks all of it)
+        ranked = rerank.search(query, gallery, steps=steps, k=len(gallery), distance=distance, device=device)
+        results = revisited_map(ground_truth.gnd, ranked)
+    else:
+        results = revisited_map(
+            ground_truth.gnd, query=query, gallery=gallery, distance=distance, device=device
+        )
     header = (
         f"revisited {ground_truth.path.name}: {results.num_queries} queries "
         f"({'cropped to bbx' if crop else 'whole images'}), {len(gallery)} gallery images, {distance}; "
@@ -194,6 +207,7 @@ def run_revisited(args: argparse.Namespace) -> int:
         "distance": distance,
         "backend": "torch",
         "query_crop": crop,
+        "rerank": [step.spec() for step in steps],
     }
     _report(args, results, header, fields)
     return 0
@@ -211,6 +225,12 @@ def run_gldv2(args: argparse.Namespace) -> int:
         )
     # A bad --distance / --backend (or faiss missing) fails before anything is read.
     metrics_lib.check_options([], args.distance or "cosine", args.backend or "torch")
+    steps = getattr(args, "rerank_steps", [])
+    unfitted = [step.who for step in steps if not step.fitted]
+    if unfitted:
+        raise ConfigError(
+            f"--rerank {unfitted[0]} needs state=FILE with --gldv2 (no training split to fit on)"
+        )
     usage = args.usage or "private"
     solution_path = Path(args.gldv2)
     scored = files.select_gldv2(files.load_gldv2_solution(solution_path), usage)
@@ -242,9 +262,21 @@ def run_gldv2(args: argparse.Namespace) -> int:
     gallery, _ = embed(model, FilesDataset.for_checkpoint(index_paths, checkpoint), args, device, "index")
     query, _ = embed(model, FilesDataset.for_checkpoint(query_paths, checkpoint), args, device, "queries")
     relevant = [[position[image_id] for image_id in q.relevant] for q in scored]
-    results = gldv2_map(
-        relevant, query=query, gallery=gallery, distance=distance, backend=backend, device=device
-    )
+    if steps:
+        ranked = rerank.search(
+            query,
+            gallery,
+            steps=steps,
+            k=min(100, len(gallery)),
+            distance=distance,
+            backend=backend,
+            device=device,
+        )
+        results = gldv2_map(relevant, ranked)
+    else:
+        results = gldv2_map(
+            relevant, query=query, gallery=gallery, distance=distance, backend=backend, device=device
+        )
     header = (
         f"gldv2 {solution_path.name} ({usage}): {results.num_queries} queries, {len(gallery)} index images, "
         f"{distance}, {backend}; queries without a relevant image are left out of the mean"
@@ -255,6 +287,7 @@ def run_gldv2(args: argparse.Namespace) -> int:
         "num_gallery": len(gallery),
         "distance": distance,
         "backend": backend,
+        "rerank": [step.spec() for step in steps],
     }
     _report(args, results, header, fields)
     return 0
