@@ -15,7 +15,12 @@ import numpy as np
 import torch
 
 from dmlkit.samplers.base import REGISTRY, BatchSampler, RandomBatchSampler
-from dmlkit.samplers.class_balanced import ClassVisitSampler, MPerClassSampler, PKBatchSampler
+from dmlkit.samplers.class_balanced import (
+    ClassRandomSampler,
+    ClassVisitSampler,
+    MPerClassSampler,
+    PKBatchSampler,
+)
 from dmlkit.samplers.coreset import (
     D2CoresetSampler,
     DistHistBatchMatchSampler,
@@ -29,6 +34,7 @@ from dmlkit.samplers.sharded import ShardedBatchSampler
 __all__ = [
     "REGISTRY",
     "BatchSampler",
+    "ClassRandomSampler",
     "ClassVisitSampler",
     "D2CoresetSampler",
     "DistHistBatchMatchSampler",

@@ -1,8 +1,8 @@
 """P×K class-balanced batches: ``P`` distinct classes with ``K`` images each.
 
 This is the sampling of Schroff et al., "FaceNet" (CVPR 2015) and Hermans et al., "In Defense of the
-Triplet Loss" (2017), known as ``class_random`` in Roth et al., "Revisiting Training Strategies and
-Generalization Performance in Deep Metric Learning" (ICML 2020) and as ``MPerClassSampler`` in
+Triplet Loss" (2017), close to ``class_random`` in Roth et al., "Revisiting Training Strategies and
+Generalization Performance in Deep Metric Learning" (ICML 2020) and to ``MPerClassSampler`` in
 pytorch-metric-learning. Two things differ from ``MPerClassSampler``, whose batches draw classes and
 images independently at random:
 
@@ -12,9 +12,9 @@ images independently at random:
 * Images of a class are taken from a per-class shuffled cycle: consecutive visits of a class in an epoch
   walk through a permutation of its images (without replacement) before any image repeats.
 
-The sampler is registered as ``m_per_class`` and, under Roth et al.'s flag name, as ``class_random`` (an
-alias: Roth's own ``class_random`` draws classes and images independently at random, with the
-differences above). :class:`ClassVisitSampler` (items grouped by class, shared settings and checks),
+The sampler is registered as ``m_per_class``. Roth et al.'s own ``class_random`` draws every class and every
+image independently at random, with replacement: that is :class:`ClassRandomSampler` (``class_random``).
+:class:`ClassVisitSampler` (items grouped by class, shared settings and checks),
 :class:`PKBatchSampler` (its plain P×K construction) and the helpers :func:`group_by_class`,
 :func:`class_rounds`, :func:`visit_numbers`, :func:`cycle_images` and :func:`warn_small_classes` are shared
 with the intra-class, hierarchical and embedding-driven samplers.
@@ -246,8 +246,7 @@ class PKBatchSampler(ClassVisitSampler):
         """Precompute what building epochs needs, once the settings are checked (nothing by default)."""
 
 
-@REGISTRY.register("m_per_class")  # outermost: its registry_name, the name in messages
-@REGISTRY.register("class_random")
+@REGISTRY.register("m_per_class")
 class MPerClassSampler(PKBatchSampler):
     """Batches of ``P = batch_size // samples_per_class`` distinct classes × ``K = samples_per_class`` images.
 
@@ -266,3 +265,31 @@ class MPerClassSampler(PKBatchSampler):
         rng = epoch_rng(self.seed, epoch)
         schedule = class_rounds(len(self.classes), self.classes_per_batch, self._num_batches, rng).ravel()
         return self._cycle_images(schedule, rng)
+
+
+@REGISTRY.register("class_random")
+class ClassRandomSampler(PKBatchSampler):
+    """Roth et al.'s ``class_random`` sampler, faithfully: each batch draws ``P = batch_size //
+    samples_per_class`` classes uniformly **with replacement** (a class may appear twice in a batch), and
+    for each draw ``K = samples_per_class`` images of the class uniformly with replacement. An epoch has
+    ``max(1, len(labels) // batch_size)`` batches (their ``len(image_list) // bs``) unless
+    ``batches_per_epoch`` is given. Unlike :class:`MPerClassSampler` nothing guarantees distinct classes in
+    a batch, visits to every class, or distinct images: use it to reproduce Roth et al.'s numbers.
+
+    Arguments: those of :class:`PKBatchSampler` (the class count is not checked against ``P``: classes
+    repeat).
+    """
+
+    def configure(self, samples_per_class: int = 4, batches_per_epoch: int | None = None) -> None:
+        self._set_layout(samples_per_class)
+        self._group_classes()
+        self._set_batches_per_epoch(batches_per_epoch, self._one_pass())
+
+    def _build_epoch(self, epoch: int) -> np.ndarray:
+        rng = epoch_rng(self.seed, epoch)
+        draws = self._num_batches * self.classes_per_batch
+        classes = rng.integers(0, len(self.classes), size=draws)
+        within = (rng.random((draws, self.samples_per_class)) * self.class_counts[classes, None]).astype(
+            np.int64
+        )
+        return self._items_by_class[self._class_start[classes, None] + within].reshape(-1)
