@@ -1,5 +1,5 @@
 """dmlkit search: embed query images and print their k nearest gallery items (a gallery written by
-``dmlkit embed``), as a table or JSON."""
+``dmlkit embed``, or an index folder written by ``dmlkit index build``), as a table or JSON."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from dmlkit import distances
-from dmlkit.cli.common import FilesDataset, add_checkpoint_argument, ids_path, list_images, load_model
+from dmlkit.cli.common import FilesDataset, ids_path, list_images, load_model
 from dmlkit.cli.parser import SuggestingParser, positive_int
-from dmlkit.errors import DataError, unknown_name_message
+from dmlkit.errors import ConfigError, DataError, unknown_name_message
 from dmlkit.inference import compute_embeddings, resolve_device
 from dmlkit.search import RetrievalResults, search
 
@@ -23,8 +23,15 @@ def add_parser(cli: SuggestingParser) -> None:
     parser = cli.add_parser(
         "search", help="search a gallery of embeddings with query images", description=__doc__
     )
-    add_checkpoint_argument(parser, help="the checkpoint that embedded the gallery, or its run folder")
-    parser.add_argument("--gallery", required=True, help=".npy written by `dmlkit embed` (ids beside it)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="the checkpoint that embedded the gallery, or its run folder (with --index: default the one "
+        "the index records; another one is refused)",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gallery", help=".npy written by `dmlkit embed` (ids beside it)")
+    source.add_argument("--index", metavar="DIR", help="index folder written by `dmlkit index build`")
     parser.add_argument("--query", required=True, help="an image, a folder of images or a CSV")
     parser.add_argument("-k", "--k", type=positive_int, default=10, help="neighbours per query (default: 10)")
     parser.add_argument(
@@ -109,6 +116,12 @@ def read_gallery_ids(gallery_path: str | Path, rows: int) -> tuple[list[str], st
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.index is not None:
+        from dmlkit.cli.index import run_search
+
+        return _print(*run_search(args), args.json)
+    if args.checkpoint is None:
+        raise ConfigError("--checkpoint is required with --gallery (the checkpoint that embedded it)")
     # The gallery, its ids and the queries are checked before the model is loaded.
     gallery = torch.from_numpy(read_gallery(args.gallery)).float()
     gallery_ids, gallery_distance = read_gallery_ids(args.gallery, len(gallery))
@@ -124,7 +137,14 @@ def run(args: argparse.Namespace) -> int:
     distance = args.distance or gallery_distance or "cosine"
     k = min(args.k, len(gallery))
     results = _listing(search(queries, gallery, k=k, distance=distance), query_ids, gallery_ids)
-    if args.json:
+    return _print(results, distance, k, gallery_ids, args.json)
+
+
+def _print(
+    results: list[dict[str, Any]], distance: str, k: int, gallery_ids: list[str], as_json: bool
+) -> int:
+    """Print the listing (:func:`_listing`) as JSON or as a table per query."""
+    if as_json:
         print(json.dumps({"distance": distance, "k": k, "results": results}, indent=2))
         return 0
     width = max(len(g) for g in gallery_ids[:10000]) if gallery_ids else 10
