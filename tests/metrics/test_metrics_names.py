@@ -21,6 +21,7 @@ EVERY_METRIC = (
     "dists@intra",
     "dists@intra_over_inter",
     "f1",
+    "fnmr@fmr=0.1",
     "map@5",
     "map@r",
     "map_1000",
@@ -30,6 +31,7 @@ EVERY_METRIC = (
     "mrr",
     "mrr@5",
     "nmi",
+    "pcf@0.5",
     "precision@2",
     "r_precision",
     "recall@1",
@@ -63,6 +65,7 @@ def test_higher_is_better():
     assert not higher_is_better("dists@intra")
     assert not higher_is_better("dists@intra_over_inter")
     assert not higher_is_better("rho_spectrum@1")
+    assert not higher_is_better("fnmr@fmr=0.1") and higher_is_better("pcf@0.5")
 
 
 def test_evaluate_computes_every_metric_at_once():
@@ -77,6 +80,7 @@ def test_evaluate_computes_every_metric_at_once():
 
 
 NON_RANKING = {"ami", "nmi", "f1", "rho_spectrum@K", "dists@intra", "dists@inter", "dists@intra_over_inter"}
+NON_RANKING |= {"pcf@F", "fnmr@fmr=F"}  # an embedding diagnostic and a whole-results value: no per class
 
 
 def test_train_config_accepts_every_metric(tiny_config):

@@ -1,13 +1,16 @@
 """Evaluation of embeddings for retrieval: Recall@K, MAP@R, MAP@K, MRR, Roth et al.'s mAP variants,
-NMI/AMI/F1, embedding-space diagnostics, and landmark-retrieval protocols — metrics as functions of the
-:class:`~dmlkit.search.RetrievalResults` a search (:mod:`dmlkit.search`) returns.
+NMI/AMI/F1, embedding-space diagnostics, OML's FNMR@FMR and PCF, and landmark-retrieval protocols — metrics
+as functions of the :class:`~dmlkit.search.RetrievalResults` a search (:mod:`dmlkit.search`) returns.
 
 ``compute(results, metrics)`` fills a search's results with metric values; ``evaluate(query, query_labels,
 gallery=None, gallery_labels=None, ...)`` is ``choose_k``, ``dmlkit.search.search``, ``compute``;
 ``available()`` lists the metric names; ``knn`` is the search's top-k as tensors; ``revisited_map`` /
 ``gldv2_map`` score landmark retrieval (revisited Oxford/Paris, Google Landmarks v2); ``retrieval_grid`` /
-``pick_queries`` draw queries and their top results from the same results object. See ``docs/metrics.md``
-for every formula and rule.
+``pick_queries`` draw queries and their top results from the same results object. ``register_metric`` adds
+a metric usable by name everywhere (``--metrics`` included); ``evaluate(..., label_comparison=fn)`` decides
+relevance by a function of the labels, ``average="class"`` (or an ``@class`` name) averages per class, and
+``c_``/``e_`` names rank by cosine/Euclidean in the same evaluation. See ``docs/metrics.md`` for every
+formula and rule.
 """
 
 from dmlkit import search as _search
@@ -19,12 +22,25 @@ from dmlkit.metrics.embedding_space import (
     intra_class_distance,
     intra_class_distances,
     intra_over_inter,
+    principal_components_fraction,
     rho_spectrum,
     singular_values,
 )
+from dmlkit.metrics.label_relevance import EvaluationResults, LabelComparison, Relevance
 from dmlkit.metrics.landmarks import LandmarkResults, gldv2_map, revisited_map
-from dmlkit.metrics.retrieval import DEFAULT_METRICS, available, check_options, higher_is_better, parse_metric
+from dmlkit.metrics.retrieval import (
+    DEFAULT_METRICS,
+    RetrievalContext,
+    available,
+    check_options,
+    higher_is_better,
+    parse_metric,
+    parse_name,
+    register_metric,
+    unregister_metric,
+)
 from dmlkit.metrics.scoring import choose_k, compute, evaluate, per_group
+from dmlkit.metrics.verification import fnmr_at_fmr, pair_distances
 from dmlkit.metrics.visualize import pick_queries, relevance, retrieval_grid
 from dmlkit.search import RetrievalResults, knn
 
@@ -34,7 +50,11 @@ BACKENDS: tuple[str, ...] = tuple(_search.available())
 __all__ = [
     "BACKENDS",
     "DEFAULT_METRICS",
+    "EvaluationResults",
+    "LabelComparison",
     "LandmarkResults",
+    "Relevance",
+    "RetrievalContext",
     "RetrievalResults",
     "ami",
     "available",
@@ -47,6 +67,7 @@ __all__ = [
     "distance_scores",
     "evaluate",
     "f1",
+    "fnmr_at_fmr",
     "gldv2_map",
     "higher_is_better",
     "inter_class_distance",
@@ -56,14 +77,19 @@ __all__ = [
     "kmeans",
     "knn",
     "nmi",
+    "pair_distances",
     "parse_metric",
+    "parse_name",
     "per_group",
     "pick_queries",
+    "principal_components_fraction",
+    "register_metric",
     "relevance",
     "retrieval_grid",
     "revisited_map",
     "rho_spectrum",
     "singular_values",
+    "unregister_metric",
 ]
 
 

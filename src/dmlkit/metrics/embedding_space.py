@@ -12,6 +12,8 @@ Performance in Deep Metric Learning" (ICML 2020): spectral decay ρ and intra-/i
   class centroids μ_c (cosine: μ_c = normalise(mean of the normalised members), as Roth et al.;
   otherwise the plain mean).
 - ``dists@intra_over_inter``: intra / max(inter, 1e-8).
+- ``pcf@F`` (:func:`principal_components_fraction`): open-metric-learning's principal components fraction,
+  the share of the d dimensions that PCA needs to explain a share F of the variance.
 
 Distances: ``cosine`` → 1 − cos (Roth et al.'s choice), ``euclidean`` → ‖x − y‖, ``squared_euclidean``
 → ‖x − y‖². ``dot`` is not a distance and is rejected. Everything is accumulated in float64 and in
@@ -92,6 +94,40 @@ def rho_spectrum(embeddings: torch.Tensor | np.ndarray, K: int = 1) -> float:
         return float((-math.log(m) - p.log()).mean())
     nonzero = p[p > 0]
     return float((nonzero * (nonzero * m).log()).sum())
+
+
+def principal_components_fraction(embeddings: torch.Tensor | np.ndarray, variance: float) -> float:
+    """``pcf@F``: open-metric-learning's principal components fraction (``oml.functional.metrics.calc_pcf``,
+    open-metric-learning 4.0), the share of the d dimensions that PCA needs to explain a share ``variance``
+    of the variance.
+
+    λ_1 ≥ … ≥ λ_m are the m = min(n, d) eigenvalues of the covariance of the (centred) n × d embeddings and
+    c_j = Σ_{i≤j} λ_i / Σ_i λ_i; n_F = the largest n with c_{n−1} ≤ F, i.e. 1 + #{j : c_j ≤ F} (OML's
+    ``searchsorted(c, F, side="right") + 1``); the value is min(n_F, d) / d. OML does not cap n_F: for
+    F = 1 and n ≥ d it gives (d + 1)/d; here the value never exceeds 1. NaN when the embeddings do not vary
+    (fewer than two distinct rows). Computed in float64 from the d × d covariance, accumulated over row
+    chunks in two passes (the mean, then the centred Gram matrix; O(n·d²) time, O(d²) memory), with c
+    normalised by its last entry so that F = 1 counts every component exactly.
+    """
+    if isinstance(variance, bool) or not isinstance(variance, int | float) or not 0 <= variance <= 1:
+        raise ConfigError(f"pcf@F needs a variance share F in [0, 1], got {variance!r}")
+    x = _embeddings(embeddings)
+    n, d = x.shape
+    total = torch.zeros(d, dtype=torch.float64)
+    for start in range(0, n, ROW_CHUNK):
+        total += x[start : start + ROW_CHUNK].double().sum(0)
+    mean = total / n
+    covariance = torch.zeros(d, d, dtype=torch.float64)  # × (n − 1), which no share depends on
+    for start in range(0, n, ROW_CHUNK):
+        block = x[start : start + ROW_CHUNK].double() - mean
+        covariance += block.T @ block
+    eigenvalues = torch.linalg.eigvalsh(covariance).flip(0).clamp_min(0)[: min(n, d)]
+    cumulative = eigenvalues.cumsum(0)
+    if n < 2 or float(cumulative[-1]) <= 0:
+        return math.nan
+    share = cumulative / cumulative[-1]
+    count = int(torch.searchsorted(share, torch.tensor([float(variance)], dtype=torch.float64), right=True))
+    return min(count + 1, d) / d
 
 
 def check_dist_distance(distance: str) -> None:

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dmlkit.data.images import load_image, to_channels
 from dmlkit.errors import ConfigError, DataError
+from dmlkit.metrics.label_relevance import relevant_topk
 from dmlkit.search.results import RetrievalResults
 
 
@@ -45,11 +46,9 @@ TEXT_COLOUR = (0, 0, 0)
 
 
 def relevance(results: RetrievalResults) -> torch.Tensor:
-    """Boolean ``n_query × k``: the i-th retrieved item exists (index ≥ 0) and has the query's label."""
-    indices = results.topk_indices
-    valid = indices >= 0
-    labels = results.gallery_labels[indices.clamp_min(0)]
-    return valid & (labels == results.query_labels[:, None])
+    """Boolean ``n_query × k``: the i-th retrieved item exists (index ≥ 0) and has the query's label (or,
+    for the results of ``evaluate(..., label_comparison=fn)``, passes ``fn``)."""
+    return relevant_topk(results)
 
 
 def pick_queries(results: RetrievalResults, n: int, mode: PickMode = "failures", seed: int = 0) -> list[int]:
