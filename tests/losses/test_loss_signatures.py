@@ -74,7 +74,22 @@ RECORDED: dict[str, tuple[str, str | None, str | None]] = {
 }
 #: The losses whose family adds ``triplets_per_anchor="all"`` to the shared options.
 TRIPLET_LOSSES = {"triplet", "margin"}
-SHARED = ("triplets_per_anchor", "distance", "normalize_embeddings", "reduction")
+SHARED = (
+    "triplets_per_anchor",
+    "distance",
+    "normalize_embeddings",
+    "reduction",
+    "embedding_regularizer",
+    "embedding_reg_weight",
+    "weight_regularizer",
+    "weight_reg_weight",
+)
+REGULARIZER_OPTIONS = [
+    "embedding_regularizer=None",
+    "embedding_reg_weight=1.0",
+    "weight_regularizer=None",
+    "weight_reg_weight=1.0",
+]
 
 
 def plain(signature: inspect.Signature) -> str:
@@ -90,6 +105,7 @@ def expected(name: str) -> str:
         return own
     shared = ["triplets_per_anchor='all'"] if name in TRIPLET_LOSSES else []
     shared += [f"distance={distance!r}", "normalize_embeddings=True", f"reduction={reduction!r}"]
+    shared += REGULARIZER_OPTIONS
     return ", ".join([*([own] if own else []), "*", *shared])
 
 

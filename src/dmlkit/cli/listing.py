@@ -20,7 +20,7 @@ class Listed(Protocol):
 def registries() -> dict[str, Listed]:
     """Every registry a configuration or a command line chooses from, under its ``dmlkit list`` name."""
     from dmlkit import data, distances, losses, miners, models, samplers, search
-    from dmlkit.losses import reducers
+    from dmlkit.losses import reducers, regularizers
     from dmlkit.metrics import retrieval
     from dmlkit.train import optim
 
@@ -34,6 +34,7 @@ def registries() -> dict[str, Listed]:
         "weights": models.weights.REGISTRY,
         "losses": losses.REGISTRY,
         "reducers": reducers.REGISTRY,
+        "regularizers": regularizers.REGISTRY,
         "miners": miners.REGISTRY,
         "distances": distances.REGISTRY,
         "optimizers": optim.OPTIMIZERS,

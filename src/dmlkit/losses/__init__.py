@@ -3,7 +3,7 @@ configuration not built yet, ``capabilities(name, args)``.
 
 See ``docs/losses.md`` for the table of losses and the calling convention, :mod:`dmlkit.losses.base` for
 the base classes new losses derive from (and the :class:`Loss` protocol the trainer relies on), and
-:mod:`dmlkit.losses.reducers` for the reductions.
+:mod:`dmlkit.losses.reducers` for the reductions and :mod:`dmlkit.losses.regularizers` for the regularizers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ from typing import Any, cast
 
 from torch import nn
 
-from dmlkit.losses import combine, margin_softmax, pair, proxy, ranking, reducers, softmax_family
+from dmlkit.losses import (
+    combine,
+    margin_softmax,
+    pair,
+    proxy,
+    ranking,
+    reducers,
+    regularizers,
+    softmax_family,
+)
 from dmlkit.losses.base import (
     PAIRS_AND_TRIPLETS,
     REGISTRY,
@@ -70,5 +79,6 @@ __all__ = [
     "reduce",
     "reducers",
     "register",
+    "regularizers",
     "softmax_family",
 ]

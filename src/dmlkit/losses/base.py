@@ -7,9 +7,12 @@ A loss is the composition of four orthogonal choices, as in pytorch-metric-learn
   (PML's default);
 - the **tuples** it is computed on: a miner's ``indices_tuple`` or, without one, all valid pairs/triplets;
 - a **reduction** of the per-element losses to a scalar (:mod:`dmlkit.losses.reducers`: ``mean``,
-  ``avg_non_zero``, ``sum``);
+  ``avg_non_zero``, ``sum``, ``threshold``, ``per_anchor``, ``class_weighted``, ``do_nothing``);
 - the **loss formula** itself, the only thing a concrete loss writes (:meth:`BaseLoss.compute_loss` on the
-  validated call, a :class:`dmlkit.tuples.Batch`).
+  validated call, a :class:`dmlkit.tuples.Batch`);
+
+plus, optionally, **regularizers** (:mod:`dmlkit.losses.regularizers`) whose weighted penalties of the
+embeddings and of the loss's class vectors are added to its value.
 
 Every loss is called as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None,
 ref_exclude=None)`` and returns a scalar; ``ref_exclude`` (a boolean ``batch × reference`` mask) names
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol, TypedDict, Unpack, runtime_checkable
 
 import torch
@@ -32,8 +35,9 @@ from torch import nn
 from dmlkit import distances
 from dmlkit.distances import full_precision
 from dmlkit.errors import ConfigError
-from dmlkit.losses import reducers
-from dmlkit.losses.reducers import reduce
+from dmlkit.losses import reducers, regularizers
+from dmlkit.losses.reducers import Elements, Reducer, reduce
+from dmlkit.losses.regularizers import Regularizer
 from dmlkit.registry import Registered, Registry, SharedOptions
 from dmlkit.tuples import (
     PAIRS,
@@ -55,6 +59,10 @@ PAIRS_AND_TRIPLETS: frozenset[str] = TUPLE_KINDS
 #: The similarities among the distances (for losses whose formula needs one).
 SIMILARITIES: tuple[str, ...] = tuple(n for n in distances.available() if distances.build(n).is_similarity)
 
+
+#: What each per-element loss is, for :meth:`BaseLoss.reduce`: ``"anchors"``, a tuple of index tensors
+#: (``(anchors,)``, pairs ``(anchors, others)``, triplets ``(anchors, positives, negatives)``) or None.
+ElementIndices = tuple[torch.Tensor, ...] | Literal["anchors"] | None
 
 #: Class decorator registering a loss under a name (the class learns it as ``registry_name``).
 register = REGISTRY.register
@@ -160,13 +168,14 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
     """Common calling convention, validation, distance, reduction and statistics.
 
     Subclasses set the class attributes below and implement :meth:`compute_loss`. The options every loss
-    takes (``distance``, ``normalize_embeddings``, ``reduction``) are declared once, by
-    :meth:`shared_options`; a loss declares only its own hyperparameters, as the parameters of
+    takes (``distance``, ``normalize_embeddings``, ``reduction`` and the regularizers) are declared once,
+    by :meth:`shared_options`; a loss declares only its own hyperparameters, as the parameters of
     :meth:`configure`, and its default distance and reduction in :attr:`defaults`
     (:class:`dmlkit.registry.SharedOptions`). The constructor's signature is computed from both, the
     shared options keyword-only, so the registry catches a misspelt option. The ``distance`` name is
     turned into a :class:`dmlkit.distances.Distance` once (``self.distance``, None for a loss without
-    one), the ``reduction`` name into a :class:`~dmlkit.losses.reducers.Reducer` (``self.reducer``).
+    one), the ``reduction`` into a :class:`~dmlkit.losses.reducers.Reducer` (``self.reducer``), the
+    regularizers into :class:`~dmlkit.losses.regularizers.Regularizer` objects.
     """
 
     #: Kinds of miner output the loss consumes, conversions included (``{"pairs", "triplets"}`` for PML
@@ -183,6 +192,16 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
     #: False for a loss that takes none of the shared options (the ``multiple`` combiner: its members do);
     #: its constructor is then its :meth:`configure` alone.
     takes_shared_options: ClassVar[bool] = True
+    #: Where the loss keeps its class vectors (proxies, class weights), what a ``weight_regularizer``
+    #: acts on: ``(attribute, "rows")`` for a ``C × d`` parameter, ``(attribute, "columns")`` for a
+    #: ``d × C`` one. None: the loss has none, and refuses a ``weight_regularizer``.
+    class_vectors: ClassVar[tuple[str, Literal["rows", "columns"]] | None] = None
+
+    # No regularizer unless the shared options set one (a loss without shared options has none).
+    embedding_regularizer: Regularizer | None = None
+    weight_regularizer: Regularizer | None = None
+    embedding_reg_weight: float = 1.0
+    weight_reg_weight: float = 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -193,23 +212,68 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self._stats: dict[str, torch.Tensor | float] = {}
+        self._call: Batch | None = None  # the call being computed (what reductions are told about)
+        self._unreduced = 0  # reductions made in this call by a reducer that does not reduce
         self.apply_arguments(args, kwargs)
 
     def shared_options(
-        self, *, distance: str | None = None, normalize_embeddings: bool = True, reduction: str = "mean"
+        self,
+        *,
+        distance: str | None = None,
+        normalize_embeddings: bool = True,
+        reduction: str | Mapping[str, Any] | Reducer = "mean",
+        embedding_regularizer: str | Mapping[str, Any] | Regularizer | None = None,
+        embedding_reg_weight: float = 1.0,
+        weight_regularizer: str | Mapping[str, Any] | Regularizer | None = None,
+        weight_reg_weight: float = 1.0,
     ) -> None:
-        """Build the distance (None: the loss has none, e.g. ``multiple``) and the reducer, and check the
-        distance is one of :attr:`allowed_distances`."""
+        """Build the distance (None: the loss has none, e.g. ``multiple``), the reducer (a name,
+        ``{name: ..., args: {...}}`` or a :class:`~dmlkit.losses.reducers.Reducer`) and the regularizers
+        (likewise, or None), and check the distance is one of :attr:`allowed_distances`."""
         self.normalize_embeddings = bool(normalize_embeddings)
         self.distance: distances.Distance = (
             None  # type: ignore[assignment]
             if distance is None
             else distances.build(distance, normalize_embeddings=normalize_embeddings)
         )
-        self.reducer = reducers.build(reduction)
-        self.reduction = reduction
+        self.reducer = reducers.from_spec(reduction, f"loss '{self.who}': reduction")
+        self.reduction = self.reducer.who
         if self.allowed_distances is not None:
             check_choice(self.who, "distance", distance, self.allowed_distances, self.distance_reason)
+        self.set_regularizers(
+            embedding_regularizer, embedding_reg_weight, weight_regularizer, weight_reg_weight
+        )
+
+    def set_regularizers(
+        self,
+        embedding: str | Mapping[str, Any] | Regularizer | None,
+        embedding_weight: float,
+        weight: str | Mapping[str, Any] | Regularizer | None,
+        weight_weight: float,
+    ) -> None:
+        """Build the embedding and weight regularizers and keep their weights (PML's
+        ``embedding_regularizer``/``embedding_reg_weight`` and ``weight_regularizer``/``weight_reg_weight``).
+        A weight regularizer needs :attr:`class_vectors`; neither goes with a reduction that returns
+        per-element losses."""
+        who = f"loss '{self.who}'"
+        self.embedding_regularizer = (
+            None if embedding is None else regularizers.from_spec(embedding, f"{who}: embedding_regularizer")
+        )
+        self.weight_regularizer = (
+            None if weight is None else regularizers.from_spec(weight, f"{who}: weight_regularizer")
+        )
+        self.embedding_reg_weight, self.weight_reg_weight = float(embedding_weight), float(weight_weight)
+        if self.weight_regularizer is not None and self.class_vectors is None:
+            having = [n for n in REGISTRY.available() if getattr(REGISTRY.get(n), "class_vectors", None)]
+            raise ConfigError(
+                f"{who} has no class vectors (proxies, class weights) for a weight_regularizer; the losses "
+                f"that have some: {', '.join(having) or '(none)'}"
+            )
+        if (self.embedding_regularizer or self.weight_regularizer) and not self.reducer.reduces:
+            raise ConfigError(
+                f"{who}: a regularizer's term cannot be added to the per-element losses of reduction "
+                f"'{self.reduction}'"
+            )
 
     @classmethod
     def capabilities(cls, args: Mapping[str, Any]) -> tuple[frozenset[str], bool]:
@@ -250,8 +314,15 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
                 indices_tuple = drop_excluded(indices_tuple, batch.exclude)
             batch = dataclasses.replace(batch, indices_tuple=indices_tuple)
         self._stats = {}
-        with full_precision(embeddings):
-            return self.compute_loss(batch)
+        self._call, self._unreduced = batch, 0
+        try:
+            with full_precision(embeddings):
+                value = self.compute_loss(batch)
+                if self.embedding_regularizer is not None or self.weight_regularizer is not None:
+                    value = value + self.regularization(batch.embeddings)
+        finally:
+            self._call = None
+        return value
 
     def compute_loss(self, batch: Batch) -> torch.Tensor:
         """The loss proper, on a validated call (its reference set ``None`` when it is the batch)."""
@@ -270,9 +341,92 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
             raise NotImplementedError(f"{type(self).__name__} has no distance")
         return self.distance.matrix(batch.embeddings, batch.ref_emb, scale)
 
-    def reduce(self, losses: torch.Tensor) -> torch.Tensor:
-        """Reduce with the configured ``reduction``."""
-        return self.reducer(losses)
+    def reduce(
+        self, losses: torch.Tensor, indices: ElementIndices = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Reduce with the configured ``reduction``.
+
+        ``indices`` tell the reducer what each element of a 1-D ``losses`` is (PML's loss indices:
+        :class:`~dmlkit.losses.reducers.Elements`): ``"anchors"`` (``losses[i]`` is anchor ``i``'s),
+        ``(anchors,)``, ``(anchors, others)`` for pairs, ``(anchors, positives, negatives)`` for triplets;
+        None: not said, and a reducer that needs it (``per_anchor``, ``class_weighted``) raises a
+        ``ConfigError`` naming the loss. ``mask``: reduce only the elements it selects
+        (:meth:`~dmlkit.losses.reducers.Reducer.masked`). With a reducer that does not reduce
+        (``do_nothing``) the losses come back as they are, and a loss may reduce only once per call: a
+        loss made of several reduced terms adds them with :meth:`reduce_terms`.
+        """
+        if not self.reducer.reduces:
+            self._unreduced += 1
+            if self._unreduced > 1:
+                raise ConfigError(
+                    f"loss '{self.who}' adds several reduced terms up, so reduction '{self.reduction}' "
+                    "cannot return its per-element losses"
+                )
+        return self._reduce_one(losses, indices, mask)
+
+    def reduce_terms(
+        self, *terms: tuple[torch.Tensor, ElementIndices], weights: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """``Σ_k w_k · reduce(losses_k, indices_k)``: sub-losses reduced separately, then added (PML's
+        reducer per sub-loss; ``weights`` default to 1). With ``do_nothing``: the weighted per-element
+        losses of every term, concatenated in order."""
+        factors = [1.0] * len(terms) if weights is None else [float(w) for w in weights]
+        parts = [
+            value if w == 1.0 else w * value
+            for (losses, indices), w in zip(terms, factors, strict=True)
+            for value in [self._reduce_one(losses, indices, None)]
+        ]
+        if not self.reducer.reduces:
+            return torch.cat([part.reshape(-1) for part in parts])
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+    def _reduce_one(
+        self, losses: torch.Tensor, indices: ElementIndices, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        elements = self._elements(losses, indices) if self.reducer.needs_elements else None
+        if elements is None and self.reducer.needs_elements:
+            raise ConfigError(
+                f"loss '{self.who}' does not tell its reduction which anchor each of its per-element losses "
+                f"belongs to (PML's loss indices), which reduction '{self.reduction}' needs"
+            )
+        return self.reducer(losses, elements) if mask is None else self.reducer.masked(losses, mask, elements)
+
+    def _elements(self, losses: torch.Tensor, indices: ElementIndices) -> Elements | None:
+        batch = self._call
+        if indices is None or batch is None:
+            return None
+        if isinstance(indices, str):
+            if indices != "anchors":
+                raise ValueError(f"indices must be 'anchors' or a tuple of index tensors, got {indices!r}")
+            indices = (torch.arange(len(batch.labels), device=losses.device),)
+        return Elements(tuple(indices), batch.labels, len(batch.reference_labels))
+
+    def class_vector_rows(self) -> torch.Tensor:
+        """The class vectors, one per row (:attr:`class_vectors`): what a weight regularizer acts on."""
+        if self.class_vectors is None:
+            raise ConfigError(f"loss '{self.who}' has no class vectors")
+        name, layout = self.class_vectors
+        vectors: torch.Tensor = getattr(self, name)
+        return vectors if layout == "rows" else vectors.t()
+
+    def regularization(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``embedding_reg_weight · R_e(embeddings) + weight_reg_weight · R_w(class vectors)``, the terms
+        PML adds as already-reduced sub-losses; recorded in :attr:`last_stats` as ``embedding_reg_loss``
+        and ``weight_reg_loss`` (weighted). ``embeddings`` are the call's, not normalised."""
+        terms: list[torch.Tensor] = []
+        if self.embedding_regularizer is not None:
+            terms.append(self.embedding_reg_weight * self.embedding_regularizer(embeddings))
+            self.record(embedding_reg_loss=terms[-1])
+        if self.weight_regularizer is not None:
+            terms.append(self.weight_reg_weight * self.weight_regularizer(self.class_vector_rows()))
+            self.record(weight_reg_loss=terms[-1])
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
 
     @staticmethod
     def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
@@ -291,10 +445,16 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
 
     def extra_repr(self) -> str:
         distance = None if self.distance is None else str(self.distance)
-        return (
-            f"distance={distance!r}, normalize_embeddings={self.normalize_embeddings}, "
-            f"reduction={self.reduction!r}"
+        # a reducer with options shows them (``reduction=ThresholdReducer(low=0.1, high=None)``)
+        reduction = repr(self.reducer) if self.reducer.options() else repr(self.reduction)
+        shown = (
+            f"distance={distance!r}, normalize_embeddings={self.normalize_embeddings}, reduction={reduction}"
         )
+        for role in ("embedding", "weight"):
+            regularizer = getattr(self, f"{role}_regularizer")
+            if regularizer is not None:
+                shown += f", {role}_regularizer={regularizer!r} × {getattr(self, f'{role}_reg_weight')}"
+        return shown
 
 
 class PairLoss(BaseLoss):
@@ -324,7 +484,7 @@ class PairLoss(BaseLoss):
             num_active_pos_pairs=(pos_loss > 0).sum(),
             num_active_neg_pairs=(neg_loss > 0).sum(),
         )
-        return self.reduce(pos_loss) + self.reduce(neg_loss)
+        return self.reduce_terms((pos_loss, (a1, p)), (neg_loss, (a2, n)))
 
 
 class MatrixPairLoss(BaseLoss):
@@ -355,7 +515,7 @@ class MatrixPairLoss(BaseLoss):
         mat = self.matrix(batch)
         pos_mask, neg_mask = self.masks(batch, tuple(mat.shape))  # type: ignore[arg-type]
         self.record(num_pos_pairs=pos_mask.sum(), num_neg_pairs=neg_mask.sum())
-        return self.reduce(self.matrix_loss(mat, pos_mask, neg_mask))
+        return self.reduce(self.matrix_loss(mat, pos_mask, neg_mask), "anchors")
 
 
 class TripletLoss(BaseLoss):
@@ -389,6 +549,18 @@ class TripletLoss(BaseLoss):
         return batch.to_triplets(self.triplets_per_anchor)
 
 
+def check_trainable(loss: nn.Module) -> None:
+    """Raise ``ConfigError`` when ``loss``, or a loss inside it (a member of ``multiple``), returns
+    per-element losses (``reduction: do_nothing``): training minimises a scalar."""
+    for module in loss.modules():
+        if isinstance(module, BaseLoss) and module.takes_shared_options and not module.reducer.reduces:
+            raise ConfigError(
+                f"loss '{module.who}' with reduction '{module.reduction}' returns per-element losses, not "
+                "the scalar training minimises; 'do_nothing' is for Python use (pick mean, avg_non_zero, "
+                "sum, threshold, per_anchor or class_weighted)"
+            )
+
+
 __all__ = [
     "PAIRS",
     "PAIRS_AND_TRIPLETS",
@@ -397,6 +569,8 @@ __all__ = [
     "TRIPLETS",
     "BaseLoss",
     "Batch",
+    "ElementIndices",
+    "Elements",
     "Loss",
     "LossInputs",
     "MatrixPairLoss",
@@ -406,6 +580,7 @@ __all__ = [
     "anchor_weights",
     "check_choice",
     "check_positive",
+    "check_trainable",
     "masked_logsumexp",
     "reduce",
     "register",

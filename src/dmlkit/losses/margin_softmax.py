@@ -42,6 +42,7 @@ class MarginSoftmaxLoss(ClassLoss):
     #: True when the logits are ``scale · (ψ or cos)`` with a constant scale (fused path)
     constant_scale: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    class_vectors = ("W", "columns")
     allowed_distances = ("cosine",)
 
     def configure(self, margin: float, scale: float, weights_per_class: int = 1) -> None:
@@ -319,6 +320,7 @@ class P2SGradLoss(ClassLoss):
 
     tuple_kinds: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    class_vectors = ("weight", "columns")
     allowed_distances = ("cosine",)
 
     def configure(self) -> None:

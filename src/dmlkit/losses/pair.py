@@ -52,7 +52,9 @@ class ContrastiveLoss(PairLoss):
         return F.relu(farther(pos, self.pos_margin)), F.relu(farther(self.neg_margin, neg))
 
     def compute_loss(self, batch: Batch) -> torch.Tensor:
-        if batch.indices_tuple is not None:  # mined pairs: gathered values (a pair mined twice counts twice)
+        if batch.indices_tuple is not None or not self.reducer.fusable:
+            # mined pairs: gathered values (a pair mined twice counts twice); a reduction that is no sum
+            # divided by a count needs the per-pair losses
             return super().compute_loss(batch)
         # All pairs: the negative pairs are every entry of the matrix but the same-label ones, which are
         # few (found from sorted labels): dense passes for the negatives, gathers for the rest.
@@ -159,7 +161,7 @@ class TripletMarginLoss(TripletLoss):
     def compute_loss(self, batch: Batch) -> torch.Tensor:
         mat = self.matrix(batch)
         sim = self.is_similarity
-        plain = not self.swap and not self.smooth_loss
+        plain = not self.swap and not self.smooth_loss and self.reducer.fusable
         if plain and batch.indices_tuple is None and self.triplets_per_anchor == "all":
             # every triplet, never listed: hinge sums from each anchor's positives and negatives
             rows, cols, is_pos = batch.same_label_entries()
@@ -183,7 +185,7 @@ class TripletMarginLoss(TripletLoss):
         violation = self.distance.margin(ap, an) + self.margin
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
         self.record(num_triplets=a.numel(), num_active_triplets=torch.count_nonzero(losses))
-        return self.reduce(losses)
+        return self.reduce(losses, (a, p, n))
 
 
 def _between_references(
@@ -824,7 +826,7 @@ class QuadrupletLoss(BaseLoss):
             num_quadruplet_terms=quad_losses.numel(),
             num_active_quadruplet_terms=(quad_losses > 0).sum(),
         )
-        return self.reduce(triplet_losses) + self.reduce(quad_losses)
+        return self.reduce_terms((triplet_losses, None), (quad_losses, None))
 
     def extra_repr(self) -> str:
         return (
@@ -959,7 +961,9 @@ class ThresholdConsistentMarginLoss(BaseLoss):
             num_active_pos_pairs=(pos_losses > 0).sum(),
             num_active_neg_pairs=(neg_losses > 0).sum(),
         )
-        return self.lambda_plus * self.reduce(pos_losses) + self.lambda_minus * self.reduce(neg_losses)
+        return self.reduce_terms(
+            (pos_losses, (a1, p)), (neg_losses, (a2, n)), weights=(self.lambda_plus, self.lambda_minus)
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -174,7 +174,8 @@ class ClassLoss(BaseLoss):
         return p if p.dtype == like.dtype else p.to(like.dtype)
 
     def weighted_reduce(self, losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        return self.reduce(losses if weights is None else losses * weights)
+        """Reduce one loss per sample, each weighted by the miner's sample weight (None: 1)."""
+        return self.reduce(losses if weights is None else losses * weights, "anchors")
 
     def extra_repr(self) -> str:
         return (
@@ -203,6 +204,7 @@ class ProxyNCALoss(ClassLoss):
     """
 
     defaults: ClassVar[dict[str, Any]] = {"distance": "squared_euclidean", "reduction": "mean"}
+    class_vectors = ("proxies", "rows")
 
     def configure(self, softmax_scale: float = 1.0) -> None:
         self.softmax_scale = float(softmax_scale)
@@ -245,6 +247,7 @@ class ProxyAnchorLoss(ClassLoss):
     """
 
     defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    class_vectors = ("proxies", "rows")
 
     def configure(self, margin: float = 0.1, alpha: float = 32.0) -> None:
         self.margin = float(margin)
@@ -272,7 +275,7 @@ class ProxyAnchorLoss(ClassLoss):
         self.record(num_pos_proxies=num_pos)
         if self.reduction == "mean":
             return pos_term.sum() / num_pos.clamp_min(1) + neg_term.sum() / self.num_classes
-        return self.reduce(pos_term) + self.reduce(neg_term)
+        return self.reduce_terms((pos_term, None), (neg_term, None))
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, alpha={self.alpha}, " + super().extra_repr()
@@ -313,6 +316,7 @@ class SoftTripleLoss(ClassLoss):
     """
 
     defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    class_vectors = ("fc", "columns")
     allowed_distances = SIMILARITIES
 
     def configure(
@@ -396,6 +400,7 @@ class NormalizedSoftmaxLoss(ClassLoss):
     """
 
     defaults: ClassVar[dict[str, Any]] = {"distance": "dot", "reduction": "mean"}
+    class_vectors = ("W", "columns")
 
     def configure(self, temperature: float = 0.05) -> None:
         check_positive(self.who, temperature=temperature)
@@ -444,6 +449,7 @@ class ManifoldLoss(ClassLoss):
 
     tuple_kinds: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, Any]] = {"distance": "cosine", "reduction": "mean"}
+    class_vectors = ("proxies", "rows")
     allowed_distances = SIMILARITIES
 
     def configure(self, lambdaC: float = 1.0, alpha: float = 0.8, margin: float = 5e-4) -> None:

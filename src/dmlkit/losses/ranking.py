@@ -95,7 +95,7 @@ class FastAPLoss(BaseLoss):
         # PML returns 0 when no histogram term survives (distances outside the bins); kept, sync-free.
         has_pos = has_pos & keep.any()
         self.record(num_anchors=has_pos.sum())
-        return self.reducer.masked(losses, has_pos)
+        return self.reduce(losses, "anchors", mask=has_pos)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, " + super().extra_repr()
@@ -295,7 +295,7 @@ class PNPLoss(BaseLoss):
         if self.variant == "Dq":
             losses = 1 - losses
         self.record(num_anchors=has_pos.sum())
-        return self.reducer.masked(losses, has_pos)
+        return self.reduce(losses, "anchors", mask=has_pos)
 
     def _transform(self, rank: torch.Tensor) -> torch.Tensor:
         if self.variant == "Ds":

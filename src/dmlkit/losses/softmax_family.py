@@ -169,7 +169,7 @@ class MultiSimilarityLoss(BaseLoss):
         exponents = (mat - self.base) * coef
         pos_loss = F.softplus(logsumexp_excluding(exponents, not_pos)[0]) / self.alpha
         neg_loss = F.softplus(logsumexp_excluding(exponents, not_neg)[0]) / self.beta
-        return self.reduce(pos_loss + neg_loss)
+        return self.reduce(pos_loss + neg_loss, "anchors")
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, base={self.base}, " + super().extra_repr()
@@ -214,7 +214,7 @@ class CircleLoss(BaseLoss):
         lse_pos, has_pos = logsumexp_excluding(logits, not_pos)
         lse_neg, has_neg = logsumexp_excluding(logits, not_neg)
         # lse of an empty set is the lowest float: its sum with the other may be −inf, never NaN
-        return self.reduce(F.softplus(lse_pos + lse_neg).masked_fill(~(has_pos & has_neg), 0.0))
+        return self.reduce(F.softplus(lse_pos + lse_neg).masked_fill(~(has_pos & has_neg), 0.0), "anchors")
 
     def extra_repr(self) -> str:
         return f"m={self.m}, gamma={self.gamma}, " + super().extra_repr()
@@ -276,7 +276,7 @@ class SupConLoss(BaseLoss):
             self.record(num_pos_pairs=num_pos.sum(), num_neg_pairs=torch.count_nonzero(neg_mask))
         has_pos = num_pos > 0
         # Rows without positives are 0, and so is everything when no pair is negative (PML); no sync.
-        return self.reduce(losses.masked_fill(~(has_pos & has_pos.any() & any_neg), 0.0))
+        return self.reduce(losses.masked_fill(~(has_pos & has_pos.any() & any_neg), 0.0), "anchors")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, " + super().extra_repr()
@@ -328,7 +328,7 @@ class NTXentLoss(BaseLoss):
         neg_lse = logsumexp_excluding(logits + torch.log(counts.masked_fill(~neg_mask, 1.0)), ~neg_mask)[0]
         losses = F.softplus(neg_lse[a1] - logits[a1, p])
         self.record(num_pos_pairs=a1.numel(), num_neg_pairs=a2.numel())
-        return self.reduce(losses)
+        return self.reduce(losses, (a1, p))
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, " + super().extra_repr()
@@ -377,7 +377,7 @@ class NCALoss(BaseLoss):
         losses = lse_all - lse_same
         losses = torch.where(has_pos, losses, torch.zeros_like(losses)) * anchor_weights(batch, losses)
         self.record(num_anchors=has_pos.sum())
-        return self.reducer.masked(losses, has_pos)
+        return self.reduce(losses, "anchors", mask=has_pos)
 
     def extra_repr(self) -> str:
         return f"softmax_scale={self.softmax_scale}, " + super().extra_repr()

@@ -12,6 +12,7 @@ from torch import nn
 from dmlkit import losses, miners
 from dmlkit.config import TrainConfig
 from dmlkit.errors import ConfigError
+from dmlkit.losses.base import check_trainable
 from dmlkit.memory import CrossBatchMemory, build_memory
 from dmlkit.tuples import all_pairs, drop_excluded
 
@@ -159,6 +160,7 @@ def build_objective(
     if "embedding_size" in needs:
         kwargs.setdefault("embedding_size", embedding_size)
     loss = losses.build(loss_spec.name, **kwargs)
+    check_trainable(loss)  # reduction do_nothing returns per-element losses: nothing to minimise
     miner_spec = objective.miner
     miner = miners.build(miner_spec.name, **miner_spec.args) if miner_spec is not None else None
     memory = None
