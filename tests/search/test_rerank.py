@@ -462,6 +462,30 @@ def test_evaluate_with_steps():
     assert scored.metrics == by_hand.metrics and scored.k == 9  # the largest R, as evaluate chooses
 
 
+def test_evaluate_with_steps_takes_label_comparison_and_class_average():
+    """Relevance by a label comparison and the per-class average pass through re-ranking: with no steps
+    the scores equal dmlkit.metrics.evaluate's; with steps they equal compute() on the re-ranked results
+    with the same relevance (tags: a gallery item is relevant when it shares a tag with the query)."""
+    x = data(60, seed=33)
+    tags = np.stack([np.arange(60) % 5, np.arange(60) % 3], axis=1)
+
+    def shares_a_tag(query_tags, gallery_tags):
+        return (query_tags[..., :, None] == gallery_tags[..., None, :]).any(axis=(-1, -2))
+
+    names = ["recall@1", "precision@4", "map@r"]
+    plain = evaluate(x, tags, metrics=names, label_comparison=shares_a_tag, average="class")
+    assert rerank.evaluate(
+        x, tags, steps=None, metrics=names, label_comparison=shares_a_tag, average="class"
+    ).metrics == pytest.approx(plain.metrics)
+    scored = rerank.evaluate(
+        x, tags, steps=["dba:k=2", "aqe:k=2"], metrics=names, label_comparison=shares_a_tag
+    )
+    labels_only = rerank.evaluate(x, np.arange(60) % 5, steps=["dba:k=2", "aqe:k=2"], metrics=names)
+    assert scored.metrics != labels_only.metrics  # the comparison is used, not the first tag column
+    with pytest.raises(ConfigError, match="ranks by another distance"):
+        rerank.evaluate(x, tags[:, 0], steps=["aqe:k=2"], metrics=["c_recall@1"])
+
+
 def test_revisited_map_reads_reranked_results():
     """Embedding steps give the same revisited scores through transform() + embeddings as through a
     full re-ranked ranking; a ranking step's results are a ranking revisited_map accepts."""

@@ -106,7 +106,7 @@ def choose_k(
     leave_one_out = gallery_labels is None
     other = query_labels if leave_one_out else gallery_labels
     q_lab, g_lab, _ = encode_pair(query_labels, other, "query_labels", "gallery_labels")  # type: ignore[arg-type]
-    return _choose_k(
+    return choose_depth(
         parsed,
         _class_size(q_lab, g_lab),
         lambda: _max_relevant_upper_bound(q_lab, g_lab, leave_one_out),
@@ -116,14 +116,15 @@ def choose_k(
     )
 
 
-def _choose_k(
-    parsed: list[MetricName],
+def choose_depth(
+    parsed: Sequence[MetricName],
     class_size: torch.Tensor,
     max_relevant: Callable[[], int],
     n_gallery: int,
     leave_one_out: bool,
     k: int | None,
 ) -> int:
+    """:func:`choose_k` from what :func:`prepare_evaluation` returns (``class_size``, ``max_relevant``)."""
     needed = _depths(parsed, class_size, n_gallery, leave_one_out)
     if k is None:
         k = max(needed.values(), default=0)
@@ -441,6 +442,55 @@ def _embedding_values(
     return values, assignments
 
 
+def prepare_evaluation(
+    query: torch.Tensor | np.ndarray,
+    query_labels: ArrayLike,
+    gallery: torch.Tensor | np.ndarray | None,
+    gallery_labels: ArrayLike | None,
+    parsed: Sequence[MetricName],
+    *,
+    query_ids: ArrayLike | None = None,
+    gallery_ids: ArrayLike | None = None,
+    ignore: IgnoreSpec = None,
+    label_comparison: LabelComparison | None = None,
+) -> tuple[search.SearchInputs, Relevance | None, torch.Tensor, Callable[[], int]]:
+    """What every evaluation needs before it searches (:func:`evaluate`, and
+    :func:`dmlkit.search.rerank.evaluate` with post-processing): the search inputs (encoded labels,
+    exclusions), the relevance counts under a ``label_comparison`` (None: label equality), N per query
+    (the class size) and a callable giving the largest number of relevant items of any query."""
+    if label_comparison is None:
+        inputs = search.prepare(
+            query, gallery, query_labels, gallery_labels, query_ids, gallery_ids, ignore, require_queries=True
+        )
+        if inputs.query_labels is None or inputs.gallery_labels is None:
+            raise ConfigError("evaluate needs query_labels (and gallery_labels with a gallery)")
+        q_lab, g_lab, loo = inputs.query_labels, inputs.gallery_labels, inputs.leave_one_out
+        return inputs, None, _class_size(q_lab, g_lab), lambda: _max_relevant_upper_bound(q_lab, g_lab, loo)
+    if any(name.base == "mrr" for name in parsed):
+        raise ConfigError(
+            "metric 'mrr' finds the first relevant item in the whole ranking by label equality; with a "
+            "label_comparison use mrr@K (the top K)"
+        )
+    if query_labels is None:
+        raise ConfigError("evaluate needs query_labels (and gallery_labels with a gallery)")
+    q_values = label_values(query_labels, "query_labels")
+    g_values = None if gallery_labels is None else label_values(gallery_labels, "gallery_labels")
+    q_codes, g_codes, row_names = class_codes(q_values, g_values)
+    inputs = search.prepare(
+        query, gallery, q_codes, g_codes, query_ids, gallery_ids, ignore, require_queries=True
+    )
+    if row_names is not None:
+        inputs.label_values = row_names
+    gallery_values = q_values if inputs.leave_one_out else g_values
+    assert gallery_values is not None
+    counted = Relevance.count(label_comparison, q_values, gallery_values, inputs.exclusion)
+
+    def max_relevant() -> int:
+        return int(counted.num_relevant.max()) if len(counted.num_relevant) else 0
+
+    return inputs, counted, counted.class_size, max_relevant
+
+
 def evaluate(
     query: torch.Tensor | np.ndarray,
     query_labels: ArrayLike,
@@ -490,43 +540,10 @@ def evaluate(
     _check_average(average)
     parsed = [parse_name(name) for name in names]
     metric = search.check_searchable(distance)
-    relevance: Relevance | None = None
-    if label_comparison is None:
-        inputs = search.prepare(
-            query, gallery, query_labels, gallery_labels, query_ids, gallery_ids, ignore, require_queries=True
-        )
-        if inputs.query_labels is None or inputs.gallery_labels is None:
-            raise ConfigError("evaluate needs query_labels (and gallery_labels with a gallery)")
-        q_lab, g_lab, loo = inputs.query_labels, inputs.gallery_labels, inputs.leave_one_out
-        class_size = _class_size(q_lab, g_lab)
-
-        def max_relevant() -> int:
-            return _max_relevant_upper_bound(q_lab, g_lab, loo)
-
-    else:
-        if any(name.base == "mrr" for name in parsed):
-            raise ConfigError(
-                "metric 'mrr' finds the first relevant item in the whole ranking by label equality; with a "
-                "label_comparison use mrr@K (the top K)"
-            )
-        if query_labels is None:
-            raise ConfigError("evaluate needs query_labels (and gallery_labels with a gallery)")
-        q_values = label_values(query_labels, "query_labels")
-        g_values = None if gallery_labels is None else label_values(gallery_labels, "gallery_labels")
-        q_codes, g_codes, row_names = class_codes(q_values, g_values)
-        inputs = search.prepare(
-            query, gallery, q_codes, g_codes, query_ids, gallery_ids, ignore, require_queries=True
-        )
-        if row_names is not None:
-            inputs.label_values = row_names
-        gallery_values = q_values if inputs.leave_one_out else g_values
-        assert gallery_values is not None
-        counted = Relevance.count(label_comparison, q_values, gallery_values, inputs.exclusion)
-        relevance, class_size = counted, counted.class_size
-
-        def max_relevant() -> int:
-            return int(counted.num_relevant.max()) if len(counted.num_relevant) else 0
-
+    inputs, relevance, class_size, max_relevant = prepare_evaluation(
+        query, query_labels, gallery, gallery_labels, parsed,
+        query_ids=query_ids, gallery_ids=gallery_ids, ignore=ignore, label_comparison=label_comparison,
+    )  # fmt: skip
     assert inputs.gallery_labels is not None
     ranking: dict[str | None, list[MetricName]] = {None: []}
     for name in parsed:
@@ -539,7 +556,7 @@ def evaluate(
     for variant, group in ranking.items():
         if variant is None and skip_main:
             continue
-        depth = _choose_k(
+        depth = choose_depth(
             group, class_size, max_relevant, len(inputs.gallery_labels), inputs.leave_one_out, k
         )
         wants_mrr = relevance is None and any(name.base == "mrr" for name in group)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ from dmlkit.search.base import SearchInputs
 from dmlkit.search.encoding import ArrayLike, as_embeddings
 from dmlkit.search.exclusion import IgnoreSpec
 from dmlkit.search.results import RetrievalResults
+
+if TYPE_CHECKING:  # the metrics import the search package: no import at run time
+    from dmlkit.metrics.label_relevance import LabelComparison
+    from dmlkit.metrics.scoring import Average
 
 #: Largest number of entries of one block of temporaries (gathered neighbour rows, sparse-vector
 #: comparisons, distance tiles) in the steps' own computations; the searches use their own blocks.
@@ -917,23 +921,35 @@ def evaluate(
     backend: str = "torch",
     backend_options: Mapping[str, Any] | None = None,
     fit_embeddings: torch.Tensor | np.ndarray | None = None,
+    label_comparison: LabelComparison | None = None,
+    average: Average = "query",
 ) -> RetrievalResults:
-    """:func:`dmlkit.metrics.evaluate` with post-processing ``steps``: :func:`~dmlkit.metrics.choose_k`,
-    :func:`run`, :func:`~dmlkit.metrics.compute` (same arguments, plus ``steps`` and ``fit_embeddings``)."""
+    """:func:`dmlkit.metrics.evaluate` with post-processing ``steps``: the same arguments (relevance by a
+    ``label_comparison``, ``average="class"``), plus ``steps`` and ``fit_embeddings``. The steps re-rank by
+    ``distance``; the ``c_``/``e_`` names, which rank by another distance, are refused here."""
     from dmlkit.metrics import scoring
     from dmlkit.metrics.retrieval import DEFAULT_METRICS, check_options, parse_metric
 
     names = check_options(DEFAULT_METRICS if metrics is None else metrics, distance, backend)
+    parsed = [scoring.parse_name(name) for name in names]
+    variants = [name for name, p in zip(names, parsed, strict=True) if p.variant is not None]
+    if variants:
+        raise ConfigError(
+            f"metric {variants[0]!r} ranks by another distance than the re-ranked one; evaluate it "
+            "without post-processing steps"
+        )
     built = build_steps(steps)
-    inputs = api.prepare(
-        query, gallery, query_labels, gallery_labels, query_ids, gallery_ids, ignore, require_queries=True
+    inputs, relevance, class_size, max_relevant = scoring.prepare_evaluation(
+        query, query_labels, gallery, gallery_labels, parsed,
+        query_ids=query_ids, gallery_ids=gallery_ids, ignore=ignore, label_comparison=label_comparison,
+    )  # fmt: skip
+    assert inputs.gallery_labels is not None
+    k = scoring.choose_depth(
+        parsed, class_size, max_relevant, len(inputs.gallery_labels), inputs.leave_one_out, k
     )
-    if inputs.query_labels is None or inputs.gallery_labels is None:
-        raise ConfigError("evaluate needs query_labels (and gallery_labels with a gallery)")
-    gallery_codes = None if inputs.leave_one_out else inputs.gallery_labels
-    k = scoring.choose_k(names, inputs.query_labels, gallery_codes, k=k)
-    wants_mrr = any(parse_metric(name)[0] == "mrr" for name in names)
+    wants_mrr = relevance is None and any(parse_metric(name)[0] == "mrr" for name in names)
     results = run(
         inputs, built, k, distance, backend, backend_options, device, chunk_size, wants_mrr, fit_embeddings
     )
-    return scoring.compute(results, names, seed=seed)
+    wrapped = scoring.EvaluationResults.wrap(results, relevance=relevance)
+    return scoring.compute(wrapped, names, seed=seed, average=average)
