@@ -17,24 +17,23 @@ itself; the bring-your-own datasets (folder, csv: no official counts) only in DI
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import inspect
 import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from dmlkit.cli.parser import SuggestingParser, positive_int
 from dmlkit.config import parse_mapping
 from dmlkit.errors import ConfigError, DataError, DmlkitError
+from dmlkit.files import write_text_atomic
 
 #: Problems ``check`` prints (``--json`` lists them all).
 MAX_PROBLEMS = 20
@@ -520,19 +519,16 @@ def write_oml_csv(table: Any, out: str | Path, integer_labels: bool = False) -> 
     except OSError as exc:
         raise DataError(f"cannot create the folder of '{out}': {exc}") from exc
     columns, rows = oml_rows(table, out.parent, integer_labels)
-    handle, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+
+    def write_rows(file: IO[str]) -> None:
+        writer = csv.writer(file)
+        writer.writerow(columns)
+        writer.writerows(rows)
+
     try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
-            writer = csv.writer(file)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        os.replace(name, out)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        if isinstance(exc, OSError):
-            raise DataError(f"cannot write '{out}': {exc}") from exc
-        raise
+        write_text_atomic(out, write_rows, newline="")
+    except OSError as exc:
+        raise DataError(f"cannot write '{out}': {exc}") from exc
     written: dict[str, int] = {}
     for row in rows:
         written[row[2]] = written.get(row[2], 0) + 1

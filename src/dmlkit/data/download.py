@@ -20,7 +20,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from dmlkit import __version__
 from dmlkit.data.catalog import DatasetInfo, Download
 from dmlkit.errors import DataError
+from dmlkit.files import write_text_atomic
 
 #: Bytes read (and hashed) at a time.
 CHUNK = 1 << 20
@@ -134,15 +134,7 @@ def _read_marker(path: Path) -> dict[str, Any]:
 
 
 def _write_marker(path: Path, state: dict[str, Any]) -> None:
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(state, out)
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        raise
+    write_text_atomic(path, json.dumps(state), fsync=False)
 
 
 def _stat(path: Path) -> dict[str, int]:

@@ -13,11 +13,9 @@ is one line naming the file. A run folder stands for its ``best.pt`` (:func:`che
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,24 +24,15 @@ import numpy as np
 import torch
 
 from dmlkit.errors import DataError
+from dmlkit.files import write_atomic
 
 FORMAT_VERSION = 1
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary sibling file, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`dmlkit.files.write_atomic`: a temporary sibling, fsync, rename; the
+    file readable as any other (not ``mkstemp``'s ``0600``)."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 #: A run folder's checkpoints (``RunDirectory.BEST`` / ``RunDirectory.LAST``, which import this module).
