@@ -50,6 +50,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Callable[..., T]] = {}
+        # Names that are no entry on purpose (ambiguous, renamed) → why, told to whoever asks for one.
+        self._reserved: dict[str, str] = {}
         # Filled on first use of an entry: resolving annotations and building validators is not free.
         self._types: dict[str, ArgumentTypes] = {}
 
@@ -59,12 +61,22 @@ class Registry(Generic[T]):
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
+            if name in self._reserved:
+                raise ValueError(f"{self.kind} '{name}' is reserved: {self._reserved[name]}")
             self._entries[name] = factory
             if isinstance(factory, type) and issubclass(factory, Registered):
                 factory.registry_name = name
             return factory
 
         return decorator
+
+    def reserve(self, name: str, reason: str) -> None:
+        """Make ``name`` a name that is no entry on purpose (ambiguous, or renamed): asking for it raises
+        ``UnknownNameError`` with ``reason`` (which should name the entries meant) instead of a guess at
+        the closest name. It is not :meth:`available`, and cannot be registered."""
+        if name in self._entries or name in self._reserved:
+            raise ValueError(f"{self.kind} '{name}' is already registered or reserved")
+        self._reserved[name] = reason
 
     def available(self) -> list[str]:
         """Sorted names of every registered entry."""
@@ -74,10 +86,13 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def get(self, name: str) -> Callable[..., T]:
-        """The factory registered as ``name``; unknown names raise with the closest valid name."""
+        """The factory registered as ``name``; unknown names raise with the closest valid name, reserved
+        ones (:meth:`reserve`) with their reason."""
         try:
             return self._entries[name]
         except KeyError:
+            if name in self._reserved:
+                raise UnknownNameError(f"{self.kind} '{name}' {self._reserved[name]}") from None
             raise UnknownNameError(unknown_name_message(self.kind, name, self._entries)) from None
 
     def parameters(self, name: str) -> dict[str, inspect.Parameter]:

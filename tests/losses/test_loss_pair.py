@@ -43,7 +43,7 @@ NAMES = [
     "generalized_lifted",
     "npair",
     "angular",
-    "snr",
+    "snr_contrastive",
     "quadruplet",
     "tuplet_margin",
     "intra_pair_variance",
@@ -115,9 +115,9 @@ CONFIGS: list[Config] = [
     ),
     ("angular", {}, lambda: pml.AngularLoss(), True, normalize),
     ("angular", {"alpha": 30}, lambda: pml.AngularLoss(alpha=30), True, normalize),
-    ("snr", {}, lambda: pml.SignalToNoiseRatioContrastiveLoss(), True, None),
+    ("snr_contrastive", {}, lambda: pml.SignalToNoiseRatioContrastiveLoss(), True, None),
     (
-        "snr",
+        "snr_contrastive",
         {"pos_margin": 0.1, "neg_margin": 0.8, "normalize_embeddings": False},
         lambda: pml.SignalToNoiseRatioContrastiveLoss(
             pos_margin=0.1, neg_margin=0.8, distance=pml_distances.SNRDistance(normalize_embeddings=False)
@@ -611,7 +611,8 @@ def test_last_stats() -> None:
         ("angular", {"distance": "cosine"}, "distance"),
         ("angular", {"normalize_embeddings": False}, "normalize_embeddings"),
         ("angular", {"alpha": 90}, "alpha"),
-        ("snr", {"distance": "euclidean"}, "distance"),
+        ("snr_contrastive", {"distance": "euclidean"}, "distance"),
+        ("snr_triplet", {"distance": "euclidean"}, "distance"),
         ("tuplet_margin", {"distance": "dot"}, "distance"),
         ("threshold_consistent_margin", {"distance": "euclidean"}, "distance"),
         ("dynamic_soft_margin", {"distance": "cosine"}, "distance"),

@@ -51,7 +51,8 @@ RECORDED: dict[str, tuple[str, str | None, str | None]] = {
     "proxynca": ("num_classes, embedding_size, softmax_scale=1.0", "squared_euclidean", "mean"),
     "quadruplet": ("margin_alpha_1=0.2, margin_alpha_2=0.2, fourth_negatives='all'", "euclidean", "mean"),
     "ranked_list": ("margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0", "euclidean", "mean"),
-    "snr": ("pos_margin=0.0, neg_margin=1.0", "snr", "avg_non_zero"),
+    "snr_contrastive": ("pos_margin=0.0, neg_margin=1.0", "snr", "avg_non_zero"),
+    "snr_triplet": ("margin=0.2, reg_lambda=0.005", "snr", "avg_non_zero"),
     "softtriple": (
         "num_classes, embedding_size, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01",
         "cosine",
@@ -73,7 +74,7 @@ RECORDED: dict[str, tuple[str, str | None, str | None]] = {
     "tuplet_margin": ("margin=5.73, scale=64.0", "cosine", "mean"),
 }
 #: The losses whose family adds ``triplets_per_anchor="all"`` to the shared options.
-TRIPLET_LOSSES = {"triplet", "margin"}
+TRIPLET_LOSSES = {"triplet", "margin", "snr_triplet"}
 SHARED = (
     "triplets_per_anchor",
     "distance",

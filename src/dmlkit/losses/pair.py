@@ -7,6 +7,7 @@ pair-based losses) or with gathered entries (mined triplets). Nothing loops over
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar, Literal
 
@@ -17,8 +18,10 @@ from torch.autograd.function import once_differentiable
 
 from dmlkit.distances import Distance
 from dmlkit.errors import ConfigError
+from dmlkit.losses import regularizers
 from dmlkit.losses.base import (
     PAIRS_AND_TRIPLETS,
+    REGISTRY,
     BaseLoss,
     Batch,
     MatrixPairLoss,
@@ -697,9 +700,11 @@ class AngularLoss(BaseLoss):
 
 
 # ---------------------------------------------------------------------------------------------- SNR
+# Two losses on the signal-to-noise-ratio distance share the paper's name: PML's contrastive one and Roth et
+# al.'s triplet one. Neither is "the" SNR loss, so each is named by its formula and the bare name is refused.
 
 
-@register("snr")
+@register("snr_contrastive")
 class SignalToNoiseRatioContrastiveLoss(ContrastiveLoss):
     """Contrastive loss on the signal-to-noise-ratio distance (Yuan, Chen, Wang, Yu, Shi & Jia,
     "Signal-to-Noise Ratio: A Robust Distance Metric for Deep Metric Learning", CVPR 2019; PML
@@ -709,11 +714,94 @@ class SignalToNoiseRatioContrastiveLoss(ContrastiveLoss):
     (:class:`dmlkit.distances.SNR`; asymmetric, anchor in the denominator), ``[d − m⁺]₊`` on positive and
     ``[m⁻ − d]₊`` on negative pairs, each set reduced with ``avg_non_zero`` by default and the two summed.
     ``distance`` can only be ``"snr"`` (the contrastive loss itself takes it too);
-    ``normalize_embeddings`` (default True, as PML's ``SNRDistance``) L2-normalises first.
+    ``normalize_embeddings`` (default True, as PML's ``SNRDistance``) L2-normalises first. Roth et al.'s
+    triplet loss on the same distance is :class:`SignalToNoiseRatioTripletLoss` (``snr_triplet``).
     """
 
     defaults: ClassVar[dict[str, Any]] = {"distance": "snr", "reduction": "avg_non_zero"}
     allowed_distances = ("snr",)
+
+
+@register("snr_triplet")
+class SignalToNoiseRatioTripletLoss(TripletMarginLoss):
+    """Roth et al.'s SNR triplet loss with its embedding regulariser (Roth, Milbich, Sinha, Gupta, Ommer &
+    Cohen, "Revisiting Training Strategies and Generalization Performance in Deep Metric Learning", ICML
+    2020, code ``Confusezius/Revisiting_Deep_Metric_Learning_PyTorch``, ``criteria/snr.py``; the distance
+    is Yuan et al.'s, CVPR 2019). Not in PML.
+
+    Over the triplets ``(a_t, p_t, n_t)``, ``t = 1…T``, with ``d(a, x) = var(x_a − x) / var(x_a)`` (the
+    unbiased ``torch.var`` over the feature dimension in Roth's code; the ``1/(D − 1)`` cancels, so this is
+    :class:`dmlkit.distances.SNR` exactly)::
+
+        ℓ_t  = [d(a_t, p_t) − d(a_t, n_t) + margin]₊
+        reg  = 1/T Σ_t |Σ_k x_{a_t, k}|             (zero_mean's penalty, over the triplets' anchors)
+        loss = Σ_t ℓ_t / #{ℓ_t > 0}  +  reg_lambda · reg
+
+    The hinge is :class:`TripletMarginLoss` with ``distance="snr"`` (its fused paths included), so
+    ``reduction`` (default ``avg_non_zero``: Roth's ``sum(ℓ) / sum(ℓ > 0)``) and ``triplets_per_anchor``
+    apply to it as to ``triplet``. The regulariser averages over the triplets' anchors, an anchor counting
+    once per triplet as in Roth's ``mean(|sum(batch[anchors], 1)|)``, over the rows the distance sees: the
+    L2-normalised embeddings with ``normalize_embeddings=True`` (Roth's default architectures normalise
+    their output), the raw ones otherwise. It is built in, not the shared ``embedding_regularizer``,
+    which penalises every row once, before normalisation.
+
+    Triplets: a miner's (Roth's loss always takes its batchminer's), or all of them without one. Roth sets
+    ``reg_lambda`` to 0 when the batchminer is ``distance`` (his default ``--batch_mining``); a loss does
+    not know its miner here, so pass ``reg_lambda=0`` with the ``distance`` miner to reproduce that. Where
+    Roth's code divides 0 by 0 (no active triplet, or no triplet at all: NaN), the hinge term is 0; the
+    regulariser is 0 without triplets.
+
+    Statistics: those of ``triplet`` and ``reg_loss`` (``reg_lambda · reg``).
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"distance": "snr", "reduction": "avg_non_zero"}
+    allowed_distances = ("snr",)
+    distance_reason = "Roth et al.'s SNR triplet loss is defined on the SNR distance"
+
+    def configure(self, margin: float = 0.2, reg_lambda: float = 0.005) -> None:
+        super().configure(margin=margin)  # neither swap nor a smooth hinge: Roth has none
+        self.reg_lambda = float(reg_lambda)
+        if self.reg_lambda != 0 and not self.reducer.reduces:
+            raise ConfigError(
+                f"snr_triplet: the regulariser cannot be added to the per-element losses of reduction "
+                f"'{self.reduction}' (pass reg_lambda=0 for them)"
+            )
+
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        if batch.indices_tuple is None and self.triplets_per_anchor == "all":
+            # every triplet, never listed (the base class's fast path): anchor i is in
+            # #positives(i) · #negatives(i) of them
+            hinge = super().compute_loss(batch)
+            if self.reg_lambda == 0:
+                return hinge
+            pos, neg = batch.label_masks()
+            per_anchor = pos.sum(1) * neg.sum(1)
+        else:
+            # listed once (mined pairs joined, or random ones drawn) and handed on to the hinge as mined
+            triplets = self.triplets(batch)
+            hinge = super().compute_loss(dataclasses.replace(batch, indices_tuple=triplets))
+            if self.reg_lambda == 0:
+                return hinge
+            per_anchor = torch.bincount(triplets[0], minlength=len(batch.labels))
+        rows = F.normalize(batch.embeddings, p=2, dim=1) if self.normalize_embeddings else batch.embeddings
+        weights = per_anchor.to(rows.dtype)
+        reg = (weights * _ZERO_MEAN.losses(rows)).sum() / weights.sum().clamp_min(1)
+        term = self.reg_lambda * reg
+        self.record(reg_loss=term)
+        return hinge + term
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, reg_lambda={self.reg_lambda}, " + super().extra_repr()
+
+
+#: ``|Σ_k x_ik|`` per row: Roth's SNR regulariser before its mean over anchors.
+_ZERO_MEAN = regularizers.build("zero_mean")
+
+REGISTRY.reserve(
+    "snr",
+    "is ambiguous: PML's SNR contrastive loss is 'snr_contrastive', Roth et al.'s SNR triplet loss is "
+    "'snr_triplet' (the SNR distance stays distance='snr')",
+)
 
 
 # ---------------------------------------------------------------------------------------------- quadruplet
