@@ -69,6 +69,47 @@ def test_every_configuration_is_validated_before_anything_runs(tmp_path: Path) -
     assert ranged.sampler == "tpe" and ranged.validate_all() == 2  # the range's two ends
 
 
+def test_one_at_a_time_runs_the_base_and_each_factor_varied_alone(tmp_path: Path, monkeypatch) -> None:
+    """1 + Σ (levels − 1) configurations, queued once (a continued sweep adds none), each factor's
+    influence drawn from the runs where only it varies."""
+    from dmlkit.sweep import report, runner
+
+    factors = {
+        "loss": ["contrastive", "multisimilarity", "circle"],
+        "lr": [1e-3, 3e-4],
+        "batch_size": [16, 8],
+    }
+    spec = load_spec(_spec(tmp_path, factors=factors, sampler="one_at_a_time"))
+    points = [tuple(p.values()) for p in spec.points()]
+    assert points == [
+        ("contrastive", "0.001", "16"),
+        ("multisimilarity", "0.001", "16"),
+        ("circle", "0.001", "16"),
+        ("contrastive", "0.0003", "16"),
+        ("contrastive", "0.001", "8"),
+    ]
+    assert spec.max_trials == 5 and spec.validate_all() == 5  # the grid would be 12
+    trained: list[tuple[str, int]] = []
+
+    def fake_run(spec, study_dir, values, seed):  # every run's test map@r encodes its configuration
+        trained.append((runner.config_id(values), seed))
+        score = {"contrastive": 0.1, "multisimilarity": 0.2, "circle": 0.3}[values["loss"]] + values["lr"]
+        return {"run_dir": "x", "val": {"map@r": score}, "test": {"map@r": score + seed}, "wall_s": 1.0}
+
+    monkeypatch.setattr(runner, "run_one", fake_run)
+    study = tmp_path / "study"
+    runner.run_sweep(spec, study, workers=1)
+    assert len(trained) == 10 and len(set(trained)) == 10  # 5 configurations × 2 seeds, each once
+    runner.run_sweep(spec, study, workers=1)
+    assert len(trained) == 10  # continued: nothing left to run
+    rows, _ = report.run_rows(runner.open_study(spec, study), spec)
+    kept = [r for r in rows if spec.is_varied_alone(r, "loss")]
+    assert sorted({r["loss"] for r in kept}) == ["circle", "contrastive", "multisimilarity"]
+    assert all(r["lr"] == "0.001" and r["batch_size"] == "16" for r in kept)  # the lr / batch points left out
+    with pytest.raises(ConfigError, match="one_at_a_time sampler needs every factor as a list"):
+        load_spec(_spec(tmp_path, factors={"lr": {"log_uniform": [1e-4, 1e-2]}}, sampler="one_at_a_time"))
+
+
 def _finished_runs(study: Path) -> list[Path]:
     return sorted(study.glob("runs/*/seed*/results.json"))
 

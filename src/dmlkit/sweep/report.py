@@ -117,13 +117,16 @@ def latex(header: list[str], table: list[list[Any]]) -> str:
 
 def influence_plot(rows: list[dict[str, Any]], spec: SweepSpec, factor: str, path: Path) -> None:
     """The validation and test objective metric against the levels of ``factor`` (mean ± std over every run
-    with that level, and each run as a dot)."""
+    with that level, and each run as a dot). In a one-at-a-time study only the runs with every other factor
+    at its base level count: the first level's mean would otherwise average in the other factors' levels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = spec.objective.metric
+    if spec.sampler == "one_at_a_time":
+        rows = [r for r in rows if spec.is_varied_alone(r, factor)]
     levels = list(dict.fromkeys(str(r.get(factor, "")) for r in rows))
     if spec.factors[factor].levels is not None:  # the spec's order
         levels = [level for level in spec.factors[factor].levels if level in levels]

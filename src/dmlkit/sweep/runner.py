@@ -63,7 +63,7 @@ def _sampler(spec: SweepSpec, seed: int) -> Any:
     optuna = optuna_module()
     if spec.sampler == "grid":
         return optuna.samplers.GridSampler(spec.grid(), seed=seed)
-    if spec.sampler == "random":
+    if spec.sampler in ("random", "one_at_a_time"):  # one-at-a-time: every trial comes from the queue
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
@@ -248,6 +248,10 @@ def run_sweep(spec: SweepSpec, study_dir: Path, workers: int = 1) -> Any:
     again = requeue_interrupted(study)
     if again:
         log.warning("%d trial(s) of an interrupted sweep are queued again (their runs resume)", again)
+    if spec.sampler == "one_at_a_time":
+        # The design's points, queued once: a continued sweep finds them in the study (any state).
+        for point in spec.points()[: spec.max_trials]:
+            study.enqueue_trial(point, skip_if_exists=True)
     target = int(spec.max_trials or 0)
 
     def objective(trial: Any) -> float:

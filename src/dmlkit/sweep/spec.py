@@ -11,11 +11,15 @@ factors:                           # a key of the config (a flag name: lr, loss;
   miner: {levels: {none: null, semihard: semihard}}                             # named levels
 seeds: [0, 1, 2]                   # every configuration is trained once per seed
 objective: {metric: map@r, split: val}   # what the search optimises: the mean over the seeds
-sampler: grid                      # grid (every factor a list), random or tpe
+sampler: grid                      # grid (every factor a list), one_at_a_time, random or tpe
 max_trials: 20                     # configurations (default: the grid's size)
 nproc_per_node: 1                  # > 1: every run is a torchrun job
 executor: local                    # or submitit: each run a Slurm job (executor_args: its parameters)
 ```
+
+``sampler: one_at_a_time`` (every factor a list) runs the influence-map design of Berton et al.: the base
+point (every factor at its first level) and, for each factor, each other level with the rest at their first
+levels — 1 + Σ (levels − 1) configurations instead of the grid's product.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class SweepSpec(BaseModel):
     factors: dict[str, Factor]
     seeds: list[int] = Field(default_factory=lambda: [0])
     objective: Objective = Field(default_factory=Objective)
-    sampler: Literal["grid", "random", "tpe"] | None = None
+    sampler: Literal["grid", "one_at_a_time", "random", "tpe"] | None = None
     max_trials: int | None = Field(default=None, gt=0)
     nproc_per_node: int = Field(default=1, ge=1)
     storage: str | None = None
@@ -142,14 +146,35 @@ class SweepSpec(BaseModel):
         grid = all(f.is_grid for f in self.factors.values())
         if self.sampler is None:
             self.sampler = "grid" if grid else "tpe"
-        if self.sampler == "grid" and not grid:
+        if self.sampler in ("grid", "one_at_a_time") and not grid:
             ranges = [k for k, f in self.factors.items() if not f.is_grid]
-            raise ValueError(f"the grid sampler needs every factor as a list of levels; {ranges} are ranges")
+            raise ValueError(
+                f"the {self.sampler} sampler needs every factor as a list of levels; {ranges} are ranges"
+            )
         if self.max_trials is None:
             if not grid:
                 raise ValueError("max_trials is needed when a factor is a range")
-            self.max_trials = self.grid_size
+            self.max_trials = len(self.points()) if self.sampler == "one_at_a_time" else self.grid_size
         return self
+
+    def base_labels(self) -> dict[str, str]:
+        """Every factor at its first level (the one-at-a-time design's base point)."""
+        return {key: next(iter(f.levels or {})) for key, f in self.factors.items()}
+
+    def points(self) -> list[dict[str, str]]:
+        """The one-at-a-time design's configurations as level labels: the base point, then each factor's
+        other levels with every other factor at its first level."""
+        base = self.base_labels()
+        found = [base]
+        for key, factor in self.factors.items():
+            found += [{**base, key: label} for label in list(factor.levels or {})[1:]]
+        return found
+
+    def is_varied_alone(self, labels: Mapping[str, Any], factor: str) -> bool:
+        """Whether a configuration (labels) has every factor but ``factor`` at its base level: the runs
+        a one-at-a-time influence plot of ``factor`` may use."""
+        base = self.base_labels()
+        return all(str(labels.get(key)) == base[key] for key in self.factors if key != factor)
 
     @property
     def grid_size(self) -> int:
@@ -174,7 +199,13 @@ class SweepSpec(BaseModel):
         seed: a wrong key or value fails here, before any run. Returns how many were checked."""
         keys = list(self.factors)
         checked = 0
-        for combination in itertools.product(*(self.factors[k].endpoints() for k in keys)):
+        if self.sampler == "one_at_a_time":
+            combinations: Any = (
+                [(self.factors[k].levels or {})[point[k]] for k in keys] for point in self.points()
+            )
+        else:
+            combinations = itertools.product(*(self.factors[k].endpoints() for k in keys))
+        for combination in combinations:
             try:
                 self.config(dict(zip(keys, combination, strict=True)), self.seeds[0])
             except ConfigError as exc:
