@@ -21,9 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dmlkit import data as data_lib
-from dmlkit.cli.common import load_model
 from dmlkit.config import config_from_checkpoint
-from dmlkit.inference import compute_embeddings
+from dmlkit.inference import compute_embeddings, load_model
 from dmlkit.search import rerank
 from dmlkit.train.data import build_data
 

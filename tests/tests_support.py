@@ -25,9 +25,8 @@ def checkpoint_test_embeddings(checkpoint_file: Path) -> tuple[Any, Any, dict[st
     import torch
 
     from dmlkit import data as data_lib
-    from dmlkit.cli.common import load_model
     from dmlkit.config import config_from_checkpoint
-    from dmlkit.inference import compute_embeddings
+    from dmlkit.inference import compute_embeddings, load_model
 
     model, checkpoint = load_model(checkpoint_file, torch.device("cpu"))
     data = config_from_checkpoint(checkpoint["config"], str(checkpoint_file)).data

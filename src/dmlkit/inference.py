@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,42 @@ from dmlkit import metrics as metrics_lib
 from dmlkit.data.base import LEAVE_ONE_OUT, ImageDataset, ItemAnnotations
 from dmlkit.distances import DistanceLike
 from dmlkit.distributed import Distributed, gather_rows
-from dmlkit.errors import ConfigError
+from dmlkit.errors import ConfigError, DataError, DmlkitError
+
+#: What ``eval``/``embed``/``search`` read of a checkpoint besides the weights: the model's rebuild
+#: recipe, the evaluation preprocessing and the training configuration.
+INFERENCE_ENTRIES: tuple[str, ...] = ("model", "model_config", "data_spec", "config")
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint (no training state needed) and load its weights.
+
+    ``path`` is a checkpoint file or a run folder (its ``best.pt``, :func:`dmlkit.train.checkpoint.
+    checkpoint_file`). A file that is no dmlkit checkpoint, lacks an entry of :data:`INFERENCE_ENTRIES` or
+    whose weights do not fit its own model raises ``DataError`` naming it.
+    """
+    from dmlkit import models  # the model registries import torchvision/timm: only when a model loads
+    from dmlkit.train import checkpoint as ckpt  # dmlkit.train imports this module
+
+    file = ckpt.checkpoint_file(path)
+    checkpoint = ckpt.load(file, map_location="cpu")
+    missing = [key for key in INFERENCE_ENTRIES if key not in checkpoint]
+    if missing:
+        raise DataError(f"{file} is not a complete dmlkit checkpoint (no {', '.join(map(repr, missing))})")
+    if not isinstance(checkpoint["model_config"], dict) or not isinstance(checkpoint["data_spec"], dict):
+        raise DataError(f"{file}: 'model_config' and 'data_spec' must be mappings; the file is damaged")
+    model_config = dict(checkpoint["model_config"])
+    model_config["pretrained_weights"] = None  # the checkpoint's own weights replace them
+    try:
+        model = models.build_model(**model_config)
+    except (DmlkitError, TypeError) as exc:
+        raise DataError(f"{file}: cannot rebuild its model from 'model_config': {exc}") from exc
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{file}: its weights do not fit its own model ({first})") from exc
+    return model.to(device).eval(), checkpoint
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +78,15 @@ def autocast(device: torch.device, amp: str) -> Any:
         raise ConfigError("amp 'fp16' needs a CUDA device; use 'bf16' on CPU")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def query_gallery_positions(dataset: ImageDataset) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions of a split's queries and of its gallery under its protocol (``None``: leave-one-out, the
+    gallery is the queries)."""
+    flags = dataset.annotations
+    if flags.is_query is None or flags.is_gallery is None:
+        return np.arange(len(dataset)), None
+    return np.flatnonzero(flags.is_query), np.flatnonzero(flags.is_gallery)
 
 
 @torch.no_grad()

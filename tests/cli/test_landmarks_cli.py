@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from dmlkit.cli import main
-from dmlkit.cli.common import load_model
 from dmlkit.data import transforms
-from dmlkit.inference import compute_embeddings
+from dmlkit.inference import compute_embeddings, load_model
 from dmlkit.metrics import gldv2_map, revisited_map
 from tests_support import tiny_argv
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dmlkit.cli import main
-from dmlkit.cli.common import load_model
+from dmlkit.inference import load_model
 from dmlkit.upgrade import compatible, transform
 from tests_support import checkpoint_test_embeddings, tiny_argv
 

@@ -255,7 +255,7 @@ def test_a_vit_trains_with_class_token_pooling(tmp_path: Path) -> None:
     checkpoint = torch.load(tmp_path / "vit" / "best.pt", weights_only=True)
     assert checkpoint["model_config"]["pooling"] == "cls"
     assert checkpoint["model_config"]["backbone"] == "timm:vit_tiny_patch16_224"
-    from dmlkit.cli.common import load_model
+    from dmlkit.inference import load_model
 
     model, _ = load_model(tmp_path / "vit" / "best.pt", torch.device("cpu"))  # rebuilt from the checkpoint
     assert isinstance(model.pool, pooling.ClassToken)

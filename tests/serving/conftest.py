@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dmlkit.cli import main
-from dmlkit.cli.common import load_model
+from dmlkit.inference import load_model
 from dmlkit.train import checkpoint as ckpt
 from tests_support import tiny_argv
 

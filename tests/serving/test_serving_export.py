@@ -15,9 +15,10 @@ from PIL import Image
 
 from dmlkit import models
 from dmlkit.cli import main
-from dmlkit.cli.common import FilesDataset, list_images, load_model
+from dmlkit.cli.common import FilesDataset, list_images
 from dmlkit.data import transforms
 from dmlkit.errors import DataError
+from dmlkit.inference import load_model
 from dmlkit.serving.export import METADATA_KEY, export_model, load_metadata, sidecar_path
 from dmlkit.serving.index import fingerprint
 from dmlkit.train import checkpoint as ckpt

@@ -20,19 +20,31 @@ INTERRUPTED = 130
 #: The subcommands (``dmlkit <command>``), named before the parser is built (an interrupt while the
 #: subcommands' modules import still names its command).
 COMMANDS: tuple[str, ...] = (
-    "train", "eval", "embed", "search", "index", "export", "upgrade", "datasets", "sweep", "list",
+    "train", "eval", "embed", "search", "index", "export", "upgrade", "datasets", "sweep", "report", "list",
 )  # fmt: skip
 
 
 def build_parser() -> SuggestingParser:
     """The ``dmlkit`` parser with every subcommand (importing their modules: torch and the registries)."""
-    from dmlkit.cli import datasets, embed, evaluate, export, index, listing, search, sweep, train, upgrade
+    from dmlkit.cli import (
+        datasets,
+        embed,
+        evaluate,
+        export,
+        index,
+        listing,
+        report,
+        search,
+        sweep,
+        train,
+        upgrade,
+    )
 
     parser = SuggestingParser(
         prog="dmlkit", description="Train and evaluate image-retrieval (deep metric learning) models."
     )
     parser.add_argument("--version", action="version", version=f"dmlkit {__version__}")
-    for module in (train, evaluate, embed, search, index, export, upgrade, datasets, sweep, listing):
+    for module in (train, evaluate, embed, search, index, export, upgrade, datasets, sweep, report, listing):
         module.add_parser(parser)
     return parser
 

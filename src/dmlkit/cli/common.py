@@ -10,45 +10,12 @@ from typing import Any
 
 import torch
 
-from dmlkit import models
 from dmlkit.cli.parser import non_negative_int, positive_int
 from dmlkit.data import transforms
 from dmlkit.data.images import EMBED_EXTENSIONS, image_files, load_image
-from dmlkit.errors import DataError, DmlkitError
+from dmlkit.errors import DataError
 from dmlkit.inference import compute_embeddings
-from dmlkit.train import checkpoint as ckpt
-
-#: What ``eval``/``embed``/``search`` read of a checkpoint besides the weights: the model's rebuild
-#: recipe, the evaluation preprocessing and the training configuration.
-INFERENCE_ENTRIES: tuple[str, ...] = ("model", "model_config", "data_spec", "config")
-
-
-def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint (no training state needed) and load its weights.
-
-    ``path`` is a checkpoint file or a run folder (its ``best.pt``, :func:`dmlkit.train.checkpoint.
-    checkpoint_file`). A file that is no dmlkit checkpoint, lacks an entry of :data:`INFERENCE_ENTRIES` or
-    whose weights do not fit its own model raises ``DataError`` naming it.
-    """
-    file = ckpt.checkpoint_file(path)
-    checkpoint = ckpt.load(file, map_location="cpu")
-    missing = [key for key in INFERENCE_ENTRIES if key not in checkpoint]
-    if missing:
-        raise DataError(f"{file} is not a complete dmlkit checkpoint (no {', '.join(map(repr, missing))})")
-    if not isinstance(checkpoint["model_config"], dict) or not isinstance(checkpoint["data_spec"], dict):
-        raise DataError(f"{file}: 'model_config' and 'data_spec' must be mappings; the file is damaged")
-    model_config = dict(checkpoint["model_config"])
-    model_config["pretrained_weights"] = None  # the checkpoint's own weights replace them
-    try:
-        model = models.build_model(**model_config)
-    except (DmlkitError, TypeError) as exc:
-        raise DataError(f"{file}: cannot rebuild its model from 'model_config': {exc}") from exc
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{file}: its weights do not fit its own model ({first})") from exc
-    return model.to(device).eval(), checkpoint
+from dmlkit.inference import load_model as load_model  # re-exported: the commands load checkpoints through it
 
 
 def _csv_images(source: Path, image_column: str | None) -> tuple[list[Path], list[str]]:

@@ -78,8 +78,10 @@ def pick_queries(results: RetrievalResults, n: int, mode: PickMode = "failures",
     return sorted(shuffled[:n].tolist())
 
 
-def _as_pil(image: Any, where: str) -> Image.Image:
-    """One image of a source as an RGB PIL image."""
+def as_rgb_image(image: Any, where: str = "") -> Image.Image:
+    """One stored image as an RGB PIL image: a path (decoded as the datasets decode), a PIL image, or a
+    uint8 / float-in-[0, 1] ``C × H × W``, ``H × W × C`` or ``H × W`` tensor or array (``where`` names it
+    in errors)."""
     if isinstance(image, str | Path):
         try:  # the datasets' decoder: EXIF orientation, 16-bit grayscale, transparency, size limit
             return load_image(image, 3)
@@ -106,11 +108,11 @@ def _as_pil(image: Any, where: str) -> Image.Image:
 def _loader(source: ImageSource, what: str) -> Callable[[int], Image.Image]:
     """``index -> RGB PIL image`` for an image source."""
     if isinstance(source, StoredImages):
-        return lambda i: _as_pil(source.load(i), f"{i} of the {what}")
+        return lambda i: as_rgb_image(source.load(i), f"{i} of the {what}")
     if callable(source):
-        return lambda i: _as_pil(source(i), f"{i} of the {what}")
+        return lambda i: as_rgb_image(source(i), f"{i} of the {what}")
     if isinstance(source, Sequence):
-        return lambda i: _as_pil(source[i], f"{i} of the {what}")
+        return lambda i: as_rgb_image(source[i], f"{i} of the {what}")
     raise ConfigError(
         f"{what} images must be a dataset, a sequence of images or a callable index -> image, "
         f"got {type(source).__name__}"
