@@ -18,7 +18,8 @@ from tests_support import documented_hyperparameters
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "losses.md"
 
 #: name → (its own parameters, as ``inspect`` prints them without annotations; default distance; default
-#: reduction). ``multiple`` (distance None) takes none of the shared options.
+#: reduction). Distance None: the loss takes none of the shared options (``multiple``, ``self_supervised``,
+#: ``vicreg``).
 RECORDED: dict[str, tuple[str, str | None, str | None]] = {
     "angular": ("alpha=40.0", "euclidean", "mean"),
     "arcface": ("num_classes, embedding_size, margin=28.6, scale=64.0", "cosine", "mean"),
@@ -51,6 +52,7 @@ RECORDED: dict[str, tuple[str, str | None, str | None]] = {
     "proxynca": ("num_classes, embedding_size, softmax_scale=1.0", "squared_euclidean", "mean"),
     "quadruplet": ("margin_alpha_1=0.2, margin_alpha_2=0.2, fourth_negatives='all'", "euclidean", "mean"),
     "ranked_list": ("margin=0.4, Tn=10.0, imbalance=0.5, alpha=None, Tp=0.0", "euclidean", "mean"),
+    "self_supervised": ("loss='ntxent', symmetric=True", None, None),
     "snr_contrastive": ("pos_margin=0.0, neg_margin=1.0", "snr", "avg_non_zero"),
     "snr_triplet": ("margin=0.2, reg_lambda=0.005", "snr", "avg_non_zero"),
     "softtriple": (
@@ -72,6 +74,7 @@ RECORDED: dict[str, tuple[str, str | None, str | None]] = {
     ),
     "triplet": ("margin=0.05, swap=False, smooth_loss=False", "euclidean", "avg_non_zero"),
     "tuplet_margin": ("margin=5.73, scale=64.0", "cosine", "mean"),
+    "vicreg": ("invariance_lambda=25.0, variance_mu=25.0, covariance_v=1.0, eps=0.0001", None, None),
 }
 #: The losses whose family adds ``triplets_per_anchor="all"`` to the shared options.
 TRIPLET_LOSSES = {"triplet", "margin", "snr_triplet"}

@@ -1,6 +1,8 @@
 """dmlkit train: train an embedding model. With no arguments: the built-in synthetic glyph dataset,
-zero-shot split, multi-similarity loss, P×K batches; prints test metrics before and after. Every option is
-a flag and a key of its section in a --config YAML file (docs/configuration.md)."""
+zero-shot split, multi-similarity loss, P×K batches; prints test metrics before and after. With --ssl:
+self-supervised, two augmented views of every image, e.g. of an unlabelled folder (--dataset unlabelled;
+docs/ssl.md). Every option is a flag and a key of its section in a --config YAML file
+(docs/configuration.md)."""
 
 from __future__ import annotations
 

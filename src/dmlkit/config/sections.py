@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dmlkit import data as data_lib
 from dmlkit import distances, losses, memory, metrics, miners, models, samplers
+from dmlkit.data.datasets.unlabelled import is_labelled
 from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
+from dmlkit.losses.self_supervised import TwoViewLoss
 from dmlkit.train import optim
 
 
@@ -149,6 +151,12 @@ class DataSection(Section):
     data_root: str | None = _field(
         None, "dataset folder or file (not needed by 'synthetic'; stored absolute)"
     )
+    ssl: bool = _field(
+        False,
+        "self-supervised training: two augmented views of every training image, each image its own "
+        "class (positives by index; training labels unused); with any pair loss (ntxent: SimCLR) or "
+        "self_supervised / vicreg; the unlabelled dataset needs it; sampler default random (docs/ssl.md)",
+    )
     val_fraction: float = _field(
         0.2,
         "fraction of training classes held out (class-disjoint) for validation; a dataset with a validation "
@@ -243,6 +251,23 @@ class DataSection(Section):
     def _absolute_root(cls, value: str | None) -> str | None:
         return absolute_path(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _self_supervised_defaults(cls, data: Any) -> Any:
+        # Defaults that follow from the other fields, applied only where the field is not given (a given
+        # value is checked in ``check``): with ``ssl`` a batch is random images, since every image is its
+        # own class (a P×K class sampler has no K images of one); an unlabelled dataset has no validation.
+        if not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        if out.get("ssl") is True and "sampler" not in out:
+            out["sampler"] = {"name": "random"}
+        dataset = out.get("dataset")
+        name = dataset.get("name") if isinstance(dataset, Mapping) else getattr(dataset, "name", dataset)
+        if isinstance(name, str) and not is_labelled(name) and "val_fraction" not in out:
+            out["val_fraction"] = 0.0
+        return out
+
     @field_validator("gpu_decode", mode="before")
     @classmethod
     def _yaml_switch(cls, value: Any) -> Any:
@@ -262,6 +287,34 @@ class DataSection(Section):
         if value is not None and len(value) not in (1, 3):
             raise ValueError(f"needs 1 or 3 values (one per channel), got {len(value)}")
         return value
+
+    def _check_self_supervised(self) -> None:
+        """An unlabelled dataset needs ``ssl`` and has no validation; ``ssl`` needs a sampler of single
+        images and the CPU pipeline (which draws the two views)."""
+        name = self.dataset.name
+        labelled = is_labelled(name)
+        if not labelled and not self.ssl:
+            raise ConfigError(
+                f"dataset '{name}' has no labels: train on it self-supervised (--ssl), or give a labelled "
+                "dataset (folder, csv, ...)"
+            )
+        if not labelled and self.val_fraction > 0:
+            raise ConfigError(
+                f"val_fraction {self.val_fraction}: dataset '{name}' has no labels to validate with (leave "
+                "val_fraction out: it is 0 for this dataset)"
+            )
+        if not self.ssl:
+            return
+        if self.sampler_takes_k:
+            raise ConfigError(
+                f"sampler '{self.sampler.name}' draws P classes × K images per batch, but with ssl every "
+                "image is its own class, its positive its other augmented view: use sampler random (the "
+                "default with ssl)"
+            )
+        if self.gpu_decode == "on":
+            raise ConfigError(
+                "gpu_decode on: ssl draws the two views of each image on the CPU pipeline (use auto or off)"
+            )
 
     @property
     def workers(self) -> int:
@@ -326,6 +379,7 @@ class DataSection(Section):
             raise ConfigError(
                 "gpu_decode on needs a CUDA device; none is available (auto or off decode on the CPU)"
             )
+        self._check_self_supervised()
         # The values too (a mapping): the registry checks their types before any data is loaded.
         sampler_extra = {"samples_per_class": self.samples_per_class} if self.sampler_takes_k else {}
         samplers.REGISTRY.check_kwargs(
@@ -502,6 +556,28 @@ class ObjectiveSection(Section):
             miners.check_fits(losses.REGISTRY.get(loss.name), tuple_kinds, self.miner.name)
             if self.miner_schedule is not None:
                 miners.check_schedule(self.miner.name, self.miner_schedule)
+        self._check_self_supervised(config.data.ssl)
+
+    def _check_self_supervised(self, ssl: bool) -> None:
+        """A two-view loss needs ``ssl`` batches; ``ssl`` batches have no classes for a loss (or a member of
+        ``multiple``) that needs a class count (proxies, class weights)."""
+        named = [self.loss.name]
+        if self.loss.name == "multiple":  # its members decide (their configuration was checked above)
+            named = [spec["name"] for spec in losses.combine.check_members(self.loss.args["losses"])]
+        for name in named:
+            cls = losses.REGISTRY.get(name)
+            if not ssl and isinstance(cls, type) and issubclass(cls, TwoViewLoss):
+                raise ConfigError(
+                    f"loss '{name}' compares two augmented views of each image: train it with ssl (--ssl), "
+                    "whose batches hold both views"
+                )
+            needs = sorted(getattr(cls, "needs", ()))
+            if ssl and needs:
+                raise ConfigError(
+                    f"loss '{name}' needs {', '.join(needs)} (class proxies or weights), but with ssl "
+                    "every image is its own class: use a pair loss (ntxent, supcon, contrastive, ...) or a "
+                    "two-view loss (self_supervised, vicreg)"
+                )
 
 
 class MemorySection(Section):

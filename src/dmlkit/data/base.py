@@ -31,13 +31,17 @@ from dmlkit.registry import Registry
 Transform = Callable[[Any], Any]
 
 
-def item_seed(augment_seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that is a pure function of ``(augment_seed, epoch, index)`` (BLAKE2b of the triple).
+def item_seed(augment_seed: int, epoch: int, index: int, view: int = 0) -> int:
+    """A 63-bit seed that is a pure function of ``(augment_seed, epoch, index)`` (BLAKE2b of the triple),
+    and of ``view`` when it is not 0: another, unrelated stream for a further augmented view of the same
+    item (self-supervised training's second view; view 0 keeps the seed supervised training has always
+    used, so existing runs replay unchanged).
 
     A cryptographic hash rather than e.g. ``seed + index`` so neighbouring items and epochs get unrelated
     random streams.
     """
-    digest = hashlib.blake2b(f"{augment_seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    text = f"{augment_seed}:{epoch}:{index}" + (f":{view}" if view else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
@@ -222,11 +226,24 @@ class ImageDataset(Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        index = self._checked_index(index)
+        return self.image(index), int(self.labels[index]), index
+
+    def _checked_index(self, index: int) -> int:
+        """``index`` as a non-negative int (a negative one counts from the end); ``IndexError`` outside."""
         index = int(index)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        return index
+
+    def image(self, index: int, view: int = 0) -> torch.Tensor:
+        """Item ``index``'s image (crop box, then transform) as a float tensor: ``dataset[index][0]``.
+        ``view`` > 0 draws a further augmentation of it, independent of view 0 and as reproducible
+        (:func:`item_seed` with ``view``): the second view of self-supervised training
+        (:class:`dmlkit.data.views.TwoViews`)."""
+        index = self._checked_index(index)
         image = self.load(index)
         boxes = self.annotations.boxes
         if boxes is not None:
@@ -237,14 +254,14 @@ class ImageDataset(Dataset):
                 # per item, and reseeding CUDA generators is not needed for CPU-side transforms.
                 generator = torch.default_generator
                 saved = generator.get_state()
-                generator.manual_seed(item_seed(self.augment_seed, self.epoch, index))
+                generator.manual_seed(item_seed(self.augment_seed, self.epoch, index, view))
                 try:
                     image = self.transform(image)
                 finally:
                     generator.set_state(saved)
             else:
                 image = self.transform(image)
-        return to_float_image(image), int(self.labels[index]), index
+        return to_float_image(image)
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageDataset:
         """Items ``indices`` (in that order) as a new dataset; labels are remapped to contiguous codes
@@ -457,6 +474,7 @@ class FileImageDataset(ImageDataset):
 class DatasetSplits:
     """What a dataset builder returns: class-disjoint ``train`` and ``test`` (zero-shot) datasets, and the
     dataset's own ``val`` split when it has one (an OML CSV's ``validation`` rows next to ``test`` ones).
+    ``test`` is None only for a dataset without labels (``unlabelled``: self-supervised training alone).
 
     ``transform_args`` are the keyword arguments of :func:`dmlkit.data.transforms.build` besides the kind,
     size and channels (``recipe``, ``mean``, ``std``, ``native_size``), as plain data. :meth:`spec` gathers
@@ -466,7 +484,7 @@ class DatasetSplits:
     """
 
     train: ImageDataset
-    test: ImageDataset
+    test: ImageDataset | None
     image_size: int
     channels: int
     name: str

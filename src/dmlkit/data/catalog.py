@@ -51,7 +51,9 @@ class DatasetInfo:
     - ``downloads``: the official files (empty: no public URL); ``manual``: what to do by hand instead
       (registration for licence-gated sets, a mirror, the files to place);
     - ``table``: the table function (``None`` for datasets that are not image files: ``synthetic``,
-      ``omniglot``).
+      ``omniglot``);
+    - ``labelled``: False for a dataset without classes (``unlabelled``), which only self-supervised
+      training (``dmlkit train --ssl``) can use: it has no validation or test split.
     """
 
     name: str
@@ -66,6 +68,7 @@ class DatasetInfo:
     downloads: tuple[Download, ...] = ()
     manual: str = ""
     table: TableFunction | None = None
+    labelled: bool = True
 
     def expected_counts(self, options: Mapping[str, Any]) -> Mapping[str, tuple[int, int]]:
         """The official counts for these dataset options (empty when none are known)."""

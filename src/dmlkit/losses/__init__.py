@@ -21,6 +21,7 @@ from dmlkit.losses import (
     ranking,
     reducers,
     regularizers,
+    self_supervised,
     softmax_family,
 )
 from dmlkit.losses.base import (
@@ -80,5 +81,6 @@ __all__ = [
     "reducers",
     "register",
     "regularizers",
+    "self_supervised",
     "softmax_family",
 ]

@@ -9,6 +9,10 @@ recipe fixes itself (``big``: 256 px, crop ratio 1) > the backbone's preprocessi
 metadata) > the dataset's (its ``image_size`` default, its measured statistics) > the recipe's defaults
 (ImageNet statistics, bilinear, crop ratio 0.875 or ``photo``'s 1/1.14). The ``glyph`` recipe keeps its
 dataset's statistics and size: the backbone's preprocessing does not apply to it.
+
+Self-supervised runs (``ssl``) train on :class:`~dmlkit.data.views.TwoViews` of the training part: batches of
+``2B`` images, both augmented views of ``B`` images, each image its own class (docs/ssl.md). A dataset
+without labels (``unlabelled``) has no validation or test split: such a run measures no retrieval metric.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dmlkit import data as data_lib
 from dmlkit.config import DataSection, TrainConfig
 from dmlkit.data import DatasetSplits, FileImageDataset, ImageDataset, transforms
 from dmlkit.data.gpu_pipeline import GpuBatchPipeline, GpuLoader
+from dmlkit.data.views import TwoViews, collate_views
 from dmlkit.errors import ConfigError
 from dmlkit.models import preprocessing
 
@@ -38,12 +43,14 @@ PREPROCESSING_FIELDS: tuple[str, ...] = ("mean", "std", "interpolation", "crop_p
 @dataclass
 class RunData:
     """The training part, the class-disjoint validation part (None with ``val_fraction`` 0), the test split
-    (classes unseen in training) and the spec that rebuilds the evaluation preprocessing."""
+    (classes unseen in training; None for a dataset without labels) and the spec that rebuilds the
+    evaluation preprocessing; ``ssl``: the training part is seen as two views per image, without labels."""
 
     train: ImageDataset
     val: ImageDataset | None
-    test: ImageDataset
+    test: ImageDataset | None
     spec: dict[str, Any]
+    ssl: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -51,9 +58,15 @@ class RunData:
         return len(np.unique(self.train.labels))
 
     def split(self, name: str) -> ImageDataset:
-        """``train``, ``val`` or ``test``; ``val`` of a run without a validation split is an error."""
+        """``train``, ``val`` or ``test``; ``val`` of a run without a validation split, or ``test`` of a
+        dataset without labels, is an error."""
         if name == "val" and self.val is None:
             raise ConfigError("the run has no validation split (val_fraction 0)")
+        if name == "test" and self.test is None:
+            raise ConfigError(
+                "the run's dataset has no labels, so no test split: evaluate the checkpoint on a labelled "
+                "dataset (--dataset, --data-root)"
+            )
         parts = {"train": self.train, "val": self.val, "test": self.test}
         if name not in parts:
             raise ConfigError(f"split must be train, val or test, got '{name}'")
@@ -66,7 +79,7 @@ class RunData:
     def protocols(self) -> dict[str, str]:
         """How each evaluation split is evaluated: ``{"val": ..., "test": ...}``, each ``leave-one-out`` or
         ``query/gallery`` (the dataset's flags; see :func:`dmlkit.inference.evaluate_embeddings`)."""
-        found = {"test": self.test.annotations.protocol}
+        found = {} if self.test is None else {"test": self.test.annotations.protocol}
         if self.val is not None:
             found = {"val": self.val.annotations.protocol, **found}
         return found
@@ -80,9 +93,16 @@ class RunData:
             return text
 
         val_text = part(self.val) if self.val is not None else "none"
+        train_text = (
+            f"{len(self.train)} images (self-supervised: two views each, labels unused)"
+            if self.ssl
+            else f"{len(self.train)} images / {self.num_classes} classes"
+        )
+        if self.test is None:
+            return f"data: {dataset} — train {train_text}; no labels, so no validation or test split"
         return (
-            f"data: {dataset} — train {len(self.train)} images / {self.num_classes} classes, val {val_text}, "
-            f"test {part(self.test)}; protocol {', '.join(f'{k} {v}' for k, v in self.protocols().items())}"
+            f"data: {dataset} — train {train_text}, val {val_text}, test {part(self.test)}; protocol "
+            f"{', '.join(f'{k} {v}' for k, v in self.protocols().items())}"
         )
 
 
@@ -164,7 +184,13 @@ def build_data(
     for part in (val, splits.test):
         if part is not None:
             part.transform = evaluation
-    return RunData(train, val, splits.test, spec)
+    if splits.test is None:
+        log.info(
+            "dataset '%s' has no labels: no validation or test split, so the run measures no retrieval "
+            "metric and best.pt is the last epoch",
+            section.dataset.name,
+        )
+    return RunData(train, val, splits.test, spec, ssl=section.ssl)
 
 
 def _first_classes(train: ImageDataset, fraction: float) -> ImageDataset:
@@ -209,6 +235,8 @@ def gpu_decode_obstacles(section: DataSection, data: RunData, device: torch.devi
     obstacles = []
     if device.type != "cuda":
         obstacles.append(f"the device is {device}, not CUDA")
+    if data.ssl:
+        obstacles.append("ssl draws two views of each image (the CPU pipeline does)")
     if not isinstance(data.train, FileImageDataset):
         obstacles.append(f"dataset '{section.dataset.name}' holds decoded images, not image files")
     recipe = transforms.recipe_of(data.spec.get("recipe", "photo"), data.spec.get("recipe_args"))
@@ -244,7 +272,8 @@ def train_loader(
     ``config.data.workers`` workers: a DataLoader over the CPU pipeline (images on the CPU, pinned for a
     CUDA device), or the GPU pipeline's :class:`~dmlkit.data.gpu_pipeline.GpuLoader` (images already on
     ``device``) when :func:`uses_gpu_pipeline`. Either way a batch is a pure function of the seed, the
-    epoch (``data.train.set_epoch``) and its indices."""
+    epoch (``data.train.set_epoch``) and its indices. With ``ssl`` a batch of ``B`` sampled images is the
+    ``2B`` views of :func:`~dmlkit.data.views.collate_views`, labelled by image index."""
     section = config.data
     generator = torch.Generator().manual_seed(config.run.seed)
     workers = section.workers
@@ -263,6 +292,15 @@ def train_loader(
         pipeline = GpuBatchPipeline(train, plan, int(spec["image_size"]), mean, std, device)
         log.info("training batches: GPU pipeline (nvJPEG decode, roi_align crops), %d worker(s)", workers)
         return GpuLoader(train, batch_sampler, pipeline, num_workers=workers, generator=generator)
+    if data.ssl:
+        return DataLoader(
+            TwoViews(data.train),
+            batch_sampler=batch_sampler,
+            num_workers=workers,
+            collate_fn=collate_views,
+            pin_memory=device.type == "cuda",
+            generator=generator,
+        )
     return DataLoader(
         data.train,
         batch_sampler=batch_sampler,

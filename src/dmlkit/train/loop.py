@@ -470,7 +470,7 @@ class Trainer:
                 self.batches_done,
                 self.global_step,
             )
-        else:
+        elif self.test_set is not None:  # None: a dataset without labels (ssl), nothing to measure
             self.before = self.evaluate(self.test_set, "test (before)")
             log.info("test before training: %s", _fmt(self.before))
         stop.graceful = True
@@ -510,6 +510,14 @@ class Trainer:
         }
         if self.dist.is_main:
             self.directory.write_results(results)
+        if self.test_set is None:
+            log.info(
+                "best.pt: %s; no test split (the dataset has no labels); wall time %.1f s; run directory %s",
+                _describe_selection(self.selection),
+                wall_time,
+                self.run_dir,
+            )
+            return result
         log.info(
             "\ntest split of '%s' (%d images, classes unseen in training), before training and with "
             "best.pt (%s); wall time %.1f s; run directory %s\n%s",
@@ -893,7 +901,7 @@ class Trainer:
             log.info("best.pt is the last epoch (%d): %s", self.epoch, reason)  # warned when it became so
         if self.unselectable_epochs:
             self.selection["unselectable_epochs"] = list(self.unselectable_epochs)
-        return self.evaluate(self.test_set, "test (best.pt)")
+        return {} if self.test_set is None else self.evaluate(self.test_set, "test (best.pt)")
 
     def _why_last_epoch(self) -> str:
         if self.no_selection is not None:
