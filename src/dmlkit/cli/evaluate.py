@@ -1,11 +1,14 @@
 """dmlkit eval: retrieval metrics of a checkpoint on a split under the dataset's protocol (leave-one-out,
 or query/gallery: In-shop, an OML CSV; default: the dataset and metrics the checkpoint was trained with, test
-split), or a landmark benchmark (--revisited, --gldv2)."""
+split), or a landmark benchmark (--revisited, --gldv2). --calibrate-fmr F also calibrates the verification
+threshold of a false match rate F (on the validation split when the run has one) into threshold.json."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,11 @@ from dmlkit.config import parse_list as _parse_list
 from dmlkit.config import parse_mapping as _parse_mapping
 from dmlkit.errors import ConfigError
 from dmlkit.inference import evaluate_embeddings, resolve_device
+from dmlkit.metrics.verification import Threshold, calibrate_threshold, threshold_rates
 from dmlkit.search import rerank
-from dmlkit.train.data import build_data
+from dmlkit.serving.index import fingerprint
+from dmlkit.train import checkpoint as ckpt
+from dmlkit.train.data import RunData, build_data
 
 
 def add_parser(cli: SuggestingParser) -> None:
@@ -103,8 +109,65 @@ def add_parser(cli: SuggestingParser) -> None:
         default="failures",
         help="which queries --examples draws: failures (top-1 wrong first, default), random, first",
     )
+    parser.add_argument(
+        "--calibrate-fmr",
+        type=_rate,
+        default=None,
+        metavar="F",
+        help="also calibrate a verification threshold: the closest-pair cut at which at most a share F of "
+        "the different-label pairs match (e.g. 1e-3), on the validation split when the run has one; "
+        "written to --threshold-out for `dmlkit search --threshold`",
+    )
+    parser.add_argument(
+        "--calibrate-split",
+        choices=("val", "train", "test"),
+        default=None,
+        help="split the threshold is calibrated on (default: val when the run has one, else the evaluated "
+        "split; the test split gives optimistic rates)",
+    )
+    parser.add_argument(
+        "--threshold-out",
+        default=None,
+        metavar="FILE",
+        help="where --calibrate-fmr writes the threshold (default: threshold.json beside the checkpoint)",
+    )
     landmarks.add_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def _rate(text: str) -> float:
+    """argparse type: a false match rate, a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a false match rate in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a false match rate in [0, 1], got {text!r}")
+    return value
+
+
+def _check_calibration(args: argparse.Namespace) -> None:
+    """Fail on a bad combination of --calibrate-fmr, --calibrate-split and --threshold-out before anything
+    is loaded."""
+    if args.calibrate_fmr is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--calibrate-split", args.calibrate_split),
+                ("--threshold-out", args.threshold_out),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --calibrate-fmr")
+        return
+    if args.revisited is not None or args.gldv2 is not None:
+        raise ConfigError(
+            "--calibrate-fmr calibrates on a split's labelled pairs; it cannot be combined with --revisited "
+            "or --gldv2"
+        )
+    if args.threshold_out is not None and Path(args.threshold_out).is_dir():
+        raise ConfigError(f"--threshold-out {args.threshold_out} is a folder; give the .json file to write")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     args.rerank_steps = rerank.build_steps(
         [rerank.build(name, **options) for name, options in args.rerank or ()]
     )
+    _check_calibration(args)
     code = landmarks.dispatch(args)  # --revisited / --gldv2: a landmark benchmark instead of a split
     if code is not None:
         return code
@@ -135,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
     if args.per_category and dataset.annotations.categories is None:
         raise ConfigError(f"--per-category: the {args.split} split of '{dataset_name}' has no categories")
+    calibrate_split = None if args.calibrate_fmr is None else _calibration_split(args, splits)
     embeddings, labels = embed(model, dataset, args, device, "eval")
     steps = args.rerank_steps
     fit_embeddings = None
@@ -158,6 +223,16 @@ def run(args: argparse.Namespace) -> int:
     without = results.num_queries_without_relevant
     per_category = _per_category(results, dataset, metric_names) if args.per_category else None
     examples = _draw_examples(args, results, dataset) if args.examples else None
+    calibration = None
+    if calibrate_split is not None:
+        calibration = _calibrate(
+            args,
+            (model, checkpoint, device),
+            splits,
+            calibrate_split,
+            (dataset, embeddings, labels),
+            dataset_name,
+        )
     num_gallery = len(dataset) if gallery is None else len(gallery)
     if args.json:
         print(
@@ -177,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
                     **({"per_class": _per_class(results, dataset.class_names)} if args.per_class else {}),
                     **({"per_category": per_category} if per_category is not None else {}),
                     **({"examples": examples} if examples else {}),
+                    **({"threshold": calibration} if calibration is not None else {}),
                 },
                 indent=2,
             )
@@ -207,7 +283,106 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name} per category: {shown}")
         if examples:
             print(f"examples: {examples['queries']} queries drawn into {examples['path']}")
+        if calibration is not None:
+            _print_calibration(calibration, args.split)
     return 0
+
+
+def _calibration_split(args: argparse.Namespace, splits: RunData) -> str:
+    """The split --calibrate-fmr uses: --calibrate-split, else val when the run has one, else the evaluated
+    split. Calibrating on the test split is allowed, with a warning: the rates are measured on the pairs
+    the threshold was fitted to, so they are optimistic for that split."""
+    split = args.calibrate_split or ("val" if splits.val is not None and len(splits.val) else args.split)
+    splits.split(split)  # a run without a validation split: ConfigError now, before anything is embedded
+    if split == "test":
+        why = "" if args.calibrate_split else " (the run has no validation split)"
+        print(
+            f"warning: calibrating the threshold on the test split{why}: its FMR/FNMR are measured on the "
+            "pairs it was fitted to and are optimistic; calibrate on a validation split (--calibrate-split "
+            "val, or train with --val-fraction > 0) for honest test rates",
+            file=sys.stderr,
+        )
+    return split
+
+
+def _pairs(
+    dataset: data_lib.ImageDataset, embeddings: torch.Tensor, labels: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments of :func:`calibrate_threshold` / :func:`threshold_rates` for a
+    split's pairs under its protocol, as the evaluation searches it: every pair of a leave-one-out split,
+    every (query, gallery) pair of a query/gallery one (an item never paired with itself); items of one
+    sequence are never paired."""
+    sequences = dataset.annotations.sequences
+    groups = None if sequences is None else torch.as_tensor(sequences)
+    queries, gallery = _query_gallery(dataset)
+    if gallery is None:
+        return (embeddings, labels), {"ignore": groups}
+    q, g = torch.from_numpy(queries), torch.from_numpy(gallery)
+    ignore = None if groups is None else (groups[q], groups[g])
+    return (embeddings[q], labels[q], embeddings[g], labels[g]), {
+        "query_ids": q,
+        "gallery_ids": g,
+        "ignore": ignore,
+    }
+
+
+def _calibrate(
+    args: argparse.Namespace,
+    loaded: tuple[torch.nn.Module, dict[str, Any], torch.device],
+    splits: RunData,
+    split: str,
+    evaluated: tuple[data_lib.ImageDataset, torch.Tensor, torch.Tensor],
+    dataset_name: str,
+) -> dict[str, Any]:
+    """Calibrate the threshold of --calibrate-fmr on ``split`` (its embeddings are the evaluation's when it
+    is the evaluated split), write it to --threshold-out and measure it on the evaluated split when that is
+    another one. Returns what the report shows."""
+    model, checkpoint, device = loaded
+    dataset, embeddings, labels = evaluated
+    if split != args.split:
+        dataset = splits.split(split)
+        dataset.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
+        embeddings, labels = embed(model, dataset, args, device, "calibrate")
+    file = ckpt.checkpoint_file(args.checkpoint)
+    positional, keywords = _pairs(dataset, embeddings, labels)
+    threshold: Threshold = calibrate_threshold(
+        *positional,
+        **keywords,
+        fmr=args.calibrate_fmr,
+        distance=args.distance,
+        source=f"{dataset_name} / {split} ({dataset.annotations.protocol}), checkpoint {file}",
+        fingerprint=fingerprint(checkpoint),
+    )
+    path = threshold.to_json(args.threshold_out or file.parent / "threshold.json")
+    report: dict[str, Any] = {"path": str(path), "split": split, **threshold.to_dict()}
+    if split != args.split:
+        positional, keywords = _pairs(*evaluated)
+        rates = threshold_rates(threshold, *positional, **keywords)
+        report["evaluated"] = {
+            "split": args.split,
+            "fmr": None if math.isnan(rates.fmr) else rates.fmr,
+            "fnmr": None if math.isnan(rates.fnmr) else rates.fnmr,
+            "num_positive": rates.num_positive,
+            "num_negative": rates.num_negative,
+        }
+    return report
+
+
+def _print_calibration(report: dict[str, Any], evaluated_split: str) -> None:
+    """The calibrated threshold in the table output."""
+    print(
+        f"threshold for FMR <= {report['target_fmr']:g}, calibrated on {report['split']} "
+        f"({report['num_positive']} same-label / {report['num_negative']} different-label pairs): "
+        f"{report['rule']}; FMR {report['fmr']:.4g}, FNMR {report['fnmr']:.4f} (TMR {report['tmr']:.4f})"
+    )
+    on = report.get("evaluated")
+    if on is not None:
+        shown = {key: "nan" if on[key] is None else f"{on[key]:.4g}" for key in ("fmr", "fnmr")}
+        print(
+            f"  on {evaluated_split} ({on['num_positive']} / {on['num_negative']} pairs): "
+            f"FMR {shown['fmr']}, FNMR {shown['fnmr']}"
+        )
+    print(f"  written to {report['path']}")
 
 
 def _query_gallery(dataset: data_lib.ImageDataset) -> tuple[np.ndarray, np.ndarray | None]:

@@ -9,8 +9,9 @@ gallery=None, gallery_labels=None, ...)`` is ``choose_k``, ``dmlkit.search.searc
 ``pick_queries`` draw queries and their top results from the same results object. ``register_metric`` adds
 a metric usable by name everywhere (``--metrics`` included); ``evaluate(..., label_comparison=fn)`` decides
 relevance by a function of the labels, ``average="class"`` (or an ``@class`` name) averages per class, and
-``c_``/``e_`` names rank by cosine/Euclidean in the same evaluation. See ``docs/metrics.md`` for every
-formula and rule.
+``c_``/``e_`` names rank by cosine/Euclidean in the same evaluation. ``calibrate_threshold`` picks the
+verification threshold of a target false match rate (a :class:`Threshold`, saved as JSON); ``is_match``,
+``apply_threshold`` and ``matches`` apply one. See ``docs/metrics.md`` for every formula and rule.
 """
 
 from dmlkit import search as _search
@@ -40,7 +41,17 @@ from dmlkit.metrics.retrieval import (
     unregister_metric,
 )
 from dmlkit.metrics.scoring import choose_k, compute, evaluate, per_group
-from dmlkit.metrics.verification import fnmr_at_fmr, pair_distances
+from dmlkit.metrics.verification import (
+    Threshold,
+    VerificationRates,
+    apply_threshold,
+    calibrate_threshold,
+    fnmr_at_fmr,
+    is_match,
+    matches,
+    pair_distances,
+    threshold_rates,
+)
 from dmlkit.metrics.visualize import pick_queries, relevance, retrieval_grid
 from dmlkit.search import RetrievalResults, knn
 
@@ -56,8 +67,12 @@ __all__ = [
     "Relevance",
     "RetrievalContext",
     "RetrievalResults",
+    "Threshold",
+    "VerificationRates",
     "ami",
+    "apply_threshold",
     "available",
+    "calibrate_threshold",
     "check_metric",
     "check_options",
     "choose_k",
@@ -74,8 +89,10 @@ __all__ = [
     "intra_class_distance",
     "intra_class_distances",
     "intra_over_inter",
+    "is_match",
     "kmeans",
     "knn",
+    "matches",
     "nmi",
     "pair_distances",
     "parse_metric",
@@ -89,6 +106,7 @@ __all__ = [
     "revisited_map",
     "rho_spectrum",
     "singular_values",
+    "threshold_rates",
     "unregister_metric",
 ]
 
