@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dmlkit import data as data_lib
@@ -26,7 +25,7 @@ from dmlkit.config import ComponentSpec, DataSection, config_from_checkpoint
 from dmlkit.config import parse_list as _parse_list
 from dmlkit.config import parse_mapping as _parse_mapping
 from dmlkit.errors import ConfigError
-from dmlkit.inference import evaluate_embeddings, resolve_device
+from dmlkit.inference import evaluate_embeddings, query_gallery_positions, resolve_device
 from dmlkit.metrics.verification import Threshold, calibrate_threshold, threshold_rates
 from dmlkit.search import rerank
 from dmlkit.serving.index import fingerprint
@@ -208,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         train.transform = data_lib.transforms.build("eval", **checkpoint["data_spec"])
         fit_embeddings, _ = embed(model, train, args, device, "rerank fit")
     annotations = dataset.annotations
-    queries, gallery = _query_gallery(dataset)
+    queries, gallery = query_gallery_positions(dataset)
     # One search serves the metrics and the pictures: it keeps as many neighbours as either needs.
     k = None
     if args.examples:
@@ -314,7 +313,7 @@ def _pairs(
     sequence are never paired."""
     sequences = dataset.annotations.sequences
     groups = None if sequences is None else torch.as_tensor(sequences)
-    queries, gallery = _query_gallery(dataset)
+    queries, gallery = query_gallery_positions(dataset)
     if gallery is None:
         return (embeddings, labels), {"ignore": groups}
     q, g = torch.from_numpy(queries), torch.from_numpy(gallery)
@@ -385,14 +384,6 @@ def _print_calibration(report: dict[str, Any], evaluated_split: str) -> None:
     print(f"  written to {report['path']}")
 
 
-def _query_gallery(dataset: data_lib.ImageDataset) -> tuple[np.ndarray, np.ndarray | None]:
-    """Positions of the split's queries and of its gallery (``None``: leave-one-out, the queries)."""
-    flags = dataset.annotations
-    if flags.is_query is None or flags.is_gallery is None:
-        return np.arange(len(dataset)), None
-    return np.flatnonzero(flags.is_query), np.flatnonzero(flags.is_gallery)
-
-
 def _per_category(
     results: metrics_lib.RetrievalResults, dataset: data_lib.ImageDataset, metric_names: list[str]
 ) -> dict[str, dict[str, float]]:
@@ -443,7 +434,7 @@ def _check_examples(args: argparse.Namespace) -> None:
 def _examples_top(args: argparse.Namespace, dataset: data_lib.ImageDataset) -> int:
     """Results drawn per query: ``--examples-top``, at most what a query can retrieve (the other items of a
     leave-one-out split, the gallery of a query/gallery one)."""
-    _, gallery = _query_gallery(dataset)
+    _, gallery = query_gallery_positions(dataset)
     return min(args.examples_top, len(dataset) - 1 if gallery is None else len(gallery))
 
 
@@ -456,7 +447,7 @@ def _draw_examples(
     if not queries:
         raise ConfigError("--examples: no query has a relevant item in this split; nothing to draw")
     top = _examples_top(args, dataset)
-    query_positions, gallery_positions = _query_gallery(dataset)
+    query_positions, gallery_positions = query_gallery_positions(dataset)
     query_images = dataset if gallery_positions is None else dataset.subset(query_positions)
     gallery_images = None if gallery_positions is None else dataset.subset(gallery_positions)
     picture = metrics_lib.retrieval_grid(

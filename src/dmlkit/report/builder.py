@@ -3,7 +3,6 @@ and write the page."""
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from dmlkit.errors import ConfigError, DataError
+from dmlkit.files import write_text_atomic
 from dmlkit.inference import resolve_device
 from dmlkit.report.figures import curves, render_png, require_matplotlib
 from dmlkit.report.page import PerClass, render
@@ -87,7 +87,7 @@ def write_report(
         run, figures, view=view, per_class=per_class, notes=notes, max_classes=max_classes,
         generated=f"{datetime.now():%Y-%m-%d %H:%M:%S}",
     )  # fmt: skip
-    _write_atomic(target, page)
+    write_text_atomic(target, page)
     return target
 
 
@@ -139,14 +139,3 @@ def _check_target(path: Path) -> None:
             if not parent.is_dir():
                 raise ConfigError(f"--out {path}: {parent} is a file, not a folder")
             break
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

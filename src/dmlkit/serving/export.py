@@ -36,7 +36,8 @@ from torchvision.transforms import v2
 from dmlkit import __version__
 from dmlkit.data import transforms
 from dmlkit.errors import ConfigError, DataError, unknown_name_message
-from dmlkit.serving.index import fingerprint, write_atomic
+from dmlkit.files import write_atomic
+from dmlkit.serving.index import fingerprint
 
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
 FORMAT = "dmlkit-export"

@@ -39,14 +39,12 @@ import hashlib
 import importlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +52,7 @@ from tqdm.auto import tqdm
 
 from dmlkit import distances
 from dmlkit.errors import ConfigError, DataError, unknown_name_message
+from dmlkit.files import write_atomic
 
 try:  # advisory lock against two builds writing one folder (POSIX)
     import fcntl
@@ -234,27 +233,6 @@ class BuildReport:
 
 
 # -- files ---------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(handle)`` on a temporary sibling of ``path``, fsync it, then rename it over ``path``: a
-    crash leaves either the old file or the new one, never a truncated one. The file gets the usual
-    permissions (``0666`` less the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if hasattr(os, "fchmod"):  # mkstemp's file is private (0600); servers read indexes and models
-                umask = os.umask(0)
-                os.umask(umask)
-                os.fchmod(handle.fileno(), 0o666 & ~umask)
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -694,5 +672,4 @@ __all__ = [
     "open_index",
     "read_manifest",
     "short",
-    "write_atomic",
 ]
