@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dmlkit import data as data_lib
-from dmlkit import distances, losses, memory, metrics, miners, models, samplers
+from dmlkit import distances, foreign, losses, memory, metrics, miners, models, samplers
 from dmlkit.data.datasets.unlabelled import is_labelled
 from dmlkit.errors import ConfigError, UnknownNameError, unknown_name_message
 from dmlkit.losses.self_supervised import TwoViewLoss
@@ -539,24 +539,42 @@ class ObjectiveSection(Section):
         return self
 
     def check(self, config: TrainConfig) -> None:
-        loss = self.loss
-        losses.REGISTRY.check_kwargs(
-            loss.name, loss.args, provided_by_caller=("num_classes", "embedding_size")
-        )
-        tuple_kinds, accepts_ref = losses.capabilities(loss.name, loss.args)
-        memory_size = config.memory.xbm_size
-        if memory_size is not None and not accepts_ref:
-            takes_ref = [n for n in losses.available() if losses.REGISTRY.get(n).accepts_ref]
-            raise ConfigError(
-                f"loss '{loss.name}' cannot take a reference set, so it cannot use a cross-batch memory "
-                f"(xbm_size={memory_size}); losses that can: {', '.join(takes_ref)}"
+        loss, miner = self.loss, self.miner
+        # Another library's loss or miner (``pml:ContrastiveLoss``, ``package.module:Class``;
+        # :mod:`dmlkit.foreign`): its class and keyword names now, its values when it is built. What dmlkit
+        # knows only of its own components (tuple kinds, accepting a reference set, the schedule's knob) is
+        # checked only between dmlkit's: a dmlkit miner feeds a foreign loss PML-format tuples.
+        foreign_loss = foreign.is_foreign(loss.name)
+        tuple_kinds: frozenset[str] = frozenset()
+        if foreign_loss:
+            foreign.check(loss.name, loss.args, "loss")
+        else:
+            losses.REGISTRY.check_kwargs(
+                loss.name, loss.args, provided_by_caller=("num_classes", "embedding_size")
             )
-        if self.miner is not None:
-            miners.REGISTRY.check_kwargs(self.miner.name, self.miner.args)
-            miners.check_fits(losses.REGISTRY.get(loss.name), tuple_kinds, self.miner.name)
+            tuple_kinds, accepts_ref = losses.capabilities(loss.name, loss.args)
+            memory_size = config.memory.xbm_size
+            if memory_size is not None and not accepts_ref:
+                takes_ref = [n for n in losses.available() if losses.REGISTRY.get(n).accepts_ref]
+                raise ConfigError(
+                    f"loss '{loss.name}' cannot take a reference set, so it cannot use a cross-batch memory "
+                    f"(xbm_size={memory_size}); losses that can: {', '.join(takes_ref)}"
+                )
+        if miner is not None and foreign.is_foreign(miner.name):
+            foreign.check(miner.name, miner.args, "miner")
             if self.miner_schedule is not None:
-                miners.check_schedule(self.miner.name, self.miner_schedule)
-        self._check_self_supervised(config.data.ssl)
+                raise ConfigError(
+                    f"miner_schedule: the schedule anneals a dmlkit miner's hardness knob; '{miner.name}' is "
+                    "another library's miner"
+                )
+        elif miner is not None:
+            miners.REGISTRY.check_kwargs(miner.name, miner.args)
+            if not foreign_loss:
+                miners.check_fits(losses.REGISTRY.get(loss.name), tuple_kinds, miner.name)
+            if self.miner_schedule is not None:
+                miners.check_schedule(miner.name, self.miner_schedule)
+        if not foreign_loss:
+            self._check_self_supervised(config.data.ssl)
 
     def _check_self_supervised(self, ssl: bool) -> None:
         """A two-view loss needs ``ssl`` batches; ``ssl`` batches have no classes for a loss (or a member of

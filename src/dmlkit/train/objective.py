@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmlkit import losses, miners
+from dmlkit import foreign, losses, miners
 from dmlkit.config import TrainConfig
 from dmlkit.errors import ConfigError
 from dmlkit.losses.base import check_trainable
@@ -153,16 +153,27 @@ def build_objective(
     """
     objective, memory_config = config.objective, config.memory
     loss_spec = objective.loss
-    needs = losses.REGISTRY.get(loss_spec.name).needs
-    kwargs = dict(loss_spec.args)
-    if "num_classes" in needs:
-        kwargs.setdefault("num_classes", num_classes)
-    if "embedding_size" in needs:
-        kwargs.setdefault("embedding_size", embedding_size)
-    loss = losses.build(loss_spec.name, **kwargs)
-    check_trainable(loss)  # reduction do_nothing returns per-element losses: nothing to minimise
+    if foreign.is_foreign(loss_spec.name):  # another library's loss: ``pml:ContrastiveLoss``
+        loss = foreign.build(
+            loss_spec.name, loss_spec.args, "loss", num_classes=num_classes, embedding_size=embedding_size
+        )
+    else:
+        needs = losses.REGISTRY.get(loss_spec.name).needs
+        kwargs = dict(loss_spec.args)
+        if "num_classes" in needs:
+            kwargs.setdefault("num_classes", num_classes)
+        if "embedding_size" in needs:
+            kwargs.setdefault("embedding_size", embedding_size)
+        loss = losses.build(loss_spec.name, **kwargs)
+        check_trainable(loss)  # reduction do_nothing returns per-element losses: nothing to minimise
     miner_spec = objective.miner
-    miner = miners.build(miner_spec.name, **miner_spec.args) if miner_spec is not None else None
+    miner = None
+    if miner_spec is not None:
+        miner = (
+            foreign.build(miner_spec.name, miner_spec.args, "miner")
+            if foreign.is_foreign(miner_spec.name)
+            else miners.build(miner_spec.name, **miner_spec.args)
+        )
     memory = None
     if memory_config.xbm_size is not None:
         if train_size is None:
@@ -171,6 +182,8 @@ def build_objective(
             memory_config.xbm_size, train_size, embedding_size, memory_config.xbm_dtype, device
         )
     schedule = (
-        miners.check_schedule(miner_spec.name, objective.miner_schedule) if miner_spec is not None else None
+        miners.check_schedule(miner_spec.name, objective.miner_schedule)
+        if miner_spec is not None and objective.miner_schedule is not None
+        else None
     )
     return Objective(loss, miner, memory, memory_config.xbm_weight, memory_config.xbm_start, schedule)

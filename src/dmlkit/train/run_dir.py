@@ -20,6 +20,7 @@ removed when the new run starts, not before.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -63,7 +64,9 @@ class RunDirectory:
             if config.run.name:
                 path = output_dir / config.run.name
             else:
-                run = f"{config.data.dataset.name}-{config.objective.loss.name}"
+                # a foreign loss (``pml:ContrastiveLoss``) has a ':' no folder name should hold
+                loss = re.sub(r"[^A-Za-z0-9_.-]", "_", config.objective.loss.name)
+                run = f"{config.data.dataset.name}-{loss}"
                 stem = f"{run}-{datetime.now():%Y%m%d-%H%M%S}"
                 path = output_dir / stem
                 suffix = 1
