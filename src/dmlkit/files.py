@@ -10,11 +10,14 @@ checkpoints and indexes a training job wrote.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from dmlkit.errors import DataError
 
 
 def _umask() -> int:
@@ -71,3 +74,15 @@ def write_text_atomic(
             text.detach()  # the binary handle stays open for write_atomic's fsync and close
 
     write_atomic(path, as_text, fsync=fsync)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON value in ``path``; ``DataError`` naming ``what`` and the file when it is missing, unreadable
+    or not JSON (the parser's message, on one line, says where)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{what} {path} is not valid JSON: {' '.join(str(exc).split())}") from exc

@@ -17,6 +17,7 @@ from dmlkit import distances
 from dmlkit.cli.common import FilesDataset, ids_path, list_images, load_model
 from dmlkit.cli.parser import SuggestingParser, positive_int
 from dmlkit.errors import ConfigError, DataError, unknown_name_message
+from dmlkit.files import read_json
 from dmlkit.inference import compute_embeddings, resolve_device
 from dmlkit.metrics.verification import Threshold, apply_threshold, check_threshold_value
 from dmlkit.search import RetrievalResults, search
@@ -103,10 +104,7 @@ def read_gallery_ids(gallery_path: str | Path, rows: int) -> tuple[list[str], st
     path = ids_path(gallery_path)
     if not path.is_file():
         raise DataError(f"gallery ids file {path} not found (written by `dmlkit embed` beside the .npy)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"gallery ids file {path} is not valid JSON: {exc}") from exc
+    meta = read_json(path, "gallery ids file")
     if not isinstance(meta, dict) or "ids" not in meta:
         found = f"keys {sorted(meta)}" if isinstance(meta, dict) else f"a {type(meta).__name__}"
         raise DataError(f"gallery ids file {path} must be an object with an 'ids' list; found {found}")

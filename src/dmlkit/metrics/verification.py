@@ -23,6 +23,7 @@ import torch
 from dmlkit import distances
 from dmlkit.distances import Distance, DistanceLike
 from dmlkit.errors import ConfigError, DataError
+from dmlkit.files import read_json
 from dmlkit.metrics.label_relevance import relevant_topk
 from dmlkit.search.api import check_searchable, prepare, search
 from dmlkit.search.base import SearchInputs, positive_int
@@ -248,14 +249,7 @@ class Threshold:
     def from_json(cls, path: str | Path) -> Threshold:
         """Read a threshold file written by :meth:`to_json`. ``DataError`` naming the file (and the key)
         when it is missing, not JSON, or not a valid threshold."""
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"threshold file {path} not found")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"threshold file {path} is not valid JSON: {' '.join(str(exc).split())}") from exc
-        return cls.from_dict(data, f"threshold file {path}")
+        return cls.from_dict(read_json(path, "threshold file"), f"threshold file {path}")
 
 
 @dataclass(frozen=True)

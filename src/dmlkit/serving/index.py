@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from dmlkit import distances
 from dmlkit.errors import ConfigError, DataError, unknown_name_message
-from dmlkit.files import write_atomic
+from dmlkit.files import read_json, write_atomic
 
 try:  # advisory lock against two builds writing one folder (POSIX)
     import fcntl
@@ -239,19 +239,12 @@ def _write_json(path: Path, value: Any) -> None:
     write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=1).encode()))
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {what} {path}: {exc}") from exc
-
-
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest of an index folder (``None``: none there), checked to be a dmlkit index's."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
-    manifest = _read_json(path, "index manifest")
+    manifest = read_json(path, "index manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f'{path} is not a dmlkit index manifest (no "format": "{FORMAT}")')
     if manifest.get("version") != FORMAT_VERSION:
@@ -644,7 +637,7 @@ def open_index(folder: str | Path) -> GalleryIndex:
         raise DataError(
             f"cannot read faiss index {folder / current['file']}: {str(exc).strip().splitlines()[0]}"
         ) from exc
-    ids = _read_json(folder / current["ids"], "index ids")
+    ids = read_json(folder / current["ids"], "index ids")
     if not isinstance(ids, list) or not (index.ntotal == len(ids) == current["count"]):
         count = len(ids) if isinstance(ids, list) else "no"
         raise DataError(
