@@ -33,7 +33,7 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "eval": (("data", "what"), "time", None),
 }
 #: Heading of each benchmark's section (under BENCHMARKS.md's "Refactor check" section).
-HEADING = "### Before / after issue 11: {bench}"
+HEADING = "### Before / after {change}: {bench}"
 
 
 def run_tree(tree: Path, bench: str, extra: list[str]) -> str:
@@ -128,6 +128,9 @@ def main() -> int:
     parser.add_argument("--after", type=Path, default=ROOT, help="checkout of the new code (default: here)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each side, alternating")
     parser.add_argument("--write", metavar="MARKDOWN", help="write the joined table into this file's section")
+    parser.add_argument(
+        "--change", default="issue 11", help="the section is named ### Before / after CHANGE: BENCH"
+    )
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -144,7 +147,7 @@ def main() -> int:
     if args.write:
         command = "python benchmarks/before_after.py " + " ".join(argv)
         body = f"Command: `{command}`\n\n{table}"
-        replace_section(args.write, HEADING.format(bench=args.bench), body)
+        replace_section(args.write, HEADING.format(change=args.change, bench=args.bench), body)
     return 0
 
 
