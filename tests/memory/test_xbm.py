@@ -138,6 +138,32 @@ def test_own_copies_are_excluded_by_dataset_index(name: str) -> None:
     assert memory.ordered()[2][-12:].tolist() == indices.tolist()
 
 
+@pytest.mark.parametrize("name", ["contrastive", "multisimilarity"])
+def test_regularizers_count_once_per_step_under_a_memory(name: str) -> None:
+    """As PML's CrossBatchMemory (one loss call per step): the embedding penalty is added to the batch term
+    only, not again, weighted, to the memory term."""
+    torch.manual_seed(1)
+    options = {"embedding_regularizer": "lp", "embedding_reg_weight": 0.5}
+    loss, plain = losses.build(name, **options), losses.build(name)
+    memory = CrossBatchMemory(64, 8)
+    objective = Objective(loss, memory=memory, memory_weight=2.0, memory_start=0)
+    stored_idx = torch.randperm(40)
+    memory.enqueue(torch.randn(40, 8), stored_idx // 10, stored_idx)
+    mem_emb, mem_labels, mem_idx = (t.clone() for t in memory.contents())
+    emb = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([0, 1, 2, 11, 12, 13, 21, 22, 23, 31, 32, 33])
+    labels = indices // 10
+    value, _ = objective(emb, labels, indices)
+    penalty = 0.5 * emb.norm(dim=1).mean()  # lp: mean L2 norm of the embeddings
+    expected = (
+        plain(emb, labels)
+        + penalty
+        + 2.0 * reference_memory_loss(plain, emb, labels, indices, mem_emb.double(), mem_labels, mem_idx)
+    )
+    torch.testing.assert_close(value, expected)
+    assert loss(emb, labels).item() == pytest.approx((plain(emb, labels) + penalty).item())  # restored after
+
+
 def test_mined_tuples_never_pair_an_anchor_with_its_own_copy() -> None:
     torch.manual_seed(1)
     loss = losses.build("contrastive")

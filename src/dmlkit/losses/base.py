@@ -24,9 +24,10 @@ memory. Class attributes tell the trainer how to use it (the :class:`Loss` proto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol, TypedDict, Unpack, runtime_checkable
 
 import torch
@@ -200,6 +201,8 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
     # No regularizer unless the shared options set one (a loss without shared options has none).
     embedding_regularizer: Regularizer | None = None
     weight_regularizer: Regularizer | None = None
+    #: False inside :meth:`without_regularization` (a second call on the same step's embeddings).
+    _regularize: bool = True
     embedding_reg_weight: float = 1.0
     weight_reg_weight: float = 1.0
 
@@ -318,7 +321,8 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
         try:
             with full_precision(embeddings):
                 value = self.compute_loss(batch)
-                if self.embedding_regularizer is not None or self.weight_regularizer is not None:
+                regularized = self.embedding_regularizer is not None or self.weight_regularizer is not None
+                if regularized and self._regularize:
                     value = value + self.regularization(batch.embeddings)
         finally:
             self._call = None
@@ -585,4 +589,22 @@ __all__ = [
     "reduce",
     "register",
     "sample_weights",
+    "without_regularization",
 ]
+
+
+@contextlib.contextmanager
+def without_regularization(module: nn.Module) -> Iterator[None]:
+    """Calls of every dmlkit loss in ``module`` (itself, ``multiple``'s members, a wrapped loss) add no
+    regularizer term while active. The objective's cross-batch-memory term uses it: a step's embeddings and
+    class vectors are then regularized once, on the batch term, as PML's ``CrossBatchMemory`` (one loss
+    call) does, not ``1 + xbm_weight`` times."""
+    inner = [m for m in module.modules() if isinstance(m, BaseLoss)]
+    before = [m._regularize for m in inner]
+    for loss in inner:
+        loss._regularize = False
+    try:
+        yield
+    finally:
+        for loss, value in zip(inner, before, strict=True):
+            loss._regularize = value

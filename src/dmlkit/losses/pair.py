@@ -772,7 +772,7 @@ class SignalToNoiseRatioTripletLoss(TripletMarginLoss):
             # every triplet, never listed (the base class's fast path): anchor i is in
             # #positives(i) · #negatives(i) of them
             hinge = super().compute_loss(batch)
-            if self.reg_lambda == 0:
+            if self.reg_lambda == 0 or not self._regularize:  # see base.without_regularization
                 return hinge
             pos, neg = batch.label_masks()
             per_anchor = pos.sum(1) * neg.sum(1)
@@ -780,7 +780,7 @@ class SignalToNoiseRatioTripletLoss(TripletMarginLoss):
             # listed once (mined pairs joined, or random ones drawn) and handed on to the hinge as mined
             triplets = self.triplets(batch)
             hinge = super().compute_loss(dataclasses.replace(batch, indices_tuple=triplets))
-            if self.reg_lambda == 0:
+            if self.reg_lambda == 0 or not self._regularize:  # see base.without_regularization
                 return hinge
             per_anchor = torch.bincount(triplets[0], minlength=len(batch.labels))
         rows = F.normalize(batch.embeddings, p=2, dim=1) if self.normalize_embeddings else batch.embeddings

@@ -12,7 +12,7 @@ from torch import nn
 from dmlkit import foreign, losses, miners
 from dmlkit.config import TrainConfig
 from dmlkit.errors import ConfigError
-from dmlkit.losses.base import check_trainable
+from dmlkit.losses.base import check_trainable, without_regularization
 from dmlkit.memory import CrossBatchMemory, build_memory
 from dmlkit.tuples import all_pairs, drop_excluded
 
@@ -108,7 +108,9 @@ class Objective(nn.Module):
                 else:
                     mined = drop_excluded(self.miner(embeddings, labels, **refs), own_copy)
             if self._loss_takes_exclude:
-                term = self.loss(embeddings, labels, indices_tuple=mined, **refs, ref_exclude=own_copy)
+                # the regularizers already counted once, on the batch term (as PML's one-call XBM)
+                with without_regularization(self.loss):
+                    term = self.loss(embeddings, labels, indices_tuple=mined, **refs, ref_exclude=own_copy)
             else:
                 if mined is None:
                     mined = all_pairs(labels, ref_labels, own_copy)
