@@ -275,3 +275,9 @@ def test_head_lr_is_applied_and_logged(tiny_config) -> None:
     result = Trainer(tiny_config(name="head-lr", epochs=1, scheduler="constant", head_lr=0.05)).run()
     row = json.loads((result.run_dir / "history.jsonl").read_text().splitlines()[0])
     assert row["lr"] == pytest.approx(1e-3) and row["head_lr"] == pytest.approx(0.05)
+
+
+def test_no_test_before_skips_the_untrained_test(tiny_config) -> None:
+    result = Trainer(tiny_config(epochs=1, test_before=False)).run()
+    results = json.loads((result.run_dir / "results.json").read_text())
+    assert result.before == {} and results["test_before"] == {} and results["test_after"]

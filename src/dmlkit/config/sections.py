@@ -743,6 +743,11 @@ class EvalSection(Section):
         "validation/test k-NN search: torch (exact), faiss-flat (exact), faiss-ivf / faiss-hnsw "
         "(approximate; need faiss)",
     )
+    test_before: bool = _field(
+        True,
+        "test the untrained model before training (the 'before' column of the test table); --no-test-before "
+        "saves one pass over the test split per run (e.g. in a sweep)",
+    )
     early_stop_patience: int | None = _field(
         None,
         "stop training once the validation select_metric has not improved for this many validations "

@@ -470,7 +470,7 @@ class Trainer:
                 self.batches_done,
                 self.global_step,
             )
-        elif self.test_set is not None:  # None: a dataset without labels (ssl), nothing to measure
+        elif self.test_set is not None and self.config.eval.test_before:  # None: no labels (ssl)
             self.before = self.evaluate(self.test_set, "test (before)")
             log.info("test before training: %s", _fmt(self.before))
         stop.graceful = True
