@@ -281,3 +281,8 @@ def test_no_test_before_skips_the_untrained_test(tiny_config) -> None:
     result = Trainer(tiny_config(epochs=1, test_before=False)).run()
     results = json.loads((result.run_dir / "results.json").read_text())
     assert result.before == {} and results["test_before"] == {} and results["test_after"]
+    header, _rule, *rows = result.table().splitlines()
+    assert header.split() == ["metric", "after"] and "nan" not in result.table()  # no column of nan
+    assert [row.split()[0] for row in rows] == list(results["test_after"])
+    with_before = Trainer(tiny_config(name="with-before", epochs=1)).run()
+    assert with_before.table().splitlines()[0].split() == ["metric", "before", "after"]

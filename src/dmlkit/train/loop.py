@@ -73,14 +73,17 @@ class TrainResult:
     early_stop: dict[str, Any] | None = None
 
     def table(self) -> str:
-        """Test metrics before and after training, one metric per row."""
+        """Test metrics before and after training, one metric per row; without a test before training
+        (``eval.test_before: false``) the "after" column alone, not a column of nan."""
         names = list(self.after or self.before)
         width = max([len(n) for n in names] + [6])
-        lines = [f"{'metric':<{width}}  {'before':>8}  {'after':>8}", "-" * (width + 20)]
+        columns = [("before", self.before)] if self.before else []
+        columns += [("after", self.after)]
+        header = f"{'metric':<{width}}" + "".join(f"  {title:>8}" for title, _ in columns)
+        lines = [header, "-" * len(header)]
         for name in names:
-            before = self.before.get(name, float("nan"))
-            after = self.after.get(name, float("nan"))
-            lines.append(f"{name:<{width}}  {before:>8.4f}  {after:>8.4f}")
+            values = "".join(f"  {values.get(name, float('nan')):>8.4f}" for _, values in columns)
+            lines.append(f"{name:<{width}}{values}")
         return "\n".join(lines)
 
 
@@ -519,10 +522,11 @@ class Trainer:
             )
             return result
         log.info(
-            "\ntest split of '%s' (%d images, classes unseen in training), before training and with "
-            "best.pt (%s); wall time %.1f s; run directory %s\n%s",
+            "\ntest split of '%s' (%d images, classes unseen in training), %swith best.pt (%s); wall time "
+            "%.1f s; run directory %s\n%s",
             self.config.data.dataset.name,
             len(self.test_set),
+            "before training and " if self.before else "",
             _describe_selection(self.selection),
             wall_time,
             self.run_dir,
