@@ -110,6 +110,44 @@ def test_one_at_a_time_runs_the_base_and_each_factor_varied_alone(tmp_path: Path
         load_spec(_spec(tmp_path, factors={"lr": {"log_uniform": [1e-4, 1e-2]}}, sampler="one_at_a_time"))
 
 
+def test_a_grid_given_another_level_runs_only_the_new_configurations(tmp_path: Path, monkeypatch) -> None:
+    """A finished grid study whose spec gains a level (or a seed's worth of workers) runs the new
+    configurations alone; none twice, with 2 workers too; ``max_trials`` below the grid draws a subset."""
+    from dmlkit.sweep import runner
+
+    trained: list[tuple[str, int]] = []
+
+    def fake_run(spec, study_dir, values, seed):
+        trained.append((runner.config_id(values), seed))
+        score = {"contrastive": 0.1, "multisimilarity": 0.2, "circle": 0.3}[values["loss"]]
+        return {"run_dir": "x", "val": {"map@r": score}, "test": {"map@r": score}, "wall_s": 1.0}
+
+    monkeypatch.setattr(runner, "run_one", fake_run)
+    study = tmp_path / "study"
+    two = load_spec(_spec(tmp_path, factors={"loss": ["contrastive", "multisimilarity"], "lr": [1e-3]}))
+    runner.run_sweep(two, study, workers=2)
+    assert len(trained) == 4 and len(set(trained)) == 4  # 2 configurations × 2 seeds
+    three = load_spec(
+        _spec(tmp_path, factors={"loss": ["contrastive", "multisimilarity", "circle"], "lr": [1e-3]})
+    )
+    done = runner.run_sweep(three, study, workers=2)
+    assert len(trained) == 6 and len(set(trained)) == 6  # only circle's 2 seeds were trained
+    assert {t.user_attrs["labels"]["loss"] for t in runner.done_trials(done)} == {
+        "contrastive",
+        "multisimilarity",
+        "circle",
+    }
+    assert len(runner.done_configurations(done)) == 3
+    runner.run_sweep(three, study, workers=2)
+    assert len(trained) == 6  # nothing left
+    subset = load_spec(
+        _spec(tmp_path, factors={"loss": ["contrastive", "multisimilarity", "circle"]}, max_trials=2)
+    )
+    assert subset.design() == subset.design() and len(subset.design() or []) == 2
+    runner.run_sweep(subset, tmp_path / "subset", workers=1)
+    assert len(trained) == 10 and len(set(trained[6:])) == 4
+
+
 def _finished_runs(study: Path) -> list[Path]:
     return sorted(study.glob("runs/*/seed*/results.json"))
 

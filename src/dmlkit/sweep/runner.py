@@ -61,9 +61,7 @@ def storage_of(study_dir: Path, url: str | None) -> Any:
 
 def _sampler(spec: SweepSpec, seed: int) -> Any:
     optuna = optuna_module()
-    if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(spec.grid(), seed=seed)
-    if spec.sampler in ("random", "one_at_a_time"):  # one-at-a-time: every trial comes from the queue
+    if spec.sampler in ("random", "grid", "one_at_a_time"):  # a finite design: every trial from the queue
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
@@ -81,9 +79,22 @@ def open_study(spec: SweepSpec, study_dir: Path) -> Any:
 
 
 def suggest(trial: Any, spec: SweepSpec) -> tuple[dict[str, Any], dict[str, str]]:
-    """The trial's factor values and their labels."""
+    """The trial's factor values and their labels: a queued point's (a finite design's: read as given,
+    not suggested, since Optuna fixes a categorical parameter's choices for the whole study and a
+    spec may gain a level), else the sampler's."""
+    fixed = queued_point(trial)
+    if fixed is not None and all(key in fixed for key in spec.factors):
+        labels = {key: str(fixed[key]) for key in spec.factors}
+        unknown = [
+            f"{key}={label}" for key, label in labels.items() if label not in (spec.factors[key].levels or {})
+        ]
+        if unknown:
+            raise DmlkitError(
+                f"queued configuration with a level the spec no longer has: {', '.join(unknown)}"
+            )
+        return {key: (spec.factors[key].levels or {})[label] for key, label in labels.items()}, labels
     values: dict[str, Any] = {}
-    labels: dict[str, str] = {}
+    labels = {}
     for key, factor in spec.factors.items():
         if factor.levels is not None:
             label = trial.suggest_categorical(key, list(factor.levels))
@@ -99,6 +110,14 @@ def suggest(trial: Any, spec: SweepSpec) -> tuple[dict[str, Any], dict[str, str]
             value = trial.suggest_float(key, *factor.uniform, step=factor.step)
         values[key], labels[key] = value, f"{value:.4g}" if isinstance(value, float) else str(value)
     return values, labels
+
+
+def queued_point(trial: Any) -> dict[str, Any] | None:
+    """The level labels a trial (a live ``Trial`` or a ``FrozenTrial``) was queued with
+    (``enqueue_trial``), or None for a sampled trial."""
+    if isinstance(trial, optuna_module().trial.FrozenTrial):
+        return trial.system_attrs.get("fixed_params")
+    return trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
 
 
 def run_one(spec: SweepSpec, study_dir: Path, values: Mapping[str, Any], seed: int) -> dict[str, Any]:
@@ -223,9 +242,15 @@ def requeue_interrupted(study: Any) -> int:
     for trial in stale:
         study._storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED)
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        if trial.params:
-            study.enqueue_trial(trial.params, skip_if_exists=False)
+        point = queued_point(trial) or trial.params
+        if point:
+            study.enqueue_trial(point, skip_if_exists=False)
     return len(stale)
+
+
+def done_configurations(study: Any) -> set[str]:
+    """The configuration ids of the done trials (a configuration tried twice, e.g. by TPE, counts once)."""
+    return {str(trial.user_attrs.get("config_id")) for trial in done_trials(study)}
 
 
 def done_trials(study: Any) -> list[Any]:
@@ -248,13 +273,24 @@ def run_sweep(spec: SweepSpec, study_dir: Path, workers: int = 1) -> Any:
     again = requeue_interrupted(study)
     if again:
         log.warning("%d trial(s) of an interrupted sweep are queued again (their runs resume)", again)
-    if spec.sampler == "one_at_a_time":
-        # The design's points, queued once: a continued sweep finds them in the study (any state).
-        for point in spec.points()[: spec.max_trials]:
+    design = spec.design()
+    if design is not None:
+        # A finite design (grid, one-at-a-time) is queued point by point, each once: a continued sweep
+        # finds the done, failed and waiting ones in the study (any state) and queues only the others, so
+        # a spec given another level runs that level's configurations alone. (Optuna's GridSampler would
+        # count the old trials under the old grid only, and run the new grid from scratch.)
+        for point in design:
             study.enqueue_trial(point, skip_if_exists=True)
-    target = int(spec.max_trials or 0)
+        optuna = optuna_module()
+        remaining = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    else:
+        remaining = int(spec.max_trials or 0) - len(done_configurations(study))
 
     def objective(trial: Any) -> float:
+        if design is not None and queued_point(trial) is None:
+            # The queue is empty (another process took its last points): sampling would repeat one.
+            study.stop()
+            raise optuna_module().TrialPruned("every configuration of the design is done or running")
         trial.set_user_attr("worker", WORKER)
         values, labels = suggest(trial, spec)
         trial.set_user_attr("labels", labels)
@@ -271,10 +307,9 @@ def run_sweep(spec: SweepSpec, study_dir: Path, workers: int = 1) -> Any:
         return objective_value(spec, runs)
 
     def enough(study: Any, trial: Any) -> None:
-        if len(done_trials(study)) >= target:
+        if design is None and len(done_configurations(study)) >= int(spec.max_trials or 0):
             study.stop()
 
-    remaining = target - len(done_trials(study))
     if remaining > 0:
         study.optimize(
             objective, n_trials=remaining, n_jobs=workers, catch=(DmlkitError,), callbacks=[enough]
@@ -285,11 +320,13 @@ def run_sweep(spec: SweepSpec, study_dir: Path, workers: int = 1) -> Any:
 __all__ = [
     "JOURNAL",
     "SPEC",
+    "done_configurations",
     "done_trials",
     "last_error_line",
     "objective_value",
     "open_study",
     "optuna_module",
+    "queued_point",
     "record",
     "requeue_interrupted",
     "run_command",

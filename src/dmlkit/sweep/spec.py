@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import math
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -169,6 +170,20 @@ class SweepSpec(BaseModel):
         for key, factor in self.factors.items():
             found += [{**base, key: label} for label in list(factor.levels or {})[1:]]
         return found
+
+    def design(self) -> list[dict[str, str]] | None:
+        """The configurations a finite design runs, as level labels, at most ``max_trials``: the
+        one-at-a-time points, or the grid (in product order; a ``max_trials`` below the grid's size draws
+        that many points with the first seed). None for the random and TPE samplers."""
+        if self.sampler == "one_at_a_time":
+            return self.points()[: self.max_trials]
+        if self.sampler != "grid":
+            return None
+        keys = list(self.factors)
+        grid = [dict(zip(keys, labels, strict=True)) for labels in itertools.product(*self.grid().values())]
+        if self.max_trials is not None and self.max_trials < len(grid):
+            return random.Random(self.seeds[0]).sample(grid, self.max_trials)
+        return grid
 
     def is_varied_alone(self, labels: Mapping[str, Any], factor: str) -> bool:
         """Whether a configuration (labels) has every factor but ``factor`` at its base level: the runs
