@@ -193,6 +193,11 @@ class BaseLoss(Registered, SharedOptions, nn.Module):
     #: False for a loss that takes none of the shared options (the ``multiple`` combiner: its members do);
     #: its constructor is then its :meth:`configure` alone.
     takes_shared_options: ClassVar[bool] = True
+    #: The attribute holding the loss's margin between a triplet's two distances (``triplet``, ``margin``),
+    #: which a miner that mines by its loss's margin adopts unless given its own (Roth's ``semihard`` reads
+    #: ``--loss_<loss>_margin``; see :attr:`dmlkit.miners.BaseMiner.takes_loss_margin`). None: no such margin
+    #: (an angular or pair margin is another quantity).
+    triplet_margin: ClassVar[str | None] = None
     #: Where the loss keeps its class vectors (proxies, class weights), what a ``weight_regularizer``
     #: acts on: ``(attribute, "rows")`` for a ``C × d`` parameter, ``(attribute, "columns")`` for a
     #: ``d × C`` one. None: the loss has none, and refuses a ``weight_regularizer``.

@@ -155,6 +155,7 @@ class TripletMarginLoss(TripletLoss):
     """
 
     defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "avg_non_zero"}
+    triplet_margin: ClassVar[str | None] = "margin"
 
     def configure(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False) -> None:
         self.margin = float(margin)
@@ -451,6 +452,8 @@ class MarginLoss(TripletLoss):
     """
 
     defaults: ClassVar[dict[str, Any]] = {"distance": "euclidean", "reduction": "avg_non_zero"}
+
+    triplet_margin: ClassVar[str | None] = "margin"
 
     def configure(
         self,

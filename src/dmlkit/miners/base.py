@@ -140,6 +140,10 @@ class BaseMiner(Registered, SharedOptions, nn.Module):
     #: :class:`dmlkit.miners.schedule.MinerSchedule` through :meth:`set_hardness`; None when the miner has
     #: no such knob.
     hardness_knob: ClassVar[str | None] = None
+    #: Whether the miner's ``margin`` is, by default, its loss's (Roth's ``semihard`` reads
+    #: ``--loss_<loss>_margin``): the trainer passes the loss's :attr:`~dmlkit.losses.BaseLoss.triplet_margin`
+    #: when the config gives the miner no ``margin`` of its own.
+    takes_loss_margin: ClassVar[bool] = False
     #: Valid ``(low, high)`` of the hyperparameters a schedule may set (unbounded when not listed).
     knob_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
     #: The margin of the hard/semihard/easy split in :attr:`last_stats`; miners with a ``margin``

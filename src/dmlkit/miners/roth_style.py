@@ -198,6 +198,8 @@ class SemihardMiner(StochasticMiner):
         "margin": (0.0, math.inf),
     }
 
+    takes_loss_margin: ClassVar[bool] = True
+
     def configure(self, margin: float = 0.2, hard_fraction: float = 0.0) -> None:
         self.margin = check_number("margin", margin, *self.knob_ranges["margin"])
         self.hard_fraction = check_number("hard_fraction", hard_fraction, *self.knob_ranges["hard_fraction"])

@@ -6,6 +6,8 @@ memory live here, never in the loop.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -142,6 +144,16 @@ class Objective(nn.Module):
         return out
 
 
+def _miner_args(name: str, args: dict[str, Any], loss: nn.Module) -> dict[str, Any]:
+    """The miner's arguments, with its loss's triplet margin as its ``margin`` where the miner mines by its
+    loss's margin (Roth's ``semihard``: ``triplet`` + ``semihard`` is one margin, 0.05 by default, not
+    the loss's 0.05 and the miner's 0.2) and the config gives it none."""
+    margin_attribute = loss.triplet_margin if isinstance(loss, losses.BaseLoss) else None
+    if margin_attribute is None or "margin" in args or not miners.REGISTRY.get(name).takes_loss_margin:
+        return dict(args)
+    return {**args, "margin": float(getattr(loss, margin_attribute))}
+
+
 def build_objective(
     config: TrainConfig,
     num_classes: int,
@@ -171,11 +183,10 @@ def build_objective(
     miner_spec = objective.miner
     miner = None
     if miner_spec is not None:
-        miner = (
-            foreign.build(miner_spec.name, miner_spec.args, "miner")
-            if foreign.is_foreign(miner_spec.name)
-            else miners.build(miner_spec.name, **miner_spec.args)
-        )
+        if foreign.is_foreign(miner_spec.name):
+            miner = foreign.build(miner_spec.name, miner_spec.args, "miner")
+        else:
+            miner = miners.build(miner_spec.name, **_miner_args(miner_spec.name, miner_spec.args, loss))
     memory = None
     if memory_config.xbm_size is not None:
         if train_size is None:
