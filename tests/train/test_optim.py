@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dmlkit.config import make_config
+from dmlkit.errors import ConfigError
 from dmlkit.train.optim import build_optimizer, build_scheduler
 
 
@@ -325,3 +326,21 @@ def test_scheduler_args_and_validation_schedules_are_checked() -> None:
         make_config({"scheduler": "plateau", "val_fraction": 0})
     with pytest.raises(ConfigError, match="not a function of the update alone"):
         lr_factor_fn(make_config({"scheduler": "onecycle"}).optim, 10)
+
+
+NEVER_DROPS = r"step_size=10 epochs, but the run has epochs=4: it would never drop"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epochs": 4, "scheduler": "step"}, NEVER_DROPS),
+        ({"epochs": 4, "scheduler": "step", "step_size": 4}, "would never drop"),
+        ({"epochs": 5, "scheduler": "multistep", "milestones": [2, 5, 7]}, r"milestones \[5, 7\] are not"),
+    ],
+)
+def test_a_drop_the_run_never_reaches_is_refused(options, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(options)
+    reached = {"epochs": 11} if options["scheduler"] == "step" else {"milestones": [2]}
+    make_config({**options, **reached})

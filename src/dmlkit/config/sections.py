@@ -713,6 +713,19 @@ class OptimSection(Section):
     def check(self, config: TrainConfig) -> None:
         optim.OPTIMIZERS.check_kwargs(self.optimizer, self.optimizer_args)
         optim.SCHEDULERS.check_kwargs(self.scheduler, self.scheduler_args)
+        # A drop the run never reaches is an option silently dropped (a 4-epoch run with the default
+        # step_size 10 trains at a constant lr): refused, like any other option that would do nothing.
+        if self.scheduler == "step" and self.step_size >= self.epochs:
+            raise ConfigError(
+                f"scheduler 'step' drops the lr every step_size={self.step_size} epochs, but the run has "
+                f"epochs={self.epochs}: it would never drop; set step_size below epochs"
+            )
+        late = [m for m in self.milestones if m >= self.epochs]
+        if self.scheduler == "multistep" and late:
+            raise ConfigError(
+                f"scheduler 'multistep': milestones {late} are not below epochs={self.epochs}, so the run "
+                "never reaches them"
+            )
         if self.scheduler in optim.VALIDATION_SCHEDULES and config.data.val_fraction == 0:
             raise ConfigError(
                 f"scheduler '{self.scheduler}' steps on validation, but val_fraction is 0 (no validation "
