@@ -110,6 +110,17 @@ def reference_memory_loss(loss, emb, labels, indices, mem_emb, mem_labels, mem_i
     return loss(emb, labels, pairs, mem_emb, mem_labels)
 
 
+def _filled_memory_and_batch(memory: CrossBatchMemory):
+    """Fill ``memory`` with an earlier pass over items 0..39 (4 classes of 10) at shuffled positions; return
+    copies of its contents and a float64 batch of 12 of those items (3 per class)."""
+    stored_idx = torch.randperm(40)
+    memory.enqueue(torch.randn(40, 8), stored_idx // 10, stored_idx)
+    contents = tuple(t.clone() for t in memory.contents())
+    emb = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([0, 1, 2, 11, 12, 13, 21, 22, 23, 31, 32, 33])
+    return contents, (emb, indices // 10, indices)
+
+
 @pytest.mark.parametrize(
     "name", ["contrastive", "multisimilarity", "triplet", "ntxent", "circle", "supcon", "lifted", "margin"]
 )
@@ -118,13 +129,7 @@ def test_own_copies_are_excluded_by_dataset_index(name: str) -> None:
     loss = losses.build(name)
     memory = CrossBatchMemory(64, 8)
     objective = Objective(loss, memory=memory, memory_weight=1.0, memory_start=0)
-    # fill the memory with an earlier pass over items 0..39 (4 classes of 10), shuffled positions
-    stored_idx = torch.randperm(40)
-    memory.enqueue(torch.randn(40, 8), stored_idx // 10, stored_idx)
-    mem_emb, mem_labels, mem_idx = (t.clone() for t in memory.contents())
-    emb = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
-    indices = torch.tensor([0, 1, 2, 11, 12, 13, 21, 22, 23, 31, 32, 33])
-    labels = indices // 10
+    (mem_emb, mem_labels, mem_idx), (emb, labels, indices) = _filled_memory_and_batch(memory)
     value, stats = objective(emb, labels, indices)
     in_batch = loss(emb, labels)
     expected = in_batch + reference_memory_loss(
@@ -147,12 +152,7 @@ def test_regularizers_count_once_per_step_under_a_memory(name: str) -> None:
     loss, plain = losses.build(name, **options), losses.build(name)
     memory = CrossBatchMemory(64, 8)
     objective = Objective(loss, memory=memory, memory_weight=2.0, memory_start=0)
-    stored_idx = torch.randperm(40)
-    memory.enqueue(torch.randn(40, 8), stored_idx // 10, stored_idx)
-    mem_emb, mem_labels, mem_idx = (t.clone() for t in memory.contents())
-    emb = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
-    indices = torch.tensor([0, 1, 2, 11, 12, 13, 21, 22, 23, 31, 32, 33])
-    labels = indices // 10
+    (mem_emb, mem_labels, mem_idx), (emb, labels, indices) = _filled_memory_and_batch(memory)
     value, _ = objective(emb, labels, indices)
     penalty = 0.5 * emb.norm(dim=1).mean()  # lp: mean L2 norm of the embeddings
     expected = (
