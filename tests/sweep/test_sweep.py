@@ -202,3 +202,30 @@ def test_runs_go_through_submitit_where_asked(tmp_path: Path) -> None:
     assert main(["sweep", str(spec), "--out", str(tmp_path / "study")]) == 0
     assert len(_finished_runs(tmp_path / "study")) == 1
     assert list((tmp_path / "study" / "runs").glob("*/submitit/*_submitted.pkl"))  # submitit's own files
+
+
+def test_an_influence_plot_draws_only_the_splits_that_have_values(tmp_path: Path) -> None:
+    """A study without a validation split (``objective: {split: test}``, study 5) plots test alone, with no
+    empty "val" series in its legend; long level names fit (the file is written)."""
+    pytest.importorskip("matplotlib")
+    from dmlkit.sweep import report
+
+    levels = {"frozen": 0, "fine-tuned (last 2 stages)": 2}
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            factors={"model.trainable_blocks": {"levels": levels}},
+            objective={"metric": "map@r", "split": "test"},
+        )
+    )
+    rows = [
+        {"model.trainable_blocks": label, "seed": seed, "test map@r": 0.4 + 0.01 * seed}
+        for label in levels
+        for seed in (0, 1)
+    ]
+    path = tmp_path / "influence.png"
+    assert report.influence_plot(rows, spec, "model.trainable_blocks", path) == ["test map@r"]
+    assert path.stat().st_size > 0
+    with_val = [{**row, "val map@r": 0.6} for row in rows]
+    drawn = report.influence_plot(with_val, spec, "model.trainable_blocks", path)
+    assert drawn == ["val map@r", "test map@r"]

@@ -115,10 +115,12 @@ def latex(header: list[str], table: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def influence_plot(rows: list[dict[str, Any]], spec: SweepSpec, factor: str, path: Path) -> None:
+def influence_plot(rows: list[dict[str, Any]], spec: SweepSpec, factor: str, path: Path) -> list[str]:
     """The validation and test objective metric against the levels of ``factor`` (mean ± std over every run
     with that level, and each run as a dot). In a one-at-a-time study only the runs with every other factor
-    at its base level count: the first level's mean would otherwise average in the other factors' levels."""
+    at its base level count: the first level's mean would otherwise average in the other factors' levels.
+    A split without values (no validation split, ``objective: {split: test}``) draws no series and no
+    legend entry. Returns the series drawn, e.g. ``["val map@r", "test map@r"]``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +132,11 @@ def influence_plot(rows: list[dict[str, Any]], spec: SweepSpec, factor: str, pat
     levels = list(dict.fromkeys(str(r.get(factor, "")) for r in rows))
     if spec.factors[factor].levels is not None:  # the spec's order
         levels = [level for level in spec.factors[factor].levels if level in levels]
-    figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(levels) + 2), 3.6))
+    # long level names ("fine-tuned (last 2 stages)") are slanted, and widen the figure
+    slanted = len(levels) > 4 or max((len(level) for level in levels), default=0) > 14
+    width = 2 + sum(max(1.2, 0.075 * len(level)) if not slanted else 0.8 for level in levels)
+    figure, axis = plt.subplots(figsize=(max(5.0, width), 4.2 if slanted else 3.6))
+    drawn: list[str] = []
     for offset, (split, colour) in enumerate((("val", "tab:blue"), ("test", "tab:orange"))):
         column = f"{split} {metric}"
         xs, means, stds = [], [], []
@@ -144,21 +150,23 @@ def influence_plot(rows: list[dict[str, Any]], spec: SweepSpec, factor: str, pat
             x = i + (offset - 0.5) * 0.15
             axis.scatter([x] * len(values), values, s=10, color=colour, alpha=0.4)
             xs.append(x), means.append(mean), stds.append(std)
-        axis.errorbar(xs, means, yerr=stds, fmt="o-", color=colour, capsize=4, label=f"{split} {metric}")
+        if xs:
+            axis.errorbar(xs, means, yerr=stds, fmt="o-", color=colour, capsize=4, label=column)
+            drawn.append(column)
     axis.set_xticks(
-        range(len(levels)),
-        levels,
-        rotation=20 if len(levels) > 4 else 0,
-        ha="right" if len(levels) > 4 else "center",
+        range(len(levels)), levels, rotation=20 if slanted else 0, ha="right" if slanted else "center"
     )
     axis.set_xlabel(factor)
     axis.set_ylabel(metric)
-    axis.set_title(f"{spec.name}: influence of {factor} (mean ± std over runs)")
+    # two lines: a long study or factor name stays within the figure
+    axis.set_title(f"{spec.name}: influence of {factor}\n(mean ± std over runs)", fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend()
+    if drawn:
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return drawn
 
 
 def write_report(study_dir: Path, out: Path | None = None, plots: bool = True) -> Report:
